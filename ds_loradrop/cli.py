@@ -1,0 +1,29 @@
+"""Command line of the entry points: dataclass fields become flags (transformers.HfArgumentParser)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from transformers import HfArgumentParser
+
+from ds_loradrop.config import CONFIG_SECTIONS, RunConfig
+from ds_loradrop.errors import UsageError
+
+
+def parse_run_config(argv: list[str] | None = None) -> RunConfig:
+    """Parse flags into a RunConfig; accepts (and ignores) the ``--local_rank`` DeepSpeed appends."""
+    parser = HfArgumentParser(CONFIG_SECTIONS, description="LoRA-drop fine-tuning on DeepSpeed.")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher; unused.")
+    *sections, _launcher_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    names = ("model", "data", "lora", "drop", "train")
+    return RunConfig(**dict(zip(names, sections)))
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run ``main``; a UsageError becomes one ``error: ...`` line on stderr and exit status 2."""
+    try:
+        main()
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,246 @@
+"""Typed run configuration: one dataclass per concern, checked on construction.
+
+The run configuration owns *what to learn* (model, data, LoRA, LoRA-drop, learning rate, schedule).
+The DeepSpeed JSON owns *how to distribute* (ZeRO stage, precision, micro-batch, accumulation,
+clipping). The three batch/clipping fields below default to ``None`` = "not given on the command
+line": a JSON value of ``"auto"`` is then filled from the documented default, a concrete JSON value is
+taken as is, and a CLI value that contradicts a concrete JSON value is an error (see
+:mod:`ds_loradrop.ds_config`).
+
+Each field's help text lives once, in ``metadata["help"]``; ``transformers.HfArgumentParser`` turns
+the dataclasses into the command line of ``launch/train.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ds_loradrop.errors import UsageError
+
+TINY_LLAMA = "tiny-llama"
+DEFAULT_DATA_ROOT_ENV = "DS_LORADROP_DATA_ROOT"
+DEFAULT_DATA_ROOT = os.path.join("..", "shared", "data")
+
+DEFAULT_MICRO_BATCH_SIZE = 8
+DEFAULT_GRADIENT_ACCUMULATION_STEPS = 1
+DEFAULT_MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(
+        default=TINY_LLAMA,
+        metadata={
+            "help": "Hugging Face causal LM: a local checkpoint directory or a hub id (e.g. "
+            "meta-llama/Llama-2-7b-hf), or the built-in preset 'tiny-llama' (a random 8-layer Llama "
+            "with a sentencepiece tokenizer trained on the task's training text, built once and cached)."
+        },
+    )
+    model_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where built presets are cached (default: $DS_LORADROP_CACHE or ~/.cache/ds_loradrop)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the checkpoint (off unless asked for)."}
+    )
+
+
+@dataclass
+class DataConfig:
+    task: str = field(default="e2e", metadata={"help": "Task name: e2e."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory with the task's published files (default: "
+            "$DS_LORADROP_DATA_ROOT/<task>, where DS_LORADROP_DATA_ROOT defaults to ../shared/data)."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training rows (after reading)."}
+    )
+    max_seq_length: int = field(
+        default=128, metadata={"help": "Prompt + target tokens per example; longer ones are truncated."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_train_samples is not None and self.max_train_samples <= 0:
+            raise UsageError(f"--max_train_samples must be > 0, got {self.max_train_samples}")
+        if self.max_seq_length < 8:
+            raise UsageError(f"--max_seq_length must be >= 8, got {self.max_seq_length}")
+
+    def resolved_data_dir(self) -> str:
+        if self.data_dir is not None:
+            return self.data_dir
+        return os.path.join(os.environ.get(DEFAULT_DATA_ROOT_ENV, DEFAULT_DATA_ROOT), self.task)
+
+
+@dataclass
+class LoraConfig:
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input (training only)."})
+    lora_targets: str = field(
+        default="q_proj,v_proj",
+        metadata={"help": "Comma-separated names of the linear projections that get LoRA."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_r <= 0:
+            raise UsageError(f"--lora_r must be a positive integer, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise UsageError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UsageError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.target_names:
+            raise UsageError("--lora_targets names no projection")
+        if len(set(self.target_names)) != len(self.target_names):
+            raise UsageError(f"--lora_targets repeats a name: {self.lora_targets!r}")
+
+    @property
+    def target_names(self) -> list[str]:
+        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.lora_r
+
+
+@dataclass
+class DropConfig:
+    method: Literal["loradrop", "lora", "full"] = field(
+        default="loradrop",
+        metadata={"help": "loradrop (two stages), lora (plain LoRA, no stage 1) or full (full fine-tuning)."},
+    )
+    sample_ratio: float = field(
+        default=0.1, metadata={"help": "Stage 1: share of the training set in the stratified sample, in (0, 1]."}
+    )
+    stage1_epochs: int = field(default=3, metadata={"help": "Stage 1: epochs over the sample."})
+    threshold: float = field(
+        default=0.9,
+        metadata={"help": "Keep layers, most important first, until their normalised importance sums to T."},
+    )
+    selection: Literal["output_norm", "inverse", "random", "last_k"] = field(
+        default="output_norm",
+        metadata={
+            "help": "Which layers keep their own adapter: output_norm (the paper), inverse (the least "
+            "important), random, last_k; the last three keep as many layers as output_norm would."
+        },
+    )
+    low_importance: Literal["share", "drop"] = field(
+        default="share",
+        metadata={"help": "Layers not retained share ONE adapter per target (share) or have none (drop)."},
+    )
+    stage2_init: Literal["fresh", "carry"] = field(
+        default="fresh",
+        metadata={
+            "help": "Stage 2 adapters start fresh, or retained layers carry their stage-1 weights (the "
+            "shared adapter always starts fresh)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise UsageError(f"--sample_ratio must be in (0, 1], got {self.sample_ratio}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise UsageError(f"--threshold must be in (0, 1], got {self.threshold}")
+        if self.stage1_epochs <= 0:
+            raise UsageError(f"--stage1_epochs must be > 0, got {self.stage1_epochs}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = field(default="outputs/default", metadata={"help": "Where the run writes its files."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output directory that already holds a run."}
+    )
+    ds_config: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed JSON config."})
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batch per rank; fills 'auto' in the JSON "
+            f"(default {DEFAULT_MICRO_BATCH_SIZE}); must agree with a concrete JSON value."
+        },
+    )
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batches per optimizer step; fills 'auto' in the JSON "
+            f"(default {DEFAULT_GRADIENT_ACCUMULATION_STEPS}); must agree with a concrete JSON value."
+        },
+    )
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient clipping; fills 'auto' in the JSON "
+            f"(default {DEFAULT_MAX_GRAD_NORM}); must agree with a concrete JSON value."
+        },
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = field(
+        default="linear", metadata={"help": "Learning-rate schedule after warmup (per stage)."}
+    )
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Share of each stage's steps used for warmup."})
+    num_train_epochs: int = field(default=1, metadata={"help": "Epochs of the final (stage-2) fine-tuning."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Cap on optimizer steps per stage (for short runs)."}
+    )
+    logging_steps: int = field(default=20, metadata={"help": "Log loss and learning rate every N steps."})
+    seed: int = field(default=42, metadata={"help": "Seed for sampling, shuffling and adapter init."})
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name} must be > 0, got {value}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise UsageError(f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if self.learning_rate <= 0:
+            raise UsageError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UsageError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.num_train_epochs <= 0:
+            raise UsageError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UsageError(f"--max_steps must be > 0, got {self.max_steps}")
+        if self.logging_steps <= 0:
+            raise UsageError(f"--logging_steps must be > 0, got {self.logging_steps}")
+
+
+CONFIG_SECTIONS = (ModelConfig, DataConfig, LoraConfig, DropConfig, TrainConfig)
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run was asked to do, grouped by concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    drop: DropConfig = field(default_factory=DropConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunConfig:
+        """Rebuild from :meth:`to_dict` output; unknown sections or keys are an error."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(sections)
+        if unknown:
+            raise UsageError(f"unknown run configuration sections: {sorted(unknown)}")
+        built = {}
+        for section_field, section_cls in zip(dataclasses.fields(cls), CONFIG_SECTIONS):
+            given = values.get(section_field.name, {})
+            names = {f.name for f in dataclasses.fields(section_cls)}
+            unknown_keys = set(given) - names
+            if unknown_keys:
+                raise UsageError(f"unknown keys in section {section_field.name!r}: {sorted(unknown_keys)}")
+            built[section_field.name] = section_cls(**given)
+        return cls(**built)

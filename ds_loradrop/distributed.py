@@ -1,0 +1,81 @@
+"""Rank helpers that also work in a single process without a process group.
+
+Collectives go through ``torch.distributed`` (DeepSpeed's ``deepspeed.comm`` sits on the same
+process group). Nothing here knows LoRA-drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size_and_rank() -> tuple[int, int]:
+    if is_distributed():
+        return dist.get_world_size(), dist.get_rank()
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+
+
+def is_rank_zero() -> bool:
+    return get_world_size_and_rank()[1] == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place and returned. float64 tensors are reduced as float64."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s object on every rank."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_gather_object(obj) -> list:
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class _RankZeroFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "all_ranks", False) or is_rank_zero()
+
+
+def get_logger(name: str = "ds_loradrop") -> logging.Logger:
+    """A logger that prints on rank 0 only, unless called with ``extra={"all_ranks": True}``."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.addFilter(_RankZeroFilter())
+        handler.setFormatter(_RankFormatter())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+class _RankFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        _, rank = get_world_size_and_rank()
+        return f"[ds_loradrop rank{rank}] {record.getMessage()}"

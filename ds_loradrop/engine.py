@@ -1,0 +1,148 @@
+"""Everything that touches DeepSpeed, wrapped once. Knows nothing of LoRA-drop.
+
+- :func:`init_distributed`: one process group for ``deepspeed``, ``torchrun`` and plain ``python``.
+- :func:`zero3_weight_loading`: keeps an ``HfDeepSpeedConfig`` alive so that
+  ``from_pretrained`` loads weights straight into ZeRO-3 partitions.
+- :func:`build_engine`: ``deepspeed.initialize`` with our optimizer and LR schedule.
+- :func:`gathered_parameters`: full parameters on every rank for a block (ZeRO-3), else a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from collections.abc import Iterable
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from transformers import get_scheduler
+from transformers.integrations import HfDeepSpeedConfig
+
+from ds_loradrop.ds_config import zero_stage
+
+DEFAULT_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
+    """Initialise the process group; a plain ``python`` start becomes a world of one rank."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(timeout=timeout, verbose=False)
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def local_device() -> torch.device:
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def accelerator_has_native_bf16() -> bool:
+    """bf16 where the accelerator has bf16 matmul units. The CPU accelerator reports bf16 support,
+    but on CPUs without AMX bf16 matmuls are emulated and slower than fp32, so "auto" means fp32 there."""
+    accelerator = get_accelerator()
+    return accelerator.device_name() != "cpu" and accelerator.is_bf16_supported()
+
+
+def zero3_weight_loading(ds_config: dict) -> HfDeepSpeedConfig | None:
+    """Under ZeRO-3, the object whose lifetime makes ``from_pretrained`` load partitioned.
+
+    Keep the returned object referenced for as long as the model lives (transformers holds it only
+    weakly). Returns None for ZeRO stages 0-2.
+    """
+    if zero_stage(ds_config) != 3:
+        return None
+    return HfDeepSpeedConfig(ds_config)
+
+
+def _uses_cpu_offload(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    return offload.get("device", "none") == "cpu"
+
+
+def build_engine(
+    model: torch.nn.Module,
+    ds_config: dict,
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    lr_scheduler: str,
+    num_warmup_steps: int,
+    num_training_steps: int,
+):
+    """``deepspeed.initialize`` over the model's trainable parameters.
+
+    AdamW is ours (DeepSpeed's CPU Adam when the optimizer state is offloaded to the CPU), unless the
+    JSON has an ``optimizer`` section; the LR schedule is always ours (transformers' schedulers).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def make_optimizer(params):
+        if _uses_cpu_offload(ds_config):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=learning_rate, weight_decay=weight_decay, adamw_mode=True)
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+
+    def make_scheduler(optimizer):
+        return get_scheduler(lr_scheduler, optimizer, num_warmup_steps, num_training_steps)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=trainable,
+        optimizer=None if "optimizer" in ds_config else make_optimizer,
+        lr_scheduler=make_scheduler,
+        config=ds_config,
+    )
+    return engine
+
+
+def destroy_engine(engine) -> None:
+    """Remove the engine's hooks so the process can build another one (stage 2)."""
+    engine.destroy()
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered_parameters(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = None):
+    """Full values of ZeRO-3 partitioned ``params`` on every rank inside the block.
+
+    Must be entered on every rank. With ``modifier_rank`` set, that rank's in-block writes are
+    partitioned back on exit. A no-op for parameters that are not partitioned.
+    """
+    params = list(params)
+    if not any(is_partitioned(p) for p in params):
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def describe_partitioning(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(parameters partitioned, parameters in all, elements held locally, elements in all)."""
+    params = list(model.parameters())
+    partitioned = [p for p in params if is_partitioned(p) and p.numel() < p.ds_numel]
+    local = sum(int(getattr(p, "ds_tensor", p).numel()) for p in params)
+    total = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+    return len(partitioned), len(params), local, total
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The module's full state dict on rank 0 (ZeRO-3: gathered from partitions; call on every rank)."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {name: tensor.detach().cpu() for name, tensor in engine.module.state_dict().items()}

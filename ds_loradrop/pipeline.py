@@ -1,0 +1,372 @@
+"""The LoRA-drop story, in order: check, prepare, probe (stage 1), score, select, rewire, train, save.
+
+1. Stage 1: plain LoRA on a stratified sample of the training set for a few epochs.
+2. Importance: mean ``||s B A x||^2`` per layer over the sample's tokens, all-reduced over ranks.
+3. Selection (rank 0, then broadcast): retained layers per target up to the threshold.
+4. Stage 2: a fresh model where retained layers have their own adapter and the others share one
+   adapter per target (or have none), fine-tuned on the whole training set.
+
+``--method lora`` and ``--method full`` skip 1-3 and train every layer's adapter / every weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ds_loradrop import engine as ds_engine
+from ds_loradrop.adapter_io import copy_into_adapters, load_adapter_state, save_adapters
+from ds_loradrop.config import TINY_LLAMA, RunConfig
+from ds_loradrop.data import stratified_sample_indices, tokenize_examples
+from ds_loradrop.distributed import (
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    get_logger,
+    get_world_size_and_rank,
+    is_rank_zero,
+)
+from ds_loradrop.ds_config import BatchSettings, is_bf16, load_ds_config, resolve_ds_config
+from ds_loradrop.errors import UsageError
+from ds_loradrop.lora import (
+    AdapterLayout,
+    attach_own_adapters,
+    count_full_lora_parameters,
+    count_trainable_parameters,
+    freeze_all_but_adapters,
+    inject_lora,
+)
+from ds_loradrop.models import (
+    build_on_meta,
+    default_cache_dir,
+    ensure_tiny_llama,
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+)
+from ds_loradrop.plan import Plan, attach_planned_adapters, build_plan
+from ds_loradrop.probe import measure_importance
+from ds_loradrop.tasks import get_task
+from ds_loradrop.trainer import StageResult, count_steps, train_stage
+
+logger = get_logger()
+
+RUN_CONFIG_NAME = "run_config.json"
+DS_CONFIG_NAME = "ds_config.json"
+SUMMARY_NAME = "summary.json"
+STAGE1_ADAPTER_DIR = "stage1_adapter"
+FINAL_ADAPTER_DIR = "adapter"
+FULL_MODEL_DIR = "model"
+RUN_FILES = (RUN_CONFIG_NAME, SUMMARY_NAME, "plan.json", FINAL_ADAPTER_DIR, STAGE1_ADAPTER_DIR, FULL_MODEL_DIR)
+
+
+@dataclass
+class RunContext:
+    """What every step after the checks needs."""
+
+    cfg: RunConfig
+    ds_config: dict
+    batch: BatchSettings
+    device: torch.device
+    model_path: str
+    tokenizer: object
+    rows: list[dict]
+    num_truncated: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if is_bf16(self.ds_config):
+            return torch.bfloat16
+        if self.ds_config.get("fp16", {}).get("enabled", False):
+            return torch.float16
+        return torch.float32
+
+
+@dataclass
+class RunSummary:
+    method: str
+    world_size: int
+    lora_parameters: int
+    trainable_parameters: int
+    retained: dict[str, list[int]] = field(default_factory=dict)
+    num_layers: dict[str, int] = field(default_factory=dict)
+    stages: list[dict] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    num_truncated: int = 0
+
+
+def check_inputs(cfg: RunConfig) -> tuple[dict, object]:
+    """Every check that needs no process group, before anything is trained or written.
+
+    Returns:
+        (the raw ds_config, the model's config).
+    """
+    task = get_task(cfg.data.task)
+    task.train_path(cfg.data.resolved_data_dir())
+    raw_ds_config = load_ds_config(cfg.train.ds_config)
+    model_config = load_model_config(cfg.model.model, cfg.model.trust_remote_code)
+    if cfg.drop.method != "full":
+        inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
+    output_dir = cfg.train.output_dir
+    if os.path.isdir(output_dir) and not cfg.train.overwrite_output_dir:
+        existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+        if existing:
+            raise UsageError(
+                f"output directory {output_dir!r} already holds a run ({', '.join(existing)}); "
+                f"choose another --output_dir or pass --overwrite_output_dir"
+            )
+    return raw_ds_config, model_config
+
+
+def prepare(cfg: RunConfig, raw_ds_config: dict, model_config) -> RunContext:
+    """Process group, resolved DeepSpeed config, data, model files and tokenizer."""
+    ds_engine.init_distributed()
+    world_size, _ = get_world_size_and_rank()
+    ds_config, batch = resolve_ds_config(
+        raw_ds_config,
+        cfg.train,
+        world_size=world_size,
+        hidden_size=model_config.hidden_size,
+        accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
+    )
+    task = get_task(cfg.data.task)
+    data_dir = cfg.data.resolved_data_dir()
+    examples = task.load_train(data_dir, cfg.data.max_train_samples)
+    model_path = cfg.model.model
+    if model_path == TINY_LLAMA:
+        built = None
+        if is_rank_zero():
+            cache_dir = cfg.model.model_cache_dir or default_cache_dir()
+            built = ensure_tiny_llama(task.training_text(data_dir), cache_dir)
+        model_path = broadcast_object(built)
+        logger.info(f"tiny-llama preset: {model_path}")
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    tokenized, num_truncated = tokenize_examples(examples, tokenizer, cfg.data.max_seq_length)
+    if len(tokenized) == 0:
+        raise UsageError("no training example has a target token left after tokenisation")
+    if num_truncated:
+        logger.info(f"{num_truncated} of {len(examples)} examples truncated to {cfg.data.max_seq_length} tokens")
+    return RunContext(
+        cfg=cfg,
+        ds_config=ds_config,
+        batch=batch,
+        device=ds_engine.local_device(),
+        model_path=model_path,
+        tokenizer=tokenizer,
+        rows=tokenized.to_list(),
+        num_truncated=num_truncated,
+    )
+
+
+def write_resolved_configs(ctx: RunContext) -> None:
+    if is_rank_zero():
+        os.makedirs(ctx.cfg.train.output_dir, exist_ok=True)
+        resolved = {
+            **ctx.cfg.to_dict(),
+            "resolved": {
+                "model_path": ctx.model_path,
+                "world_size": ctx.batch.world_size,
+                "micro_batch_size": ctx.batch.micro_batch_size,
+                "gradient_accumulation_steps": ctx.batch.gradient_accumulation_steps,
+                "global_batch_size": ctx.batch.global_batch_size,
+                "max_grad_norm": ctx.batch.max_grad_norm,
+                "dtype": str(ctx.dtype).removeprefix("torch."),
+                "num_train_examples": len(ctx.rows),
+            },
+        }
+        _write_json(os.path.join(ctx.cfg.train.output_dir, RUN_CONFIG_NAME), resolved)
+        _write_json(os.path.join(ctx.cfg.train.output_dir, DS_CONFIG_NAME), ctx.ds_config)
+    barrier()
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as handle:
+        json.dump(value, handle, indent=2)
+
+
+class _LoadedModel:
+    """A model, its adapter layout and the ZeRO-3 loading context kept alive with it."""
+
+    def __init__(self, ctx: RunContext, attach: Callable[[AdapterLayout], None] | None, seed: int):
+        self.zero3_loading = ds_engine.zero3_weight_loading(ctx.ds_config)
+        self.model = load_causal_lm(ctx.model_path, ctx.dtype, ctx.cfg.model.trust_remote_code)
+        self.model.config.use_cache = False
+        self.layout: AdapterLayout = {}
+        if attach is not None:
+            self.layout = inject_lora(self.model, ctx.cfg.lora.target_names)
+            torch.manual_seed(seed)
+            attach(self.layout)
+            freeze_all_but_adapters(self.model)
+
+
+def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str, epochs: int, seed: int) -> tuple:
+    train = ctx.cfg.train
+    num_steps = count_steps(len(rows), ctx.batch, epochs, train.max_steps)
+    engine = ds_engine.build_engine(
+        loaded.model,
+        ctx.ds_config,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        lr_scheduler=train.lr_scheduler,
+        num_warmup_steps=int(train.warmup_ratio * num_steps),
+        num_training_steps=num_steps,
+    )
+    partitioned, total, local, full = ds_engine.describe_partitioning(loaded.model)
+    logger.info(
+        f"{name}: {count_trainable_parameters(loaded.model)} trainable parameters; ZeRO stage "
+        f"{ctx.ds_config.get('zero_optimization', {}).get('stage', 0)}: {partitioned}/{total} tensors "
+        f"partitioned, {local}/{full} elements held by this rank",
+        extra={"all_ranks": True},
+    )
+    result = train_stage(
+        engine,
+        rows,
+        ctx.batch,
+        name=name,
+        num_steps=num_steps,
+        seed=seed,
+        pad_token_id=ctx.tokenizer.pad_token_id,
+        logging_steps=train.logging_steps,
+        device=ctx.device,
+    )
+    return engine, result
+
+
+def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
+    """Train LoRA on a stratified sample, measure importance, select on rank 0, broadcast, save."""
+    cfg, output_dir = ctx.cfg, ctx.cfg.train.output_dir
+    lora = cfg.lora
+    indices = stratified_sample_indices([row["stratum"] for row in ctx.rows], cfg.drop.sample_ratio, cfg.train.seed)
+    sample = [ctx.rows[i] for i in indices]
+    logger.info(f"stage1: stratified sample of {len(sample)}/{len(ctx.rows)} examples (ratio {cfg.drop.sample_ratio})")
+    loaded = _LoadedModel(
+        ctx, lambda layout: attach_own_adapters(layout, lora.lora_r, lora.lora_alpha, lora.lora_dropout), cfg.train.seed
+    )
+    engine, result = _train(ctx, loaded, sample, name="stage1", epochs=cfg.drop.stage1_epochs, seed=cfg.train.seed)
+
+    probe_start = time.perf_counter()
+    sums, num_tokens = measure_importance(
+        engine, loaded.layout, sample, batch_size=ctx.batch.micro_batch_size,
+        pad_token_id=ctx.tokenizer.pad_token_id, device=ctx.device,
+    )
+    logger.info(f"importance measured over {int(num_tokens)} tokens in {time.perf_counter() - probe_start:.1f}s")
+    plan = None
+    if is_rank_zero():
+        plan = build_plan(
+            sums, num_tokens, threshold=cfg.drop.threshold, selection=cfg.drop.selection,
+            low_importance=cfg.drop.low_importance, seed=cfg.train.seed, sample_ratio=cfg.drop.sample_ratio,
+            num_sampled=len(sample), world_size=ctx.batch.world_size,
+        )
+    plan = broadcast_object(plan)
+    confirm_same_plan_everywhere(plan)
+    if is_rank_zero():
+        plan.save(os.path.join(output_dir, "plan.json"))
+    save_adapters(loaded.layout, os.path.join(output_dir, STAGE1_ADAPTER_DIR), r=lora.lora_r,
+                  alpha=lora.lora_alpha, base_model=cfg.model.model, plan=plan)
+    ds_engine.destroy_engine(engine)
+    return plan, result
+
+
+def confirm_same_plan_everywhere(plan: Plan) -> None:
+    """Every rank reports the digest of its layer mask; any disagreement stops the run."""
+    digest = plan.mask_digest()
+    _, rank = get_world_size_and_rank()
+    logger.info(f"rank {rank} holds layer mask {digest}", extra={"all_ranks": True})
+    digests = all_gather_object(digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks disagree on the layer mask: {digests}")
+
+
+def _stage2_attach(ctx: RunContext, plan: Plan | None) -> Callable[[AdapterLayout], None] | None:
+    lora, method = ctx.cfg.lora, ctx.cfg.drop.method
+    if method == "full":
+        return None
+    if method == "lora":
+        return lambda layout: attach_own_adapters(layout, lora.lora_r, lora.lora_alpha, lora.lora_dropout)
+
+    def attach(layout: AdapterLayout) -> None:
+        attach_planned_adapters(layout, plan, lora.lora_r, lora.lora_alpha, lora.lora_dropout)
+        if ctx.cfg.drop.stage2_init == "carry":
+            stage1 = load_adapter_state(os.path.join(ctx.cfg.train.output_dir, STAGE1_ADAPTER_DIR))
+            names = [f"{t}.layers.{i}" for t, target in plan.targets.items() for i in target.retained]
+            copy_into_adapters(layout, stage1, names)
+
+    return attach
+
+
+def run_stage2(ctx: RunContext, plan: Plan | None) -> tuple[AdapterLayout, int, StageResult]:
+    """The final fine-tuning on the whole training set; returns (layout, trainable parameters, result)."""
+    cfg = ctx.cfg
+    loaded = _LoadedModel(ctx, _stage2_attach(ctx, plan), cfg.train.seed + 1)
+    if cfg.drop.method == "full":
+        for param in loaded.model.parameters():
+            param.requires_grad_(True)
+    engine, result = _train(ctx, loaded, ctx.rows, name="stage2" if plan else "train",
+                            epochs=cfg.train.num_train_epochs, seed=cfg.train.seed + 1)
+    output_dir = cfg.train.output_dir
+    if cfg.drop.method == "full":
+        save_full_model(engine, loaded.model, ctx, os.path.join(output_dir, FULL_MODEL_DIR))
+    else:
+        save_adapters(loaded.layout, os.path.join(output_dir, FINAL_ADAPTER_DIR), r=cfg.lora.lora_r,
+                      alpha=cfg.lora.lora_alpha, base_model=cfg.model.model, plan=plan)
+    trainable = count_trainable_parameters(loaded.model)
+    ds_engine.destroy_engine(engine)
+    return loaded.layout, trainable, result
+
+
+def save_full_model(engine, model, ctx: RunContext, directory: str) -> None:
+    state = ds_engine.consolidated_state_dict(engine)
+    if is_rank_zero():
+        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(directory)
+    barrier()
+
+
+def run(cfg: RunConfig) -> RunSummary:
+    """Train one run end to end; rank 0 writes, every rank returns the same summary."""
+    start = time.perf_counter()
+    raw_ds_config, model_config = check_inputs(cfg)
+    ctx = prepare(cfg, raw_ds_config, model_config)
+    write_resolved_configs(ctx)
+    stages, plan = [], None
+    if cfg.drop.method == "loradrop":
+        plan, stage1 = run_stage1(ctx)
+        stages.append(stage1)
+    layout, trainable, final = run_stage2(ctx, plan)
+    stages.append(final)
+    summary = RunSummary(
+        method=cfg.drop.method,
+        world_size=ctx.batch.world_size,
+        lora_parameters=count_full_lora_parameters(layout, cfg.lora.lora_r) if layout else 0,
+        trainable_parameters=trainable,
+        retained=plan.layer_mask() if plan else {t: list(range(len(w))) for t, w in layout.items()},
+        num_layers={t: len(w) for t, w in layout.items()},
+        stages=[{"name": s.name, "num_steps": s.num_steps, "final_loss": s.final_loss, "seconds": s.seconds,
+                 "num_target_tokens": s.num_target_tokens} for s in stages],
+        wall_seconds=time.perf_counter() - start,
+        num_truncated=ctx.num_truncated,
+    )
+    report(summary)
+    if is_rank_zero():
+        _write_json(os.path.join(cfg.train.output_dir, SUMMARY_NAME), summary.__dict__)
+    barrier()
+    return summary
+
+
+def report(summary: RunSummary) -> None:
+    for target, retained in summary.retained.items():
+        logger.info(f"kept layers {target}: {len(retained)}/{summary.num_layers[target]} {retained}")
+    if summary.lora_parameters:
+        share = 100.0 * summary.trainable_parameters / summary.lora_parameters
+        logger.info(
+            f"trainable parameters: LoRA {summary.lora_parameters} | {summary.method} "
+            f"{summary.trainable_parameters} ({share:.1f}% of LoRA)"
+        )
+    else:
+        logger.info(f"trainable parameters: {summary.method} {summary.trainable_parameters}")
+    logger.info(f"done in {summary.wall_seconds:.1f}s")

@@ -1,0 +1,130 @@
+"""The LoRA-drop plan: importance per target and layer, and which layers are retained or shared.
+
+Built on rank 0 from the all-reduced importance, broadcast to every rank, written as ``plan.json``
+and applied to a fresh model for stage 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from ds_loradrop.errors import UsageError
+from ds_loradrop.importance import mean_importance, normalize_importance
+from ds_loradrop.lora import AdapterLayout, LoRAAdapter
+from ds_loradrop.selection import select_layers
+
+
+@dataclass
+class TargetPlan:
+    importance: list[float]
+    normalized: list[float]
+    retained: list[int]
+    shared: list[int]
+    dropped: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    targets: dict[str, TargetPlan]
+    threshold: float
+    sample_ratio: float
+    num_sampled: int
+    num_tokens: int
+    world_size: int
+    seed: int
+    selection: str
+    low_importance: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Plan:
+        targets = {name: TargetPlan(**target) for name, target in values["targets"].items()}
+        return cls(**{**values, "targets": targets})
+
+    def layer_mask(self) -> dict[str, list[int]]:
+        """Retained layers per target: the decision all ranks must hold identically."""
+        return {name: list(target.retained) for name, target in self.targets.items()}
+
+    def mask_digest(self) -> str:
+        masks = {name: [t.retained, t.shared, t.dropped] for name, t in self.targets.items()}
+        return hashlib.sha256(json.dumps(masks, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> Plan:
+        with open(path) as handle:
+            return cls.from_dict(json.load(handle))
+
+
+def build_plan(
+    sums: dict[str, list[float]],
+    num_tokens: float,
+    *,
+    threshold: float,
+    selection: str,
+    low_importance: str,
+    seed: int,
+    sample_ratio: float,
+    num_sampled: int,
+    world_size: int,
+) -> Plan:
+    """Turn all-reduced importance sums into a plan (pure; run on rank 0)."""
+    targets = {}
+    for name, target_sums in sums.items():
+        importance = mean_importance(target_sums, num_tokens)
+        normalized = normalize_importance(importance)
+        retained = select_layers(normalized, threshold, selection, seed)
+        others = [layer for layer in range(len(normalized)) if layer not in retained]
+        is_shared = low_importance == "share"
+        targets[name] = TargetPlan(
+            importance=importance,
+            normalized=normalized,
+            retained=retained,
+            shared=others if is_shared else [],
+            dropped=[] if is_shared else others,
+        )
+    return Plan(
+        targets=targets,
+        threshold=threshold,
+        sample_ratio=sample_ratio,
+        num_sampled=num_sampled,
+        num_tokens=int(num_tokens),
+        world_size=world_size,
+        seed=seed,
+        selection=selection,
+        low_importance=low_importance,
+    )
+
+
+def attach_planned_adapters(layout: AdapterLayout, plan: Plan, r: int, alpha: float, dropout: float) -> None:
+    """Stage 2: own adapters on retained layers, ONE shared adapter per target on shared layers.
+
+    Raises:
+        UsageError: the plan's targets or layer counts do not match the model.
+    """
+    if set(plan.targets) != set(layout):
+        raise UsageError(f"plan targets {sorted(plan.targets)} do not match the model's {sorted(layout)}")
+    for name, target in plan.targets.items():
+        wrappers = layout[name]
+        if len(target.normalized) != len(wrappers):
+            raise UsageError(
+                f"plan has {len(target.normalized)} layers for {name!r}, the model has {len(wrappers)}"
+            )
+        for layer in target.retained:
+            wrapper = wrappers[layer]
+            wrapper.adapter = LoRAAdapter(wrapper.in_features, wrapper.out_features, r, alpha, dropout)
+        if target.shared:
+            first = wrappers[target.shared[0]]
+            shared = LoRAAdapter(first.in_features, first.out_features, r, alpha, dropout)
+            shared.is_shared = True
+            for layer in target.shared:
+                wrappers[layer].adapter = shared
+        for layer in target.dropped:
+            wrappers[layer].adapter = None

@@ -1,0 +1,111 @@
+"""The optimisation loop of one stage over a DeepSpeed engine.
+
+Loss normalisation: each optimizer step's loss is the mean over the target tokens of the *whole*
+global batch (all micro-batches of all ranks). Per micro-batch we backpropagate
+``token_loss_sum * world_size * accumulation / global_target_tokens``: DeepSpeed divides by the
+accumulation steps and averages gradients over ranks, which leaves exactly
+``sum of token losses / global_target_tokens``, the same gradient however the batch is split.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ds_loradrop.data import IGNORE_INDEX, collate, global_batches, rank_micro_batches
+from ds_loradrop.distributed import all_reduce_sum, get_logger, get_world_size_and_rank
+from ds_loradrop.ds_config import BatchSettings
+from ds_loradrop.errors import UsageError
+
+logger = get_logger()
+
+
+@dataclass
+class StageResult:
+    name: str
+    num_steps: int = 0
+    num_target_tokens: int = 0
+    seconds: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1][1] if self.losses else math.nan
+
+
+def count_steps(num_examples: int, batch: BatchSettings, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of a stage; raises UsageError if the data is smaller than one global batch."""
+    steps_per_epoch = num_examples // batch.global_batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"{num_examples} training examples are fewer than one global batch of "
+            f"{batch.global_batch_size} (micro {batch.micro_batch_size} x accumulation "
+            f"{batch.gradient_accumulation_steps} x {batch.world_size} ranks)"
+        )
+    total = steps_per_epoch * epochs
+    return min(total, max_steps) if max_steps is not None else total
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over labelled positions. logits (b, s, V), labels (b, s)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def train_stage(
+    engine,
+    rows: list[dict],
+    batch: BatchSettings,
+    *,
+    name: str,
+    num_steps: int,
+    seed: int,
+    pad_token_id: int,
+    logging_steps: int,
+    device: torch.device,
+) -> StageResult:
+    """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches)."""
+    world_size, rank = get_world_size_and_rank()
+    result = StageResult(name)
+    engine.train()
+    start = time.perf_counter()
+    epoch = 0
+    while result.num_steps < num_steps:
+        for global_batch in global_batches(len(rows), batch.global_batch_size, seed, epoch):
+            if result.num_steps >= num_steps:
+                break
+            micro_batches = [
+                collate([rows[i] for i in indices], pad_token_id)
+                for indices in rank_micro_batches(global_batch, rank, world_size, batch.micro_batch_size)
+            ]
+            local_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+            global_tokens = float(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)))
+            scale = world_size * batch.gradient_accumulation_steps / global_tokens
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for micro_batch in micro_batches:
+                output = engine(
+                    input_ids=micro_batch["input_ids"].to(device),
+                    attention_mask=micro_batch["attention_mask"].to(device),
+                )
+                summed = token_loss_sum(output.logits, micro_batch["labels"].to(device))
+                engine.backward(summed * scale)
+                engine.step()
+                loss_sum += summed.detach().double()
+            loss = float(all_reduce_sum(loss_sum)) / global_tokens
+            result.num_steps += 1
+            result.num_target_tokens += int(global_tokens)
+            result.losses.append((result.num_steps, loss))
+            if result.num_steps % logging_steps == 0 or result.num_steps == num_steps:
+                elapsed = time.perf_counter() - start
+                logger.info(
+                    f"{name} step {result.num_steps}/{num_steps} loss {loss:.4f} "
+                    f"lr {engine.get_lr()[0]:.2e} target tokens/s {result.num_target_tokens / elapsed:.0f}"
+                )
+        epoch += 1
+    result.seconds = time.perf_counter() - start
+    return result
