@@ -21,7 +21,7 @@ def is_distributed() -> bool:
 def get_world_size_and_rank() -> tuple[int, int]:
     if is_distributed():
         return dist.get_world_size(), dist.get_rank()
-    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 
 
 def is_rank_zero() -> bool:

@@ -41,11 +41,11 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -
     deepspeed.init_distributed(timeout=timeout, verbose=False)
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def local_device() -> torch.device:
-    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
 
 
 def accelerator_has_native_bf16() -> bool:

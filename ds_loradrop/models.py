@@ -69,7 +69,6 @@ def tiny_llama_cache_key(spec: TinyLlamaSpec, training_text: list[str]) -> str:
 
 def _train_tokenizer(training_text: list[str], spec: TinyLlamaSpec, directory: str):
     import sentencepiece as spm
-
     from transformers import LlamaTokenizer
 
     model_prefix = os.path.join(directory, "tokenizer")

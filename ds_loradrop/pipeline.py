@@ -100,16 +100,34 @@ class RunSummary:
     num_truncated: int = 0
 
 
-def check_inputs(cfg: RunConfig) -> tuple[dict, object]:
+@dataclass
+class CheckedInputs:
+    """The run's inputs, read and checked before any process group, training or writing."""
+
+    ds_config: dict
+    batch: BatchSettings
+    examples: object  # datasets.Dataset with prompt, target, stratum
+
+
+def check_inputs(cfg: RunConfig) -> CheckedInputs:
     """Every check that needs no process group, before anything is trained or written.
 
-    Returns:
-        (the raw ds_config, the model's config).
+    Raises:
+        UsageError: naming the first problem found.
     """
     task = get_task(cfg.data.task)
-    task.train_path(cfg.data.resolved_data_dir())
+    data_dir = cfg.data.resolved_data_dir()
+    task.train_path(data_dir)
     raw_ds_config = load_ds_config(cfg.train.ds_config)
     model_config = load_model_config(cfg.model.model, cfg.model.trust_remote_code)
+    world_size, _ = get_world_size_and_rank()
+    ds_config, batch = resolve_ds_config(
+        raw_ds_config,
+        cfg.train,
+        world_size=world_size,
+        hidden_size=model_config.hidden_size,
+        accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
+    )
     if cfg.drop.method != "full":
         inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
     output_dir = cfg.train.output_dir
@@ -120,23 +138,18 @@ def check_inputs(cfg: RunConfig) -> tuple[dict, object]:
                 f"output directory {output_dir!r} already holds a run ({', '.join(existing)}); "
                 f"choose another --output_dir or pass --overwrite_output_dir"
             )
-    return raw_ds_config, model_config
+    examples = task.load_train(data_dir, cfg.data.max_train_samples)
+    return CheckedInputs(ds_config=ds_config, batch=batch, examples=examples)
 
 
-def prepare(cfg: RunConfig, raw_ds_config: dict, model_config) -> RunContext:
-    """Process group, resolved DeepSpeed config, data, model files and tokenizer."""
+def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
+    """Process group, model files (the preset is built on rank 0), tokenizer and tokenised data."""
     ds_engine.init_distributed()
     world_size, _ = get_world_size_and_rank()
-    ds_config, batch = resolve_ds_config(
-        raw_ds_config,
-        cfg.train,
-        world_size=world_size,
-        hidden_size=model_config.hidden_size,
-        accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
-    )
+    if world_size != inputs.batch.world_size:
+        raise RuntimeError(f"world size changed from {inputs.batch.world_size} to {world_size} at start-up")
     task = get_task(cfg.data.task)
     data_dir = cfg.data.resolved_data_dir()
-    examples = task.load_train(data_dir, cfg.data.max_train_samples)
     model_path = cfg.model.model
     if model_path == TINY_LLAMA:
         built = None
@@ -146,6 +159,7 @@ def prepare(cfg: RunConfig, raw_ds_config: dict, model_config) -> RunContext:
         model_path = broadcast_object(built)
         logger.info(f"tiny-llama preset: {model_path}")
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    examples = inputs.examples
     tokenized, num_truncated = tokenize_examples(examples, tokenizer, cfg.data.max_seq_length)
     if len(tokenized) == 0:
         raise UsageError("no training example has a target token left after tokenisation")
@@ -153,8 +167,8 @@ def prepare(cfg: RunConfig, raw_ds_config: dict, model_config) -> RunContext:
         logger.info(f"{num_truncated} of {len(examples)} examples truncated to {cfg.data.max_seq_length} tokens")
     return RunContext(
         cfg=cfg,
-        ds_config=ds_config,
-        batch=batch,
+        ds_config=inputs.ds_config,
+        batch=inputs.batch,
         device=ds_engine.local_device(),
         model_path=model_path,
         tokenizer=tokenizer,
@@ -330,8 +344,7 @@ def save_full_model(engine, model, ctx: RunContext, directory: str) -> None:
 def run(cfg: RunConfig) -> RunSummary:
     """Train one run end to end; rank 0 writes, every rank returns the same summary."""
     start = time.perf_counter()
-    raw_ds_config, model_config = check_inputs(cfg)
-    ctx = prepare(cfg, raw_ds_config, model_config)
+    ctx = prepare(cfg, check_inputs(cfg))
     write_resolved_configs(ctx)
     stages, plan = [], None
     if cfg.drop.method == "loradrop":

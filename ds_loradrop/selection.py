@@ -50,7 +50,8 @@ def select_layers(normalized: list[float], threshold: float, selection: str, see
     if selection == "output_norm":
         return select_by_threshold(normalized, threshold)
     if selection == "inverse":
-        return sorted(order_by_importance(normalized)[::-1][:num_retained])
+        least_first = sorted(range(len(normalized)), key=lambda i: (normalized[i], i))
+        return sorted(least_first[:num_retained])
     if selection == "random":
         return sorted(random.Random(seed).sample(range(len(normalized)), num_retained))
     if selection == "last_k":

@@ -13,11 +13,11 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# DeepSpeed 0.19 calls a collective that torch 2.13 deprecates, once per step and rank.
-warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
+# DeepSpeed 0.19 calls collectives that torch 2.13 deprecates, once per step and rank.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
-from ds_loradrop.cli import parse_run_config, run_main  # noqa: E402
-from ds_loradrop.pipeline import run  # noqa: E402
+from ds_loradrop.cli import parse_run_config, run_main
+from ds_loradrop.pipeline import run
 
 if __name__ == "__main__":
     run_main(lambda: run(parse_run_config()))

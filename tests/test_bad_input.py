@@ -1,0 +1,93 @@
+"""Bad input: one clear error before any training or writing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from ds_loradrop.cli import parse_run_config
+from ds_loradrop.errors import UsageError
+from ds_loradrop.pipeline import check_inputs
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def base_args(e2e_dir, tmp_path):
+    return ["--data_dir", e2e_dir, "--output_dir", str(tmp_path / "out"),
+            "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"), "--max_train_samples", "64"]
+
+
+def check(argv):
+    return check_inputs(parse_run_config(argv))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--threshold", "0"], r"--threshold must be in \(0, 1\], got 0.0"),
+        (["--threshold", "1.5"], r"--threshold must be in \(0, 1\], got 1.5"),
+        (["--sample_ratio", "0"], r"--sample_ratio must be in \(0, 1\], got 0.0"),
+        (["--sample_ratio", "1.01"], r"--sample_ratio must be in \(0, 1\], got 1.01"),
+        (["--lora_r", "0"], "--lora_r must be a positive integer, got 0"),
+        (["--lora_r", "-4"], "--lora_r must be a positive integer, got -4"),
+        (["--lora_targets", "q_proj,qkv_proj"], "LoRA target 'qkv_proj' matches no nn.Linear module of LlamaForCausalLM"),
+        (["--task", "webnlg"], r"unknown task 'webnlg'; known tasks: \['e2e'\]"),
+        (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be > 0"),
+    ],
+)
+def test_bad_flag_values(base_args, extra, message):
+    with pytest.raises(UsageError, match=message):
+        check(base_args + extra)
+
+
+def test_missing_data_directory_file_and_columns(base_args, tmp_path):
+    with pytest.raises(UsageError, match="data directory .*nowhere.* for task 'e2e' does not exist"):
+        check(base_args + ["--data_dir", str(tmp_path / "nowhere")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="training file .*trainset.csv.* does not exist"):
+        check(base_args + ["--data_dir", str(empty)])
+    (empty / "trainset.csv").write_text("meaning,text\nname[A],A is a pub.\n")
+    with pytest.raises(UsageError, match=r"trainset.csv: missing column\(s\) \['mr', 'ref'\]"):
+        check(base_args + ["--data_dir", str(empty)])
+
+
+def test_bad_ds_config_and_batch_conflict(base_args, tmp_path):
+    with pytest.raises(UsageError, match="cannot read ds_config"):
+        check(base_args + ["--ds_config", str(tmp_path / "none.json")])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(UsageError, match="is not valid JSON"):
+        check(base_args + ["--ds_config", str(broken)])
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(UsageError, match="--per_device_train_batch_size 16 conflicts with train_micro_batch_size_per_gpu = 4"):
+        check(base_args + ["--ds_config", str(fixed), "--per_device_train_batch_size", "16"])
+    assert check(base_args + ["--ds_config", str(fixed)]).batch.micro_batch_size == 4
+
+
+def test_output_directory_holding_a_run_is_not_overwritten(base_args, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plan.json").write_text("{}")
+    with pytest.raises(UsageError, match="already holds a run \\(plan.json\\)"):
+        check(base_args)
+    assert check(base_args + ["--overwrite_output_dir", "true"]).examples.num_rows == 64
+    assert (out / "plan.json").read_text() == "{}"
+
+
+def test_entry_point_prints_one_line_and_writes_nothing(base_args, tmp_path):
+    for extra, message in ((["--threshold", "1.5"], "--threshold must be in (0, 1]"),
+                           (["--lora_targets", "nope"], "LoRA target 'nope' matches no nn.Linear")):
+        result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "launch", "train.py"), *base_args, *extra],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()

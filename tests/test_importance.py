@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from conftest import randomize_adapters, tiny_llama_model
+from ds_loradrop.importance import (
+    ImportanceRecorder,
+    mean_importance,
+    normalize_importance,
+    squared_output_norm_per_token,
+)
+from ds_loradrop.lora import attach_own_adapters, inject_lora
+
+pytestmark = pytest.mark.unit
+
+
+def test_gram_form_equals_the_direct_norm():
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 4, generator=generator)
+    lora_B = torch.randn(7, 4, generator=generator)
+    direct = (2.5 * z @ lora_B.T).square().sum(-1)
+    torch.testing.assert_close(squared_output_norm_per_token(z, lora_B, 2.5), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_recorded_importance_equals_direct_computation_over_non_padding_tokens():
+    model = tiny_llama_model(num_layers=3)
+    layout = inject_lora(model, ["q_proj", "v_proj"])
+    attach_own_adapters(layout, r=4, alpha=8, dropout=0.0)
+    randomize_adapters(model)
+    input_ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+
+    # Direct: capture each projection's input x and compute ||s B A x||^2 over the unmasked tokens.
+    inputs = {}
+    hooks = [w.register_forward_hook(lambda m, args, out: inputs.__setitem__((m.target, m.layer), args[0]))
+             for wrappers in layout.values() for w in wrappers]
+    recorder = ImportanceRecorder(layout)
+    with torch.no_grad(), recorder.recording():
+        recorder.set_token_mask(mask)
+        model(input_ids=input_ids, attention_mask=mask)
+    for hook in hooks:
+        hook.remove()
+
+    assert recorder.num_tokens.item() == 9
+    for t, target in enumerate(["q_proj", "v_proj"]):
+        for layer, wrapper in enumerate(layout[target]):
+            adapter = wrapper.adapter
+            x = inputs[(target, layer)][mask.bool()]  # (9, hidden)
+            delta = adapter.scaling * x @ adapter.lora_A.T @ adapter.lora_B.T
+            expected = delta.square().sum(-1).mean()
+            measured = mean_importance(recorder.sums[t].tolist(), 9)[layer]
+            assert measured == pytest.approx(expected.item(), rel=1e-5)
+            assert measured > 0
+
+
+def test_recording_is_off_outside_the_block_and_with_dropout_model_is_eval():
+    model = tiny_llama_model(num_layers=2)
+    layout = inject_lora(model, ["q_proj"])
+    attach_own_adapters(layout, r=4, alpha=8, dropout=0.0)
+    recorder = ImportanceRecorder(layout)
+    with recorder.recording():
+        pass
+    assert all(w.rank_activation_sink is None for w in layout["q_proj"])
+    with pytest.raises(RuntimeError, match="set_token_mask"), recorder.recording():
+        model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_normalisation():
+    assert normalize_importance([1.0, 3.0]) == [0.25, 0.75]
+    assert normalize_importance([0.0, 0.0]) == [0.5, 0.5]
+    assert mean_importance([4.0, 8.0], 4) == [1.0, 2.0]
+    with pytest.raises(ValueError, match="zero tokens"):
+        mean_importance([1.0], 0)
