@@ -42,6 +42,7 @@ from ds_loradrop.lora import (
     inject_lora,
 )
 from ds_loradrop.models import (
+    TinyLlamaSpec,
     build_on_meta,
     default_cache_dir,
     ensure_tiny_llama,
@@ -155,7 +156,8 @@ def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
         built = None
         if is_rank_zero():
             cache_dir = cfg.model.model_cache_dir or default_cache_dir()
-            built = ensure_tiny_llama(task.training_text(data_dir), cache_dir)
+            spec = TinyLlamaSpec()
+            built = ensure_tiny_llama(task.training_text(data_dir, spec.tokenizer_rows), cache_dir, spec)
         model_path = broadcast_object(built)
         logger.info(f"tiny-llama preset: {model_path}")
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)

@@ -1,0 +1,168 @@
+"""Through the real launchers: 2 ranks under ZeRO-3 (deepspeed) and ZeRO-2 (torchrun) against 1 rank.
+
+Three launches in all (each costs ~40 s of start-up here), many checks each. All runs use fp32, the
+same global batch of 8 (2 ranks x micro 2 x accumulation 2, or 1 rank x micro 4 x accumulation 2)
+and tiny models really partitioned (stage3_param_persistence_threshold 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.distributed
+
+TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
+COMMON = ["--max_train_samples", "192", "--sample_ratio", "0.25", "--stage1_epochs", "2", "--threshold", "0.6",
+          "--max_steps", "8", "--learning_rate", "0.003", "--warmup_ratio", "0", "--logging_steps", "5",
+          "--gradient_accumulation_steps", "2", "--seed", "3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ds_config(path, stage: int) -> str:
+    config = {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0} if stage == 3
+        else {"stage": stage},
+        "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+    }
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def _launch(command, env) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}\nSTDOUT\n{result.stdout[-6000:]}\nSTDERR\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, e2e_dir):
+    root = tmp_path_factory.mktemp("distributed")
+    env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    zero3, zero2 = _ds_config(root / "zero3.json", 3), _ds_config(root / "zero2.json", 2)
+    data = ["--data_dir", e2e_dir]
+    out = {name: str(root / name) for name in ("zero3_2ranks", "one_rank", "zero2_torchrun")}
+    logs = {
+        "zero3_2ranks": _launch([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN,
+                                 "--ds_config", zero3, "--per_device_train_batch_size", "2",
+                                 "--output_dir", out["zero3_2ranks"], *data, *COMMON], env).stdout,
+        "one_rank": _launch([sys.executable, TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "4",
+                             "--output_dir", out["one_rank"], *data, *COMMON], env).stdout,
+        "zero2_torchrun": _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                   "--master_port", str(_free_port()), TRAIN, "--ds_config", zero2,
+                                   "--per_device_train_batch_size", "2", "--output_dir", out["zero2_torchrun"],
+                                   *data, *COMMON], env).stdout,
+    }
+    return out, logs
+
+
+def _plan(directory):
+    with open(os.path.join(directory, "plan.json")) as handle:
+        return json.load(handle)
+
+
+def test_plan_has_importance_for_every_layer_and_keeps_fewer_layers(runs):
+    out, _ = runs
+    plan = _plan(out["zero3_2ranks"])
+    assert set(plan["targets"]) == {"q_proj", "v_proj"}
+    assert plan["world_size"] == 2 and plan["num_sampled"] == 48 and plan["threshold"] == 0.6
+    assert plan["selection"] == "output_norm" and plan["low_importance"] == "share" and plan["seed"] == 3
+    assert plan["num_tokens"] > 48 * 10
+    kept = 0
+    for target in plan["targets"].values():
+        assert len(target["importance"]) == len(target["normalized"]) == 8
+        assert all(g > 0 for g in target["importance"])
+        assert sum(target["normalized"]) == pytest.approx(1.0)
+        assert sorted(target["retained"] + target["shared"]) == list(range(8)) and target["dropped"] == []
+        kept_mass = sum(target["normalized"][i] for i in target["retained"])
+        assert kept_mass >= 0.6 - 1e-9
+        # minimal: dropping the least important retained layer falls below T
+        assert kept_mass - min(target["normalized"][i] for i in target["retained"]) < 0.6
+        kept += len(target["retained"])
+    assert kept < 16
+
+
+def test_importance_equals_the_one_rank_run(runs):
+    out, _ = runs
+    two, one = _plan(out["zero3_2ranks"]), _plan(out["one_rank"])
+    assert two["num_tokens"] == one["num_tokens"]
+    for name in ("q_proj", "v_proj"):
+        assert two["targets"][name]["importance"] == pytest.approx(one["targets"][name]["importance"], rel=1e-5)
+        assert two["targets"][name]["retained"] == one["targets"][name]["retained"]
+
+
+def test_both_ranks_hold_the_same_mask_and_parameters_are_partitioned(runs):
+    _, logs = runs
+    masks = dict(re.findall(r"rank (\d) holds layer mask ([0-9a-f]{16})", logs["zero3_2ranks"]))
+    assert set(masks) == {"0", "1"} and masks["0"] == masks["1"]
+    assert re.findall(r"rank 0 holds layer mask ([0-9a-f]{16})", logs["one_rank"]) == [masks["0"]]
+    for stage in ("stage1", "stage2"):
+        lines = re.findall(rf"\[ds_loradrop rank(\d)\] {stage}: \d+ trainable parameters; ZeRO stage 3: "
+                           r"(\d+)/(\d+) tensors partitioned, (\d+)/(\d+) elements", logs["zero3_2ranks"])
+        assert sorted(rank for rank, *_ in lines) == ["0", "1"]
+        for _, partitioned, tensors, local, total in lines:
+            assert int(partitioned) == int(tensors) > 50 and int(local) * 2 <= int(total) + 1000
+
+
+def _tensors(directory, sub):
+    return load_file(os.path.join(directory, sub, "adapter_model.safetensors"))
+
+
+# ZeRO-3 is held to the issue's 1e-5. The extra ZeRO-2 run reduces gradients in other buckets; Adam
+# normalises the near-zero first gradients of lora_A, which turns that summation-order noise (~1e-7)
+# into ~2e-5 after a few steps; measured ZeRO-2 1 rank vs 2 ranks: 1.75e-5 max abs.
+@pytest.mark.parametrize("other, tolerance", [("zero3_2ranks", 1e-5), ("zero2_torchrun", 5e-5)])
+def test_adapters_equal_the_one_rank_run(runs, other, tolerance):
+    out, _ = runs
+    for sub in ("stage1_adapter", "adapter"):
+        reference, candidate = _tensors(out["one_rank"], sub), _tensors(out[other], sub)
+        assert sorted(reference) == sorted(candidate)
+        for key, value in reference.items():
+            torch.testing.assert_close(candidate[key], value, rtol=tolerance, atol=tolerance,
+                                       msg=f"{other} {sub} {key}")
+    final = _tensors(out["one_rank"], "adapter")
+    assert any(value.abs().max() > 1e-3 for key, value in final.items() if key.endswith("lora_B"))
+
+
+def test_final_adapter_stores_the_shared_adapter_once_and_counts_it_once(runs):
+    out, logs = runs
+    plan = _plan(out["zero3_2ranks"])
+    tensors = _tensors(out["zero3_2ranks"], "adapter")
+    with open(os.path.join(out["zero3_2ranks"], "adapter", "adapter_config.json")) as handle:
+        adapter_config = json.load(handle)
+    per_adapter = 8 * (128 + 128)
+    expected = 0
+    for name, target in plan["targets"].items():
+        own = {f"{name}.layers.{i}.lora_A" for i in target["retained"]}
+        shared = {f"{name}.shared.lora_A"} if target["shared"] else set()
+        assert {k for k in tensors if k.startswith(f"{name}.") and k.endswith("lora_A")} == own | shared
+        layers = adapter_config["layers"][name]
+        assert [layers[i] for i in target["shared"]] == [f"{name}.shared"] * len(target["shared"])
+        expected += (len(target["retained"]) + (1 if target["shared"] else 0)) * per_adapter
+    assert len(load_file(os.path.join(out["zero3_2ranks"], "stage1_adapter", "adapter_model.safetensors"))) == 32
+    with open(os.path.join(out["zero3_2ranks"], "summary.json")) as handle:
+        summary = json.load(handle)
+    assert summary["trainable_parameters"] == expected and summary["lora_parameters"] == 16 * per_adapter
+    assert f"trainable parameters: LoRA {16 * per_adapter} | loradrop {expected}" in logs["zero3_2ranks"]
+    assert re.search(r"kept layers q_proj: \d/8 \[", logs["zero3_2ranks"])
+    with open(os.path.join(out["zero3_2ranks"], "run_config.json")) as handle:
+        resolved = json.load(handle)["resolved"]
+    assert resolved["world_size"] == 2 and resolved["global_batch_size"] == 8 and resolved["dtype"] == "float32"
+    assert os.path.isfile(os.path.join(out["zero3_2ranks"], "ds_config.json"))
