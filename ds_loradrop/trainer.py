@@ -73,7 +73,8 @@ def train_stage(
     world_size, rank = get_world_size_and_rank()
     result = StageResult(name)
     engine.train()
-    start = time.perf_counter()
+    start = window_start = time.perf_counter()
+    window_tokens = 0
     epoch = 0
     while result.num_steps < num_steps:
         for global_batch in global_batches(len(rows), batch.global_batch_size, seed, epoch):
@@ -99,13 +100,15 @@ def train_stage(
             loss = float(all_reduce_sum(loss_sum)) / global_tokens
             result.num_steps += 1
             result.num_target_tokens += int(global_tokens)
+            window_tokens += int(global_tokens)
             result.losses.append((result.num_steps, loss))
             if result.num_steps % logging_steps == 0 or result.num_steps == num_steps:
-                elapsed = time.perf_counter() - start
+                now = time.perf_counter()
                 logger.info(
                     f"{name} step {result.num_steps}/{num_steps} loss {loss:.4f} "
-                    f"lr {engine.get_lr()[0]:.2e} target tokens/s {result.num_target_tokens / elapsed:.0f}"
+                    f"lr {engine.get_lr()[0]:.2e} target tokens/s {window_tokens / (now - window_start):.0f}"
                 )
+                window_start, window_tokens = now, 0
         epoch += 1
     result.seconds = time.perf_counter() - start
     return result
