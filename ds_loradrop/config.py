@@ -24,7 +24,7 @@ TINY_LLAMA = "tiny-llama"
 DEFAULT_DATA_ROOT_ENV = "DS_LORADROP_DATA_ROOT"
 DEFAULT_DATA_ROOT = os.path.join("..", "shared", "data")
 
-DEFAULT_MICRO_BATCH_SIZE = 8
+DEFAULT_MICRO_BATCH_SIZE = 32
 DEFAULT_GRADIENT_ACCUMULATION_STEPS = 1
 DEFAULT_MAX_GRAD_NORM = 1.0
 
@@ -52,13 +52,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = field(default="e2e", metadata={"help": "Task name: e2e."})
+    task: str = field(default="e2e", metadata={"help": "Task name: e2e, dart, dialogsum or gsm8k."})
     data_dir: str | None = field(
         default=None,
         metadata={
             "help": "Directory with the task's published files (default: "
             "$DS_LORADROP_DATA_ROOT/<task>, where DS_LORADROP_DATA_ROOT defaults to ../shared/data)."
         },
+    )
+    train_split: Literal["train", "validation", "test"] = field(
+        default="train",
+        metadata={"help": "Split to train on (e.g. validation for DART, whose train split is not published here)."},
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N training rows (after reading)."}
@@ -187,6 +191,10 @@ class TrainConfig:
     )
     warmup_ratio: float = field(default=0.03, metadata={"help": "Share of each stage's steps used for warmup."})
     num_train_epochs: int = field(default=1, metadata={"help": "Epochs of the final (stage-2) fine-tuning."})
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Build global batches from examples of similar length (less padding)."},
+    )
     max_steps: int | None = field(
         default=None, metadata={"help": "Cap on optimizer steps per stage (for short runs)."}
     )

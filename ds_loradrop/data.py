@@ -85,12 +85,33 @@ def tokenize_examples(
     return tokenized.remove_columns("truncated"), num_truncated
 
 
-def global_batches(num_examples: int, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch as global batches of example indices; the last incomplete batch is dropped."""
-    order = list(range(num_examples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    num_batches = num_examples // global_batch_size
-    return [order[i * global_batch_size : (i + 1) * global_batch_size] for i in range(num_batches)]
+LENGTH_GROUP_BATCHES = 50
+
+
+def global_batches(
+    lengths: list[int], global_batch_size: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """One epoch as global batches of example indices; the last incomplete batch is dropped.
+
+    With ``group_by_length`` the seeded permutation is cut into chunks of ``LENGTH_GROUP_BATCHES``
+    global batches, each chunk is ordered by length (longest first) and cut into global batches, and the
+    batches are shuffled again: batches hold examples of similar length, so little compute goes to
+    padding. The batches depend only on the lengths, the global batch size, the seed and the epoch,
+    never on the number of ranks.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    num_batches = len(order) // global_batch_size
+    order = order[: num_batches * global_batch_size]
+    if group_by_length:
+        chunk = LENGTH_GROUP_BATCHES * global_batch_size
+        order = [i for start in range(0, len(order), chunk)
+                 for i in sorted(order[start : start + chunk], key=lambda i: -lengths[i])]
+    batches = [order[i * global_batch_size : (i + 1) * global_batch_size] for i in range(num_batches)]
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
 
 
 def rank_micro_batches(global_batch: list[int], rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:

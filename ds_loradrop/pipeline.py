@@ -118,7 +118,7 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
     """
     task = get_task(cfg.data.task)
     data_dir = cfg.data.resolved_data_dir()
-    task.train_path(data_dir)
+    task.split_path(data_dir, cfg.data.train_split)
     raw_ds_config = load_ds_config(cfg.train.ds_config)
     model_config = load_model_config(cfg.model.model, cfg.model.trust_remote_code)
     world_size, _ = get_world_size_and_rank()
@@ -139,7 +139,7 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
                 f"output directory {output_dir!r} already holds a run ({', '.join(existing)}); "
                 f"choose another --output_dir or pass --overwrite_output_dir"
             )
-    examples = task.load_train(data_dir, cfg.data.max_train_samples)
+    examples = task.load_train(data_dir, cfg.data.max_train_samples, cfg.data.train_split)
     return CheckedInputs(ds_config=ds_config, batch=batch, examples=examples)
 
 
@@ -157,7 +157,8 @@ def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
         if is_rank_zero():
             cache_dir = cfg.model.model_cache_dir or default_cache_dir()
             spec = TinyLlamaSpec()
-            built = ensure_tiny_llama(task.training_text(data_dir, spec.tokenizer_rows), cache_dir, spec)
+            text = task.training_text(data_dir, spec.tokenizer_rows, cfg.data.train_split)
+            built = ensure_tiny_llama(text, cache_dir, spec)
         model_path = broadcast_object(built)
         logger.info(f"tiny-llama preset: {model_path}")
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
@@ -249,6 +250,7 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
         pad_token_id=ctx.tokenizer.pad_token_id,
         logging_steps=train.logging_steps,
         device=ctx.device,
+        group_by_length=train.group_by_length,
     )
     return engine, result
 

@@ -68,6 +68,7 @@ def train_stage(
     pad_token_id: int,
     logging_steps: int,
     device: torch.device,
+    group_by_length: bool = True,
 ) -> StageResult:
     """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches)."""
     world_size, rank = get_world_size_and_rank()
@@ -76,8 +77,9 @@ def train_stage(
     start = window_start = time.perf_counter()
     window_tokens = 0
     epoch = 0
+    lengths = [len(row["input_ids"]) for row in rows]
     while result.num_steps < num_steps:
-        for global_batch in global_batches(len(rows), batch.global_batch_size, seed, epoch):
+        for global_batch in global_batches(lengths, batch.global_batch_size, seed, epoch, group_by_length):
             if result.num_steps >= num_steps:
                 break
             micro_batches = [

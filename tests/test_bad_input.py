@@ -35,7 +35,7 @@ def check(argv):
         (["--lora_r", "0"], "--lora_r must be a positive integer, got 0"),
         (["--lora_r", "-4"], "--lora_r must be a positive integer, got -4"),
         (["--lora_targets", "q_proj,qkv_proj"], "LoRA target 'qkv_proj' matches no nn.Linear module of LlamaForCausalLM"),
-        (["--task", "webnlg"], r"unknown task 'webnlg'; known tasks: \['e2e'\]"),
+        (["--task", "webnlg"], r"unknown task 'webnlg'; known tasks: \['dart', 'dialogsum', 'e2e', 'gsm8k'\]"),
         (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be > 0"),
     ],
@@ -50,7 +50,7 @@ def test_missing_data_directory_file_and_columns(base_args, tmp_path):
         check(base_args + ["--data_dir", str(tmp_path / "nowhere")])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UsageError, match="training file .*trainset.csv.* does not exist"):
+    with pytest.raises(UsageError, match="train file .*trainset.csv.* for task 'e2e' does not exist"):
         check(base_args + ["--data_dir", str(empty)])
     (empty / "trainset.csv").write_text("meaning,text\nname[A],A is a pub.\n")
     with pytest.raises(UsageError, match=r"trainset.csv: missing column\(s\) \['mr', 'ref'\]"):

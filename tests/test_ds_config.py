@@ -24,7 +24,7 @@ def test_shipped_configs_resolve_with_defaults():
     for path in paths:
         config, batch = resolve(load_ds_config(path))
         stages[os.path.basename(path)] = zero_stage(config)
-        assert config["train_batch_size"] == batch.global_batch_size == 8 * 1 * 2
+        assert config["train_batch_size"] == batch.global_batch_size == 32 * 1 * 2
         assert config["gradient_clipping"] == 1.0
         assert config["bf16"]["enabled"] is False  # CPU: fp32
         assert resolve(load_ds_config(path), native_bf16=True)[0]["bf16"]["enabled"] is True

@@ -32,9 +32,11 @@ def test_sampling_is_deterministic_by_seed():
 
 
 def test_global_batches_split_over_ranks_cover_the_same_examples():
-    batches = global_batches(37, 8, seed=1, epoch=0)
+    lengths = [(i * 7) % 13 + 1 for i in range(37)]
+    batches = global_batches(lengths, 8, seed=1, epoch=0)
     assert len(batches) == 4 and all(len(b) == 8 for b in batches)
-    assert batches == global_batches(37, 8, seed=1, epoch=0) != global_batches(37, 8, seed=1, epoch=1)
+    assert len({i for b in batches for i in b}) == 32
+    assert batches == global_batches(lengths, 8, seed=1, epoch=0) != global_batches(lengths, 8, seed=1, epoch=1)
     one_rank = rank_micro_batches(batches[0], rank=0, world_size=1, micro_batch_size=4)
     two_ranks = [mb for r in range(2) for mb in rank_micro_batches(batches[0], r, 2, micro_batch_size=2)]
     assert len(one_rank) == 2 and len(two_ranks) == 4
@@ -53,3 +55,21 @@ def test_collate_pads_right_and_masks():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_length_grouping_reduces_padding_and_keeps_the_examples():
+    import random
+
+    lengths = [random.Random(i).randint(5, 100) for i in range(4000)]
+    grouped = global_batches(lengths, 16, seed=0, epoch=0, group_by_length=True)
+    plain = global_batches(lengths, 16, seed=0, epoch=0, group_by_length=False)
+
+    def padded_tokens(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)
+    useful = sum(lengths[i] for b in grouped for i in b)
+    assert padded_tokens(grouped) < 1.1 * useful < padded_tokens(plain)
+    # the batches are not ordered by length across the epoch
+    first = [max(lengths[i] for i in b) for b in grouped[:50]]
+    assert first != sorted(first, reverse=True)

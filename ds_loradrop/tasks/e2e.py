@@ -1,17 +1,17 @@
 """E2E NLG (tuetschek/e2e-dataset v1.0.0): CSV with columns ``mr`` and ``ref``.
 
-One row per (meaning representation, reference) pair. For training, each row is one example: prompt =
-the MR, target = that reference. Stratum = the set of attributes the MR mentions (e.g.
-``area|eatType|food|name``), so the stage-1 sample keeps the mix of MR shapes of the full set.
+One row per (meaning representation, reference) pair. Training: each row is one example (prompt = the
+MR, target = that reference). Evaluation: one example per distinct MR (grouped by the exact string, in
+order of first appearance) against all of its references. Stratum: the set of attributes the MR
+mentions (e.g. ``area|eatType|food|name``), so the stage-1 sample keeps the mix of MR shapes.
 """
 
 from __future__ import annotations
 
 import re
 
-import datasets
-
-from ds_loradrop.tasks.base import Task, require_columns
+from ds_loradrop.tasks.base import EvalExample, Task
+from ds_loradrop.tasks.readers import read_csv
 
 _ATTRIBUTE = re.compile(r"([^,\[\]]+)\[")
 
@@ -23,27 +23,26 @@ def mr_attributes(mr: str) -> list[str]:
 
 class E2ETask(Task):
     name = "e2e"
-    train_file = "trainset.csv"
-    columns = ("mr", "ref")
+    split_files = {"train": ("trainset.csv",), "validation": ("devset.csv",), "test": ("testset_w_refs.csv",)}
+    max_new_tokens = 64
+    metrics = ("bleu", "rouge_l")
 
-    def read_train(self, path: str) -> datasets.Dataset:
-        # Every field as text; no "NA"/"None" -> NaN conversion.
-        raw = datasets.load_dataset(
-            "csv",
-            data_files=path,
-            split="train",
-            keep_default_na=False,
-            na_filter=False,
-        )
-        require_columns(raw.column_names, self.columns, path)
-        return raw
+    def read_records(self, path: str) -> list[dict]:
+        return read_csv(path, ("mr", "ref"))
 
-    def to_example(self, row: dict) -> dict:
-        return {
-            "prompt": self.format_prompt(row["mr"]),
-            "target": " " + row["ref"].strip(),
-            "stratum": "|".join(mr_attributes(row["mr"])),
-        }
+    def training_rows(self, record: dict) -> list[dict]:
+        return [{
+            "prompt": self.format_prompt(record["mr"]),
+            "target": " " + record["ref"].strip(),
+            "stratum": "|".join(mr_attributes(record["mr"])),
+        }]
+
+    def eval_examples(self, records: list[dict], split: str) -> list[EvalExample]:
+        references: dict[str, list[str]] = {}
+        for record in records:
+            references.setdefault(record["mr"], []).append(record["ref"].strip())
+        return [EvalExample(f"e2e-{split}-{i}", self.format_prompt(mr), refs)
+                for i, (mr, refs) in enumerate(references.items())]
 
     @staticmethod
     def format_prompt(mr: str) -> str:
