@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from ds_loradrop.distributed import barrier, is_rank_zero
 from ds_loradrop.engine import gathered_parameters
-from ds_loradrop.lora import AdapterLayout, named_adapters
+from ds_loradrop.errors import UsageError
+from ds_loradrop.lora import AdapterLayout, LoRAAdapter, named_adapters
 from ds_loradrop.plan import Plan
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -77,3 +78,40 @@ def copy_into_adapters(layout: AdapterLayout, state: dict[str, torch.Tensor], na
         for name in names:
             adapters[name].lora_A.copy_(state[f"{name}.lora_A"])
             adapters[name].lora_B.copy_(state[f"{name}.lora_B"])
+
+
+def read_adapter_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        raise UsageError(f"{directory!r} is not an adapter directory ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def attach_saved_adapters(layout: AdapterLayout, directory: str) -> None:
+    """Rebuild the saved adapters (own, shared once, or none per layer) with their weights.
+
+    Call before the model is handed to DeepSpeed. Raises UsageError if the saved targets or layer
+    counts do not match the model.
+    """
+    config = read_adapter_config(directory)
+    if sorted(config["layers"]) != sorted(layout):
+        raise UsageError(f"adapter targets {sorted(config['layers'])} do not match the model's {sorted(layout)}")
+    state = load_adapter_state(directory)
+    built: dict[str, LoRAAdapter] = {}
+    for target, names in config["layers"].items():
+        wrappers = layout[target]
+        if len(names) != len(wrappers):
+            raise UsageError(f"adapter has {len(names)} layers for {target!r}, the model has {len(wrappers)}")
+        for wrapper, name in zip(wrappers, names):
+            if name is None:
+                wrapper.adapter = None
+                continue
+            if name not in built:
+                adapter = LoRAAdapter(wrapper.in_features, wrapper.out_features, config["r"], config["lora_alpha"])
+                adapter.is_shared = name.endswith(".shared")
+                with torch.no_grad():
+                    adapter.lora_A.copy_(state[f"{name}.lora_A"])
+                    adapter.lora_B.copy_(state[f"{name}.lora_B"])
+                built[name] = adapter
+            wrapper.adapter = built[name]

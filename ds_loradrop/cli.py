@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from transformers import HfArgumentParser
 
-from ds_loradrop.config import CONFIG_SECTIONS, RunConfig
+from ds_loradrop.config import CONFIG_SECTIONS, EvalConfig, RunConfig
 from ds_loradrop.errors import UsageError
 
 
@@ -16,8 +16,18 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     parser = HfArgumentParser(CONFIG_SECTIONS, description="LoRA-drop fine-tuning on DeepSpeed.")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher; unused.")
     *sections, _launcher_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    names = ("model", "data", "lora", "drop", "train")
+    names = ("model", "data", "lora", "drop", "train", "eval")
     return RunConfig(**dict(zip(names, sections)))
+
+
+def parse_eval_config(argv: list[str] | None = None):
+    """(OfflineEvalConfig, EvalConfig) for launch/evaluate.py."""
+    from ds_loradrop.offline_eval import OfflineEvalConfig
+
+    parser = HfArgumentParser((OfflineEvalConfig, EvalConfig), description="Evaluate by generation.")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher; unused.")
+    offline, evaluation, _launcher_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return offline, evaluation
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -64,6 +64,13 @@ class DataConfig:
         default="train",
         metadata={"help": "Split to train on (e.g. validation for DART, whose train split is not published here)."},
     )
+    eval_split: Literal["train", "validation", "test"] | None = field(
+        default=None,
+        metadata={
+            "help": "Split evaluated by generation after training (default: validation; test for GSM8K). "
+            "When it is also the training split, the evaluated inputs are held out of training."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N training rows (after reading)."}
     )
@@ -198,6 +205,9 @@ class TrainConfig:
     max_steps: int | None = field(
         default=None, metadata={"help": "Cap on optimizer steps per stage (for short runs)."}
     )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Also evaluate every N optimizer steps of the final stage."}
+    )
     logging_steps: int = field(default=20, metadata={"help": "Log loss and learning rate every N steps."})
     seed: int = field(default=42, metadata={"help": "Seed for sampling, shuffling and adapter init."})
 
@@ -216,11 +226,45 @@ class TrainConfig:
             raise UsageError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UsageError(f"--max_steps must be > 0, got {self.max_steps}")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise UsageError(f"--eval_steps must be > 0, got {self.eval_steps}")
         if self.logging_steps <= 0:
             raise UsageError(f"--logging_steps must be > 0, got {self.logging_steps}")
 
 
-CONFIG_SECTIONS = (ModelConfig, DataConfig, LoraConfig, DropConfig, TrainConfig)
+@dataclass
+class EvalConfig:
+    """How to evaluate by generation (training-time evaluation and launch/evaluate.py)."""
+
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate the first N distinct inputs of the split (default: all)."}
+    )
+    eval_generation: Literal["auto", "gathered", "synced"] = field(
+        default="auto",
+        metadata={
+            "help": "Under ZeRO-3: 'gathered' materialises the full weights on every rank once per "
+            "evaluation, 'synced' generates from partitions with synced_gpus=True, 'auto' gathers when "
+            "the model fits in memory."
+        },
+    )
+    eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call per rank."})
+    num_beams: int = field(default=1, metadata={"help": "1 = greedy decoding; more = beam search."})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Tokens to generate (default: the task's: 64 E2E/DART, 96 DialogSum, 256 GSM8K)."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_eval_samples", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name} must be > 0, got {value}")
+        if self.eval_batch_size <= 0:
+            raise UsageError(f"--eval_batch_size must be > 0, got {self.eval_batch_size}")
+        if self.num_beams <= 0:
+            raise UsageError(f"--num_beams must be > 0, got {self.num_beams}")
+
+
+CONFIG_SECTIONS = (ModelConfig, DataConfig, LoraConfig, DropConfig, TrainConfig, EvalConfig)
 
 
 @dataclass
@@ -232,6 +276,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     drop: DropConfig = field(default_factory=DropConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

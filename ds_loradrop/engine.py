@@ -151,3 +151,39 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
     if engine.zero_optimization_stage() == 3:
         return engine._zero3_consolidated_16bit_state_dict()
     return {name: tensor.detach().cpu() for name, tensor in engine.module.state_dict().items()}
+
+
+@contextlib.contextmanager
+def full_weights_for_generation(engine):
+    """The engine's module with its full weights on every rank and ZeRO-3's hooks lifted for the block,
+    so ``generate`` runs without per-token collectives; a no-op below ZeRO-3. Enter on every rank."""
+    if engine.zero_optimization_stage() != 3:
+        yield engine.module
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine) as unwrapped:
+        yield unwrapped.module
+
+
+def full_model_fits(model: torch.nn.Module, share: float = 0.5) -> bool:
+    """Whether every rank on this machine can hold the full weights within ``share`` of free memory."""
+    params = list(model.parameters())
+    full_bytes = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in params)
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        import psutil
+
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        free = psutil.virtual_memory().available / ranks_here
+    else:
+        free = accelerator.available_memory(int(os.environ.get("LOCAL_RANK", "0")))
+    return full_bytes <= share * free
+
+
+def build_inference_engine(model: torch.nn.Module, ds_config: dict):
+    """A DeepSpeed engine without optimizer (ZeRO-3: partitioned weights and fetch hooks only)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    return engine

@@ -13,12 +13,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ds_loradrop.config import TINY_LLAMA
+from ds_loradrop.distributed import broadcast_object, is_rank_zero
 from ds_loradrop.errors import UsageError
 
 CACHE_ENV = "DS_LORADROP_CACHE"
@@ -125,6 +127,18 @@ def ensure_tiny_llama(training_text: list[str], cache_dir: str, spec: TinyLlamaS
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def resolve_model_path(model: str, cache_dir: str | None, training_text: Callable[[int], list[str]]) -> str:
+    """The checkpoint to load: ``model`` itself, or for the preset its cached directory (built on rank 0
+    from ``training_text(max_rows)``, then shared with every rank). Call on every rank."""
+    if model != TINY_LLAMA:
+        return model
+    built = None
+    if is_rank_zero():
+        spec = TinyLlamaSpec()
+        built = ensure_tiny_llama(training_text(spec.tokenizer_rows), cache_dir or default_cache_dir(), spec)
+    return broadcast_object(built)
 
 
 def load_model_config(model: str, trust_remote_code: bool = False):

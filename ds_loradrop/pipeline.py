@@ -21,7 +21,7 @@ import torch
 
 from ds_loradrop import engine as ds_engine
 from ds_loradrop.adapter_io import copy_into_adapters, load_adapter_state, save_adapters
-from ds_loradrop.config import TINY_LLAMA, RunConfig
+from ds_loradrop.config import RunConfig
 from ds_loradrop.data import stratified_sample_indices, tokenize_examples
 from ds_loradrop.distributed import (
     all_gather_object,
@@ -33,6 +33,7 @@ from ds_loradrop.distributed import (
 )
 from ds_loradrop.ds_config import BatchSettings, is_bf16, load_ds_config, resolve_ds_config
 from ds_loradrop.errors import UsageError
+from ds_loradrop.evaluation import evaluate
 from ds_loradrop.lora import (
     AdapterLayout,
     attach_own_adapters,
@@ -42,17 +43,15 @@ from ds_loradrop.lora import (
     inject_lora,
 )
 from ds_loradrop.models import (
-    TinyLlamaSpec,
     build_on_meta,
-    default_cache_dir,
-    ensure_tiny_llama,
     load_causal_lm,
     load_model_config,
     load_tokenizer,
+    resolve_model_path,
 )
 from ds_loradrop.plan import Plan, attach_planned_adapters, build_plan
 from ds_loradrop.probe import measure_importance
-from ds_loradrop.tasks import get_task
+from ds_loradrop.tasks import EvalExample, Task, get_task
 from ds_loradrop.trainer import StageResult, count_steps, train_stage
 
 logger = get_logger()
@@ -63,7 +62,7 @@ SUMMARY_NAME = "summary.json"
 STAGE1_ADAPTER_DIR = "stage1_adapter"
 FINAL_ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
-RUN_FILES = (RUN_CONFIG_NAME, SUMMARY_NAME, "plan.json", FINAL_ADAPTER_DIR, STAGE1_ADAPTER_DIR, FULL_MODEL_DIR)
+RUN_FILES = (RUN_CONFIG_NAME, SUMMARY_NAME, "plan.json", FINAL_ADAPTER_DIR, STAGE1_ADAPTER_DIR, FULL_MODEL_DIR, "eval")
 
 
 @dataclass
@@ -78,6 +77,10 @@ class RunContext:
     tokenizer: object
     rows: list[dict]
     num_truncated: int
+    task: Task
+    eval_split: str
+    eval_examples: list[EvalExample]
+    max_prompt_tokens: int
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,6 +100,7 @@ class RunSummary:
     retained: dict[str, list[int]] = field(default_factory=dict)
     num_layers: dict[str, int] = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)
+    eval_metrics: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
     num_truncated: int = 0
 
@@ -108,6 +112,8 @@ class CheckedInputs:
     ds_config: dict
     batch: BatchSettings
     examples: object  # datasets.Dataset with prompt, target, stratum
+    eval_split: str
+    eval_examples: list[EvalExample]
 
 
 def check_inputs(cfg: RunConfig) -> CheckedInputs:
@@ -139,8 +145,18 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
                 f"output directory {output_dir!r} already holds a run ({', '.join(existing)}); "
                 f"choose another --output_dir or pass --overwrite_output_dir"
             )
-    examples = task.load_train(data_dir, cfg.data.max_train_samples, cfg.data.train_split)
-    return CheckedInputs(ds_config=ds_config, batch=batch, examples=examples)
+    eval_split = cfg.data.eval_split or task.default_eval_split
+    is_held_out = eval_split == cfg.data.train_split
+    if is_held_out and cfg.eval.max_eval_samples is None:
+        raise UsageError(
+            f"--eval_split {eval_split} is also the training split: pass --max_eval_samples N to hold out "
+            f"the first N inputs for evaluation"
+        )
+    eval_examples = task.load_eval(data_dir, eval_split, cfg.eval.max_eval_samples)
+    held_out = {ex.prompt for ex in eval_examples} if is_held_out else set()
+    examples = task.load_train(data_dir, cfg.data.max_train_samples, cfg.data.train_split, held_out)
+    return CheckedInputs(ds_config=ds_config, batch=batch, examples=examples, eval_split=eval_split,
+                         eval_examples=eval_examples)
 
 
 def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
@@ -151,16 +167,11 @@ def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
         raise RuntimeError(f"world size changed from {inputs.batch.world_size} to {world_size} at start-up")
     task = get_task(cfg.data.task)
     data_dir = cfg.data.resolved_data_dir()
-    model_path = cfg.model.model
-    if model_path == TINY_LLAMA:
-        built = None
-        if is_rank_zero():
-            cache_dir = cfg.model.model_cache_dir or default_cache_dir()
-            spec = TinyLlamaSpec()
-            text = task.training_text(data_dir, spec.tokenizer_rows, cfg.data.train_split)
-            built = ensure_tiny_llama(text, cache_dir, spec)
-        model_path = broadcast_object(built)
-        logger.info(f"tiny-llama preset: {model_path}")
+    model_path = resolve_model_path(
+        cfg.model.model, cfg.model.model_cache_dir,
+        lambda max_rows: task.training_text(data_dir, max_rows, cfg.data.train_split),
+    )
+    logger.info(f"model: {model_path}")
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     examples = inputs.examples
     tokenized, num_truncated = tokenize_examples(examples, tokenizer, cfg.data.max_seq_length)
@@ -177,7 +188,17 @@ def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
         tokenizer=tokenizer,
         rows=tokenized.to_list(),
         num_truncated=num_truncated,
+        task=task,
+        eval_split=inputs.eval_split,
+        eval_examples=inputs.eval_examples,
+        max_prompt_tokens=max_prompt_tokens(model_path, cfg, task),
     )
+
+
+def max_prompt_tokens(model_path: str, cfg: RunConfig, task: Task) -> int:
+    """Prompt tokens kept for generation: the model's context minus the tokens to generate."""
+    context = getattr(load_model_config(model_path, cfg.model.trust_remote_code), "max_position_embeddings", 4096)
+    return max(16, min(context, 4096) - (cfg.eval.max_new_tokens or task.max_new_tokens))
 
 
 def write_resolved_configs(ctx: RunContext) -> None:
@@ -221,7 +242,8 @@ class _LoadedModel:
             freeze_all_but_adapters(self.model)
 
 
-def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str, epochs: int, seed: int) -> tuple:
+def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str, epochs: int, seed: int,
+           evaluate_every: int | None = None) -> tuple:
     train = ctx.cfg.train
     num_steps = count_steps(len(rows), ctx.batch, epochs, train.max_steps)
     engine = ds_engine.build_engine(
@@ -240,6 +262,12 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
         f"partitioned, {local}/{full} elements held by this rank",
         extra={"all_ranks": True},
     )
+    after_step = None
+    if evaluate_every:
+        def after_step(step: int) -> None:
+            if step % evaluate_every == 0 and step < num_steps:
+                evaluate_run(ctx, engine, os.path.join(train.output_dir, "eval", f"step-{step}"))
+
     result = train_stage(
         engine,
         rows,
@@ -251,8 +279,14 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
         logging_steps=train.logging_steps,
         device=ctx.device,
         group_by_length=train.group_by_length,
+        after_step=after_step,
     )
     return engine, result
+
+
+def evaluate_run(ctx: RunContext, engine, output_dir: str) -> dict:
+    return evaluate(engine, ctx.tokenizer, ctx.task, ctx.eval_examples, ctx.eval_split, ctx.cfg.eval,
+                    device=ctx.device, output_dir=output_dir, max_prompt_tokens=ctx.max_prompt_tokens)
 
 
 def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
@@ -285,7 +319,7 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     if is_rank_zero():
         plan.save(os.path.join(output_dir, "plan.json"))
     save_adapters(loaded.layout, os.path.join(output_dir, STAGE1_ADAPTER_DIR), r=lora.lora_r,
-                  alpha=lora.lora_alpha, base_model=cfg.model.model, plan=plan)
+                  alpha=lora.lora_alpha, base_model=ctx.model_path, plan=plan)
     ds_engine.destroy_engine(engine)
     return plan, result
 
@@ -325,13 +359,15 @@ def run_stage2(ctx: RunContext, plan: Plan | None) -> tuple[AdapterLayout, int, 
         for param in loaded.model.parameters():
             param.requires_grad_(True)
     engine, result = _train(ctx, loaded, ctx.rows, name="stage2" if plan else "train",
-                            epochs=cfg.train.num_train_epochs, seed=cfg.train.seed + 1)
+                            epochs=cfg.train.num_train_epochs, seed=cfg.train.seed + 1,
+                            evaluate_every=cfg.train.eval_steps)
     output_dir = cfg.train.output_dir
+    result.eval_metrics = evaluate_run(ctx, engine, os.path.join(output_dir, "eval"))
     if cfg.drop.method == "full":
         save_full_model(engine, loaded.model, ctx, os.path.join(output_dir, FULL_MODEL_DIR))
     else:
         save_adapters(loaded.layout, os.path.join(output_dir, FINAL_ADAPTER_DIR), r=cfg.lora.lora_r,
-                      alpha=cfg.lora.lora_alpha, base_model=cfg.model.model, plan=plan)
+                      alpha=cfg.lora.lora_alpha, base_model=ctx.model_path, plan=plan)
     trainable = count_trainable_parameters(loaded.model)
     ds_engine.destroy_engine(engine)
     return loaded.layout, trainable, result
@@ -365,6 +401,7 @@ def run(cfg: RunConfig) -> RunSummary:
         num_layers={t: len(w) for t, w in layout.items()},
         stages=[{"name": s.name, "num_steps": s.num_steps, "final_loss": s.final_loss, "seconds": s.seconds,
                  "num_target_tokens": s.num_target_tokens} for s in stages],
+        eval_metrics=final.eval_metrics,
         wall_seconds=time.perf_counter() - start,
         num_truncated=ctx.num_truncated,
     )

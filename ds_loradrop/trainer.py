@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ class StageResult:
     num_target_tokens: int = 0
     seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_metrics: dict = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float:
@@ -69,8 +71,12 @@ def train_stage(
     logging_steps: int,
     device: torch.device,
     group_by_length: bool = True,
+    after_step: Callable[[int], None] | None = None,
 ) -> StageResult:
-    """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches)."""
+    """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches).
+
+    ``after_step(step)`` runs on every rank after each optimizer step (e.g. periodic evaluation).
+    """
     world_size, rank = get_world_size_and_rank()
     result = StageResult(name)
     engine.train()
@@ -111,6 +117,9 @@ def train_stage(
                     f"lr {engine.get_lr()[0]:.2e} target tokens/s {window_tokens / (now - window_start):.0f}"
                 )
                 window_start, window_tokens = now, 0
+            if after_step is not None:
+                after_step(result.num_steps)
+                engine.train()
         epoch += 1
     result.seconds = time.perf_counter() - start
     return result

@@ -16,9 +16,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO_ROOT
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
@@ -47,7 +46,7 @@ def _ds_config(path, stage: int) -> str:
 
 
 def _launch(command, env) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, f"{command}\nSTDOUT\n{result.stdout[-6000:]}\nSTDERR\n{result.stderr[-6000:]}"
     return result
 

@@ -3,8 +3,8 @@ import json
 import os
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from ds_loradrop.config import TrainConfig
 from ds_loradrop.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from ds_loradrop.errors import UsageError

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import randomize_adapters, tiny_llama_model
+
 from ds_loradrop.errors import UsageError
 from ds_loradrop.lora import (
     LoRAAdapter,

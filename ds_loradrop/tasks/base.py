@@ -35,6 +35,7 @@ class Task(ABC):
     split_files: dict[str, tuple[str, ...]]
     max_new_tokens: int
     metrics: tuple[str, ...]
+    default_eval_split: str = "validation"
 
     def split_path(self, data_dir: str, split: str) -> str:
         """The file of ``split`` in ``data_dir``. Raises UsageError saying what is missing."""
@@ -44,7 +45,7 @@ class Task(ABC):
             raise UsageError(f"data directory {data_dir!r} for task {self.name!r} does not exist")
         candidates = self.split_files.get(split, ())
         if not candidates:
-            raise UsageError(f"task {self.name!r} publishes no {split} split")
+            raise UsageError(f"task {self.name!r} publishes no {split} split{self.missing_split_hint(split)}")
         for name in candidates:
             path = os.path.join(data_dir, name)
             if os.path.isfile(path):

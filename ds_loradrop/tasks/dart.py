@@ -9,6 +9,8 @@ against all of its annotations. Stratum: the annotation's source (``webnlg``, ``
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from ds_loradrop.errors import UsageError
 from ds_loradrop.tasks.base import EvalExample, Task
 from ds_loradrop.tasks.readers import read_json_array, read_xml_root
@@ -18,7 +20,7 @@ _STEM = "dart-v1.1.1-full-{}"
 
 class DartTask(Task):
     name = "dart"
-    split_files = {
+    split_files: ClassVar[dict[str, tuple[str, ...]]] = {
         split: (_STEM.format(published) + ".json", _STEM.format(published) + ".xml")
         for split, published in (("train", "train"), ("validation", "dev"), ("test", "test"))
     }

@@ -7,6 +7,8 @@ the length mix (topics are nearly unique per dialogue and make no strata).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from ds_loradrop.errors import UsageError
 from ds_loradrop.tasks.base import EvalExample, Task, require_fields
 from ds_loradrop.tasks.readers import read_jsonl
@@ -24,7 +26,7 @@ def turn_bucket(dialogue: str) -> str:
 
 class DialogSumTask(Task):
     name = "dialogsum"
-    split_files = {split: (f"dialogsum.{published}.jsonl",)
+    split_files: ClassVar[dict[str, tuple[str, ...]]] = {split: (f"dialogsum.{published}.jsonl",)
                    for split, published in (("train", "train"), ("validation", "dev"), ("test", "test"))}
     max_new_tokens = 96
     metrics = ("bleu", "rouge_l")

@@ -9,6 +9,7 @@ mentions (e.g. ``area|eatType|food|name``), so the stage-1 sample keeps the mix 
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 from ds_loradrop.tasks.base import EvalExample, Task
 from ds_loradrop.tasks.readers import read_csv
@@ -23,7 +24,7 @@ def mr_attributes(mr: str) -> list[str]:
 
 class E2ETask(Task):
     name = "e2e"
-    split_files = {"train": ("trainset.csv",), "validation": ("devset.csv",), "test": ("testset_w_refs.csv",)}
+    split_files: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("trainset.csv",), "validation": ("devset.csv",), "test": ("testset_w_refs.csv",)}
     max_new_tokens = 64
     metrics = ("bleu", "rouge_l")
 

@@ -7,6 +7,8 @@ number of solution lines (reasoning steps, 8+ together), so the sample keeps the
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from ds_loradrop.errors import UsageError
 from ds_loradrop.tasks.base import EvalExample, Task, require_fields
 from ds_loradrop.tasks.readers import read_jsonl
@@ -21,9 +23,10 @@ def final_answer(answer: str) -> str:
 
 class Gsm8kTask(Task):
     name = "gsm8k"
-    split_files = {"train": ("train.jsonl",), "test": ("test.jsonl",)}
+    split_files: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("train.jsonl",), "test": ("test.jsonl",)}
     max_new_tokens = 256
     metrics = ("accuracy",)
+    default_eval_split = "test"
 
     def missing_split_hint(self, split: str) -> str:
         if split == "validation":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
-import xml.etree.ElementTree as ElementTree
+from xml.etree import ElementTree
 
 from ds_loradrop.errors import UsageError
 
