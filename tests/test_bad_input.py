@@ -52,6 +52,7 @@ def test_missing_data_directory_file_and_columns(base_args, tmp_path):
     empty.mkdir()
     with pytest.raises(UsageError, match="train file .*trainset.csv.* for task 'e2e' does not exist"):
         check(base_args + ["--data_dir", str(empty)])
+    (empty / "devset.csv").write_text("mr,ref\nname[A],A is a pub.\n")
     (empty / "trainset.csv").write_text("meaning,text\nname[A],A is a pub.\n")
     with pytest.raises(UsageError, match=r"trainset.csv: missing column\(s\) \['mr', 'ref'\]"):
         check(base_args + ["--data_dir", str(empty)])
@@ -91,3 +92,25 @@ def test_entry_point_prints_one_line_and_writes_nothing(base_args, tmp_path):
         assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path, e2e_dir):
+    import os
+
+    dart_dir = os.path.join(os.path.dirname(e2e_dir), "dart")
+    args = ["--task", "dart", "--data_dir", dart_dir, "--train_split", "validation", "--output_dir",
+            str(tmp_path / "out"), "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")]
+    with pytest.raises(UsageError, match="--eval_split validation is also the training split: pass --max_eval_samples"):
+        check(args)
+    inputs = check(args + ["--max_eval_samples", "40"])
+    held_out = {ex.prompt for ex in inputs.eval_examples}
+    assert len(inputs.eval_examples) == 40 and len(held_out) == 40
+    assert not held_out & set(inputs.examples["prompt"])
+    everything = check(args + ["--max_eval_samples", "40", "--eval_split", "validation", "--task", "dart",
+                               "--train_split", "validation", "--max_train_samples", "100000"])
+    assert everything.examples.num_rows < 6980
+    with pytest.raises(UsageError, match="train file .*dart-v1.1.1-full-train.json.* only the dev split"):
+        check(args[:4] + args[6:])
+    with pytest.raises(UsageError, match="GSM8K has train and test only"):
+        check(["--task", "gsm8k", "--data_dir", os.path.join(os.path.dirname(e2e_dir), "gsm8k"),
+               "--eval_split", "validation", "--output_dir", str(tmp_path / "out")])

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.distributed
 TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
 COMMON = ["--max_train_samples", "192", "--sample_ratio", "0.25", "--stage1_epochs", "2", "--threshold", "0.6",
           "--max_steps", "8", "--learning_rate", "0.003", "--warmup_ratio", "0", "--logging_steps", "5",
-          "--gradient_accumulation_steps", "2", "--seed", "3"]
+          "--gradient_accumulation_steps", "2", "--seed", "3", "--max_eval_samples", "10", "--max_new_tokens", "12",
+          "--eval_batch_size", "3"]
+EVALUATE = os.path.join(REPO_ROOT, "launch", "evaluate.py")
 
 
 def _free_port() -> int:
@@ -57,7 +59,7 @@ def runs(tmp_path_factory, e2e_dir):
     env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     zero3, zero2 = _ds_config(root / "zero3.json", 3), _ds_config(root / "zero2.json", 2)
     data = ["--data_dir", e2e_dir]
-    out = {name: str(root / name) for name in ("zero3_2ranks", "one_rank", "zero2_torchrun")}
+    out = {name: str(root / name) for name in ("zero3_2ranks", "one_rank", "zero2_torchrun", "synced_eval")}
     logs = {
         "zero3_2ranks": _launch([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN,
                                  "--ds_config", zero3, "--per_device_train_batch_size", "2",
@@ -69,6 +71,13 @@ def runs(tmp_path_factory, e2e_dir):
                                    "--per_device_train_batch_size", "2", "--output_dir", out["zero2_torchrun"],
                                    *data, *COMMON], env).stdout,
     }
+    logs["synced_eval"] = _launch([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+                                   "--master_port", str(_free_port()), EVALUATE, "--ds_config", zero3,
+                                   "--task", "e2e", "--split", "validation", *data,
+                                   "--adapter", os.path.join(out["zero3_2ranks"], "adapter"),
+                                   "--output_dir", out["synced_eval"], "--eval_generation", "synced",
+                                   "--max_eval_samples", "10", "--max_new_tokens", "12", "--eval_batch_size", "3"],
+                                  env).stdout
     return out, logs
 
 
@@ -165,3 +174,28 @@ def test_final_adapter_stores_the_shared_adapter_once_and_counts_it_once(runs):
         resolved = json.load(handle)["resolved"]
     assert resolved["world_size"] == 2 and resolved["global_batch_size"] == 8 and resolved["dtype"] == "float32"
     assert os.path.isfile(os.path.join(out["zero3_2ranks"], "ds_config.json"))
+
+
+def _jsonl(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_gathered_and_synced_generation_give_the_same_predictions(runs):
+    out, logs = runs
+    gathered_dir, synced_dir = os.path.join(out["zero3_2ranks"], "eval"), out["synced_eval"]
+    gathered, synced = _jsonl(os.path.join(gathered_dir, "predictions.jsonl")), _jsonl(
+        os.path.join(synced_dir, "predictions.jsonl"))
+    assert len(gathered) == len(synced) == 10
+    assert [row["id"] for row in gathered] == [f"e2e-validation-{i}" for i in range(10)]  # original order
+    assert [row["prediction"] for row in gathered] == [row["prediction"] for row in synced]
+    assert all(row["prediction"] and len(row["references"]) >= 2 for row in gathered)
+    for directory, mode in ((gathered_dir, "gathered"), (synced_dir, "synced")):
+        with open(os.path.join(directory, "metrics.json")) as handle:
+            metrics = json.load(handle)
+        assert metrics["task"] == "e2e" and metrics["split"] == "validation" and metrics["num_examples"] == 10
+        assert metrics["generation_mode"] == mode and 0 <= metrics["bleu"] <= 100 and 0 <= metrics["rouge_l"] <= 100
+        assert metrics["generated_tokens"] > 0
+    assert re.search(r"eval e2e/validation \(10 inputs, synced\)", logs["synced_eval"])
+    with open(os.path.join(out["zero3_2ranks"], "summary.json")) as handle:
+        assert json.load(handle)["eval_metrics"]["generation_mode"] == "gathered"

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_llama_model
+
 from ds_loradrop.generation import generate_predictions, left_pad, rank_batches
 from ds_loradrop.tasks import EvalExample
 
@@ -37,7 +37,7 @@ def test_batched_left_padded_generation_equals_one_by_one():
     model = tiny_llama_model(num_layers=2)
     model.generation_config.pad_token_id = 0
     examples = [EvalExample(str(i), prompt, ["x"]) for i, prompt in enumerate(["1234567", "98", "5555", "3", "24680"])]
-    options = dict(max_new_tokens=6, num_beams=1, synced_gpus=False, device=torch.device("cpu"), max_prompt_tokens=32)
+    options = {"max_new_tokens": 6, "num_beams": 1, "synced_gpus": False, "device": torch.device("cpu"), "max_prompt_tokens": 32}
     batched = generate_predictions(model, DigitTokenizer(), examples, batch_size=4, **options)
     single = [generate_predictions(model, DigitTokenizer(), [ex], batch_size=1, **options).predictions[0]
               for ex in examples]

@@ -2,6 +2,7 @@
 in each published test-split layout."""
 
 import json
+import shutil
 
 import pytest
 
@@ -35,7 +36,7 @@ def test_dart_json_and_xml_dev_agree(data_root, tmp_path):
     assert len(from_json) == 2768 and sum(len(ex.references) for ex in from_json) <= 6980
     xml_only = tmp_path / "dart"
     xml_only.mkdir()
-    (xml_only / "dart-v1.1.1-full-dev.xml").write_bytes(open(f"{data_root}/dart/dart-v1.1.1-full-dev.xml", "rb").read())
+    shutil.copy(f"{data_root}/dart/dart-v1.1.1-full-dev.xml", xml_only / "dart-v1.1.1-full-dev.xml")
     from_xml = task.load_eval(str(xml_only), "validation")
     assert [ex.prompt for ex in from_xml] == [ex.prompt for ex in from_json]
     assert [ex.references for ex in from_xml] == [ex.references for ex in from_json]
