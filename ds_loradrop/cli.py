@@ -8,7 +8,7 @@ from collections.abc import Callable
 from transformers import HfArgumentParser
 
 from ds_loradrop.config import CONFIG_SECTIONS, EvalConfig, RunConfig
-from ds_loradrop.errors import UsageError
+from ds_loradrop.errors import Terminated, UsageError
 
 
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
@@ -16,7 +16,7 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     parser = HfArgumentParser(CONFIG_SECTIONS, description="LoRA-drop fine-tuning on DeepSpeed.")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher; unused.")
     *sections, _launcher_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    names = ("model", "data", "lora", "drop", "train", "eval")
+    names = ("model", "data", "lora", "drop", "train", "eval", "tracking")
     return RunConfig(**dict(zip(names, sections)))
 
 
@@ -37,3 +37,6 @@ def run_main(main: Callable[[], object]) -> None:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Terminated as stop:
+        print(f"stopped: {stop}", file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signal_number)

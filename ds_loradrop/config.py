@@ -264,7 +264,30 @@ class EvalConfig:
             raise UsageError(f"--num_beams must be > 0, got {self.num_beams}")
 
 
-CONFIG_SECTIONS = (ModelConfig, DataConfig, LoraConfig, DropConfig, TrainConfig, EvalConfig)
+@dataclass
+class TrackingConfig:
+    report_to: Literal["mlflow", "none"] = field(
+        default="mlflow", metadata={"help": "Track the run in MLflow (from the global rank 0 only), or not."}
+    )
+    mlflow_tracking_uri: str | None = field(
+        default=None,
+        metadata={
+            "help": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's default local store, "
+            "mlflow.db in the working directory)."
+        },
+    )
+    mlflow_experiment: str = field(default="ds-loradrop", metadata={"help": "MLflow experiment name."})
+    run_name: str | None = field(default=None, metadata={"help": "MLflow run name (default: MLflow picks one)."})
+    mlflow_fallback_local: bool = field(
+        default=False,
+        metadata={
+            "help": "If the tracking server fails, move the run to a local store <output_dir>/mlflow.db "
+            "instead of only going on without tracking."
+        },
+    )
+
+
+CONFIG_SECTIONS = (ModelConfig, DataConfig, LoraConfig, DropConfig, TrainConfig, EvalConfig, TrackingConfig)
 
 
 @dataclass
@@ -277,6 +300,7 @@ class RunConfig:
     drop: DropConfig = field(default_factory=DropConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

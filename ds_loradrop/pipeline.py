@@ -32,8 +32,9 @@ from ds_loradrop.distributed import (
     is_rank_zero,
 )
 from ds_loradrop.ds_config import BatchSettings, is_bf16, load_ds_config, resolve_ds_config
-from ds_loradrop.errors import UsageError
+from ds_loradrop.errors import Terminated, UsageError, raise_terminated_on_signals
 from ds_loradrop.evaluation import evaluate
+from ds_loradrop.experiment_log import ExperimentLog
 from ds_loradrop.lora import (
     AdapterLayout,
     attach_own_adapters,
@@ -81,6 +82,7 @@ class RunContext:
     eval_split: str
     eval_examples: list[EvalExample]
     max_prompt_tokens: int
+    log: ExperimentLog | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -266,7 +268,7 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
     if evaluate_every:
         def after_step(step: int) -> None:
             if step % evaluate_every == 0 and step < num_steps:
-                evaluate_run(ctx, engine, os.path.join(train.output_dir, "eval", f"step-{step}"))
+                evaluate_run(ctx, engine, os.path.join(train.output_dir, "eval", f"step-{step}"), step)
 
     result = train_stage(
         engine,
@@ -280,13 +282,16 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
         device=ctx.device,
         group_by_length=train.group_by_length,
         after_step=after_step,
+        log_metrics=lambda metrics, step: ctx.log.stage_metrics(name, metrics, step),
     )
     return engine, result
 
 
-def evaluate_run(ctx: RunContext, engine, output_dir: str) -> dict:
-    return evaluate(engine, ctx.tokenizer, ctx.task, ctx.eval_examples, ctx.eval_split, ctx.cfg.eval,
-                    device=ctx.device, output_dir=output_dir, max_prompt_tokens=ctx.max_prompt_tokens)
+def evaluate_run(ctx: RunContext, engine, output_dir: str, step: int) -> dict:
+    metrics = evaluate(engine, ctx.tokenizer, ctx.task, ctx.eval_examples, ctx.eval_split, ctx.cfg.eval,
+                       device=ctx.device, output_dir=output_dir, max_prompt_tokens=ctx.max_prompt_tokens)
+    ctx.log.evaluation(metrics, step)
+    return metrics
 
 
 def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
@@ -318,6 +323,7 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     confirm_same_plan_everywhere(plan)
     if is_rank_zero():
         plan.save(os.path.join(output_dir, "plan.json"))
+        ctx.log.plan(plan, output_dir)
     save_adapters(loaded.layout, os.path.join(output_dir, STAGE1_ADAPTER_DIR), r=lora.lora_r,
                   alpha=lora.lora_alpha, base_model=ctx.model_path, plan=plan)
     ds_engine.destroy_engine(engine)
@@ -362,7 +368,7 @@ def run_stage2(ctx: RunContext, plan: Plan | None) -> tuple[AdapterLayout, int, 
                             epochs=cfg.train.num_train_epochs, seed=cfg.train.seed + 1,
                             evaluate_every=cfg.train.eval_steps)
     output_dir = cfg.train.output_dir
-    result.eval_metrics = evaluate_run(ctx, engine, os.path.join(output_dir, "eval"))
+    result.eval_metrics = evaluate_run(ctx, engine, os.path.join(output_dir, "eval"), result.num_steps)
     if cfg.drop.method == "full":
         save_full_model(engine, loaded.model, ctx, os.path.join(output_dir, FULL_MODEL_DIR))
     else:
@@ -382,9 +388,33 @@ def save_full_model(engine, model, ctx: RunContext, directory: str) -> None:
 
 
 def run(cfg: RunConfig) -> RunSummary:
-    """Train one run end to end; rank 0 writes, every rank returns the same summary."""
+    """Train one run end to end; rank 0 writes and tracks, every rank returns the same summary.
+
+    The MLflow run ends FINISHED, FAILED if training raises, KILLED on SIGTERM / SIGINT.
+    """
     start = time.perf_counter()
     ctx = prepare(cfg, check_inputs(cfg))
+    world_size = ctx.batch.world_size
+    num_nodes = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    ctx.log = ExperimentLog.start(cfg, ctx.ds_config, world_size=world_size, num_nodes=num_nodes,
+                                  model_path=ctx.model_path)
+    raise_terminated_on_signals()
+    try:
+        summary = train_and_save(ctx, start)
+    except Terminated:
+        ctx.log.end("KILLED")
+        raise
+    except BaseException:
+        ctx.log.end("FAILED")
+        raise
+    if is_rank_zero():
+        ctx.log.finish(summary, cfg.train.output_dir)
+    barrier()
+    return summary
+
+
+def train_and_save(ctx: RunContext, start: float) -> RunSummary:
+    cfg = ctx.cfg
     write_resolved_configs(ctx)
     stages, plan = [], None
     if cfg.drop.method == "loradrop":

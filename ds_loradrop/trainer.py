@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ds_loradrop.data import IGNORE_INDEX, collate, global_batches, rank_micro_batches
 from ds_loradrop.distributed import all_reduce_sum, get_logger, get_world_size_and_rank
@@ -72,10 +73,13 @@ def train_stage(
     device: torch.device,
     group_by_length: bool = True,
     after_step: Callable[[int], None] | None = None,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
 ) -> StageResult:
     """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches).
 
-    ``after_step(step)`` runs on every rank after each optimizer step (e.g. periodic evaluation).
+    ``after_step(step)`` runs on every rank after each optimizer step (e.g. periodic evaluation);
+    ``log_metrics(metrics, step)`` receives loss, learning rate, gradient norm and target tokens per
+    second every ``logging_steps`` steps (rank 0 is the one that tracks them).
     """
     world_size, rank = get_world_size_and_rank()
     result = StageResult(name)
@@ -84,6 +88,7 @@ def train_stage(
     window_tokens = 0
     epoch = 0
     lengths = [len(row["input_ids"]) for row in rows]
+    progress = tqdm(total=num_steps, desc=name, disable=rank != 0, dynamic_ncols=True, mininterval=2.0)
     while result.num_steps < num_steps:
         for global_batch in global_batches(lengths, batch.global_batch_size, seed, epoch, group_by_length):
             if result.num_steps >= num_steps:
@@ -110,16 +115,26 @@ def train_stage(
             result.num_target_tokens += int(global_tokens)
             window_tokens += int(global_tokens)
             result.losses.append((result.num_steps, loss))
+            progress.update(1)
             if result.num_steps % logging_steps == 0 or result.num_steps == num_steps:
                 now = time.perf_counter()
+                metrics = {"loss": loss, "learning_rate": engine.get_lr()[0],
+                           "target_tokens_per_second": window_tokens / (now - window_start)}
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['target_tokens_per_second']:.0f}")
                 logger.info(
                     f"{name} step {result.num_steps}/{num_steps} loss {loss:.4f} "
-                    f"lr {engine.get_lr()[0]:.2e} target tokens/s {window_tokens / (now - window_start):.0f}"
+                    f"lr {metrics['learning_rate']:.2e} target tokens/s {metrics['target_tokens_per_second']:.0f}"
                 )
+                if log_metrics is not None:
+                    log_metrics(metrics, result.num_steps)
                 window_start, window_tokens = now, 0
             if after_step is not None:
                 after_step(result.num_steps)
                 engine.train()
         epoch += 1
+    progress.close()
     result.seconds = time.perf_counter() - start
     return result

@@ -1,0 +1,93 @@
+"""What a run tells MLflow, in LoRA-drop terms: configuration, per-stage curves, the plan, evaluations,
+parameter counts, plots and files. Rank-agnostic: off rank 0 the tracker is a no-op.
+
+Metric names (the step is the optimizer step of that stage unless noted):
+``stage1/loss``, ``stage1/learning_rate``, ``stage1/grad_norm``, ``stage1/target_tokens_per_second`` and
+the same under ``stage2/`` (``train/`` for ``--method lora|full``); ``importance/<target>`` and
+``normalized_importance/<target>`` with the *layer index* as step; ``retained_layers/<target>``;
+``num_layers/<target>``; ``trainable_parameters``, ``lora_parameters``, ``trainable_share_of_lora``; ``eval/<metric>`` (step = the
+final stage's step of the evaluation).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from ds_loradrop.config import RunConfig
+from ds_loradrop.plan import Plan
+from ds_loradrop.tracking import NullTracker, create_tracker, flatten, git_commit
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREDICTION_SAMPLE_LINES = 50
+
+
+class ExperimentLog:
+    def __init__(self, tracker: NullTracker):
+        self.tracker = tracker
+        self.curves: dict[str, list[tuple[int, float]]] = {}
+
+    @classmethod
+    def start(cls, cfg: RunConfig, ds_config: dict, *, world_size: int, num_nodes: int, model_path: str) -> ExperimentLog:
+        tracking = cfg.tracking
+        tracker = create_tracker(enabled=tracking.report_to == "mlflow", tracking_uri=tracking.mlflow_tracking_uri,
+                                 experiment=tracking.mlflow_experiment, run_name=tracking.run_name,
+                                 fallback_dir=cfg.train.output_dir if tracking.mlflow_fallback_local else None)
+        params = {**flatten(cfg.to_dict()), **flatten(ds_config, "ds."), "world_size": world_size,
+                  "model_path": model_path}
+        tracker.log_params(params)
+        tracker.set_tags({"git_commit": git_commit(REPO_DIR), "num_nodes": num_nodes, "world_size": world_size,
+                          "method": cfg.drop.method, "task": cfg.data.task})
+        return cls(tracker)
+
+    def stage_metrics(self, stage: str, metrics: dict[str, float], step: int) -> None:
+        self.curves.setdefault(stage, []).append((step, metrics["loss"]))
+        self.tracker.log_metrics({f"{stage}/{name}": value for name, value in metrics.items()}, step)
+
+    def plan(self, plan: Plan, output_dir: str) -> None:
+        from ds_loradrop.plots import plot_importance
+
+        for name, target in plan.targets.items():
+            for layer, (g, y) in enumerate(zip(target.importance, target.normalized)):
+                self.tracker.log_metrics({f"importance/{name}": g, f"normalized_importance/{name}": y}, layer)
+            self.tracker.log_metrics({f"retained_layers/{name}": len(target.retained)})
+        self.tracker.log_artifact(os.path.join(output_dir, "plan.json"))
+        with tempfile.TemporaryDirectory() as scratch:
+            path = os.path.join(scratch, "importance.png")
+            plot_importance(plan, path)
+            self.tracker.log_artifact(path, "plots")
+
+    def evaluation(self, metrics: dict, step: int) -> None:
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
+
+    def finish(self, summary, output_dir: str) -> None:
+        """Counts, configs, adapter, a sample of predictions and the loss plot; then FINISHED."""
+        from ds_loradrop.plots import plot_losses
+
+        counts = {"trainable_parameters": summary.trainable_parameters}
+        if summary.lora_parameters:
+            counts["lora_parameters"] = summary.lora_parameters
+            counts["trainable_share_of_lora"] = summary.trainable_parameters / summary.lora_parameters
+        counts.update({f"retained_layers/{t}": len(r) for t, r in summary.retained.items()})
+        counts.update({f"num_layers/{t}": n for t, n in summary.num_layers.items()})
+        self.tracker.log_metrics(counts)
+        for name in ("run_config.json", "ds_config.json", "summary.json"):
+            self.tracker.log_artifact(os.path.join(output_dir, name))
+        for directory in ("adapter", "model"):
+            if os.path.isdir(os.path.join(output_dir, directory)):
+                self.tracker.log_artifact(os.path.join(output_dir, directory), directory)
+        predictions = os.path.join(output_dir, "eval", "predictions.jsonl")
+        with tempfile.TemporaryDirectory() as scratch:
+            if os.path.isfile(predictions):
+                sample = os.path.join(scratch, "predictions_sample.jsonl")
+                with open(predictions, encoding="utf-8") as source, open(sample, "w", encoding="utf-8") as target:
+                    target.writelines(line for _, line in zip(range(PREDICTION_SAMPLE_LINES), source))
+                self.tracker.log_artifact(sample, "eval")
+                self.tracker.log_artifact(os.path.join(output_dir, "eval", "metrics.json"), "eval")
+            loss_plot = os.path.join(scratch, "loss.png")
+            plot_losses(self.curves, loss_plot)
+            self.tracker.log_artifact(loss_plot, "plots")
+        self.tracker.end("FINISHED")
+
+    def end(self, status: str) -> None:
+        self.tracker.end(status)
