@@ -47,3 +47,47 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
     with torch.no_grad():
         for adapter in unique_adapters(model):
             adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=generator) * scale)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port, stopped after the session."""
+    import subprocess
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+               "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    with open(root / "server.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -1,4 +1,6 @@
-"""Through the real launchers: 2 ranks under ZeRO-3 (deepspeed) and ZeRO-2 (torchrun) against 1 rank.
+"""Through the real launchers: 2 ranks under ZeRO-3 (deepspeed) and ZeRO-2 (torchrun) against 1 rank,
+plus launch/evaluate.py (synced generation), MLflow tracking (a real server and a local store) and
+launch/compare.py on those runs.
 
 Three launches in all (each costs ~40 s of start-up here), many checks each. All runs use fp32, the
 same global batch of 8 (2 ranks x micro 2 x accumulation 2, or 1 rank x micro 4 x accumulation 2)
@@ -17,6 +19,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT
+from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -54,22 +57,33 @@ def _launch(command, env) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, e2e_dir):
+def runs(tmp_path_factory, e2e_dir, mlflow_server):
+    """zero3_2ranks tracks to a real MLflow server, one_rank and zero2_torchrun to a local store."""
     root = tmp_path_factory.mktemp("distributed")
     env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
     zero3, zero2 = _ds_config(root / "zero3.json", 3), _ds_config(root / "zero2.json", 2)
+    local_store = f"sqlite:///{root / 'local_mlflow.db'}"
+    tracking = {
+        "zero3_2ranks": ["--mlflow_tracking_uri", mlflow_server, "--mlflow_experiment", "server-exp",
+                         "--run_name", "zero3-2ranks"],
+        "one_rank": ["--mlflow_tracking_uri", local_store, "--mlflow_experiment", "local-exp", "--run_name", "one-rank"],
+        "zero2_torchrun": ["--mlflow_tracking_uri", local_store, "--mlflow_experiment", "local-exp",
+                           "--run_name", "zero2-torchrun"],
+    }
     data = ["--data_dir", e2e_dir]
     out = {name: str(root / name) for name in ("zero3_2ranks", "one_rank", "zero2_torchrun", "synced_eval")}
     logs = {
         "zero3_2ranks": _launch([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN,
                                  "--ds_config", zero3, "--per_device_train_batch_size", "2",
-                                 "--output_dir", out["zero3_2ranks"], *data, *COMMON], env).stdout,
+                                 "--output_dir", out["zero3_2ranks"], *data, *COMMON, *tracking["zero3_2ranks"]],
+                                env).stdout,
         "one_rank": _launch([sys.executable, TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "4",
-                             "--output_dir", out["one_rank"], *data, *COMMON], env).stdout,
+                             "--output_dir", out["one_rank"], *data, *COMMON, *tracking["one_rank"]], env).stdout,
         "zero2_torchrun": _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                    "--master_port", str(_free_port()), TRAIN, "--ds_config", zero2,
                                    "--per_device_train_batch_size", "2", "--output_dir", out["zero2_torchrun"],
-                                   *data, *COMMON], env).stdout,
+                                   *data, *COMMON, *tracking["zero2_torchrun"]], env).stdout,
     }
     logs["synced_eval"] = _launch([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
                                    "--master_port", str(_free_port()), EVALUATE, "--ds_config", zero3,
@@ -78,6 +92,8 @@ def runs(tmp_path_factory, e2e_dir):
                                    "--output_dir", out["synced_eval"], "--eval_generation", "synced",
                                    "--max_eval_samples", "10", "--max_new_tokens", "12", "--eval_batch_size", "3"],
                                   env).stdout
+    out["local_store"] = local_store
+    out["server"] = mlflow_server
     return out, logs
 
 
@@ -199,3 +215,93 @@ def test_gathered_and_synced_generation_give_the_same_predictions(runs):
     assert re.search(r"eval e2e/validation \(10 inputs, synced\)", logs["synced_eval"])
     with open(os.path.join(out["zero3_2ranks"], "summary.json")) as handle:
         assert json.load(handle)["eval_metrics"]["generation_mode"] == "gathered"
+
+
+# --- MLflow tracking of the runs above ---------------------------------------------------------
+
+
+def _artifacts(client, run_id, path=None):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+@pytest.mark.parametrize("store, experiment, run_name, output", [
+    ("server", "server-exp", "zero3-2ranks", "zero3_2ranks"),
+    ("local_store", "local-exp", "one-rank", "one_rank"),
+])
+def test_one_run_with_params_metrics_and_artifacts(runs, store, experiment, run_name, output):
+    out, _ = runs
+    client = MlflowClient(tracking_uri=out[store])
+    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                               filter_string=f"attributes.run_name = '{run_name}'")
+    assert len(found) == 1, "exactly one run per job, whatever the number of ranks"
+    run = found[0]
+    assert run.info.status == "FINISHED"
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    with open(os.path.join(out[output], "run_config.json")) as handle:
+        resolved = json.load(handle)
+    world_size = resolved["resolved"]["world_size"]
+    assert params["drop.method"] == "loradrop" and params["drop.threshold"] == "0.6"
+    assert params["drop.sample_ratio"] == "0.25" and params["lora.lora_r"] == "8"
+    assert params["lora.lora_targets"] == "q_proj,v_proj" and params["data.task"] == "e2e"
+    assert params["model.model"] == "tiny-llama" and params["world_size"] == str(world_size)
+    assert params["ds.zero_optimization.stage"] == "3" and params["ds.train_batch_size"] == "8"
+    assert tags["num_nodes"] == "1" and len(tags["git_commit"]) in (40, len("unknown"))
+    for stage in ("stage1", "stage2"):
+        history = client.get_metric_history(run.info.run_id, f"{stage}/loss")
+        assert [m.step for m in history] == [5, 8]  # --logging_steps 5, --max_steps 8
+        for name in ("learning_rate", "grad_norm", "target_tokens_per_second"):
+            assert f"{stage}/{name}" in metrics
+    with open(os.path.join(out[output], "plan.json")) as handle:
+        plan = json.load(handle)
+    for target in ("q_proj", "v_proj"):
+        history = sorted(client.get_metric_history(run.info.run_id, f"importance/{target}"), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(8))
+        assert [m.value for m in history] == pytest.approx(plan["targets"][target]["importance"], rel=1e-9)
+        assert metrics[f"retained_layers/{target}"] == len(plan["targets"][target]["retained"])
+    with open(os.path.join(out[output], "summary.json")) as handle:
+        summary = json.load(handle)
+    assert metrics["trainable_parameters"] == summary["trainable_parameters"]
+    assert metrics["lora_parameters"] == summary["lora_parameters"] == 16 * 8 * 256
+    assert metrics["eval/bleu"] == pytest.approx(summary["eval_metrics"]["bleu"])
+    assert "eval/rouge_l" in metrics
+    artifacts = set(_artifacts(client, run.info.run_id))
+    assert {"plan.json", "run_config.json", "ds_config.json", "summary.json", "adapter/adapter_model.safetensors",
+            "adapter/adapter_config.json", "plots/importance.png", "plots/loss.png",
+            "eval/predictions_sample.jsonl", "eval/metrics.json"} <= artifacts
+    png = client.download_artifacts(run.info.run_id, "plots/importance.png", str(out[output]) + "_dl")
+    with open(png, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    out, _ = runs
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "launch", "compare.py"), "--experiment",
+                             "local-exp", "--tracking_uri", out["local_store"], "--output_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| run | status | method | selection | threshold | kept q_proj | kept v_proj | "
+                               "trainable params | % of LoRA | bleu | rouge_l |")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]}
+    assert set(rows) == {"one-rank", "zero2-torchrun"}
+    for name, output in (("one-rank", "one_rank"), ("zero2-torchrun", "zero2_torchrun")):
+        with open(os.path.join(out[output], "summary.json")) as handle:
+            summary = json.load(handle)
+        row = rows[name]
+        assert row[1:5] == ["FINISHED", "loradrop", "output_norm", "0.6"]
+        assert row[5] == f"{len(summary['retained']['q_proj'])}/8" and row[6] == f"{len(summary['retained']['v_proj'])}/8"
+        assert int(row[7]) == summary["trainable_parameters"]
+        assert float(row[8]) == pytest.approx(100 * summary["trainable_parameters"] / summary["lora_parameters"], abs=0.05)
+        assert float(row[9]) == pytest.approx(summary["eval_metrics"]["bleu"], abs=0.005)
+    assert (tmp_path / "comparison.md").read_text().startswith("| run |")
+    assert (tmp_path / "comparison.csv").read_text().splitlines()[0].startswith("run,status,method")
+    for png in ("metric_vs_parameters.png", "importance_profiles.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
