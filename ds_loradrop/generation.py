@@ -30,6 +30,12 @@ class GenerationResult:
         return self.num_generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def prompt_token_budget(model_config, max_new_tokens: int, cap: int = 4096) -> int:
+    """Prompt tokens kept for generation: the model's context (capped) minus the tokens to generate."""
+    context = getattr(model_config, "max_position_embeddings", cap)
+    return max(16, min(context, cap) - max_new_tokens)
+
+
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
     """Token ids of each prompt; over-long prompts keep their last ``max_prompt_tokens`` tokens (the
     end of a prompt says what to generate)."""

@@ -14,6 +14,7 @@ from ds_loradrop.distributed import get_logger, get_world_size_and_rank
 from ds_loradrop.ds_config import is_bf16, load_ds_config, resolve_ds_config
 from ds_loradrop.errors import UsageError
 from ds_loradrop.evaluation import METRICS_NAME, PREDICTIONS_NAME, evaluate
+from ds_loradrop.generation import prompt_token_budget
 from ds_loradrop.lora import inject_lora
 from ds_loradrop.models import load_causal_lm, load_model_config, load_tokenizer, resolve_model_path
 from ds_loradrop.tasks import get_task
@@ -76,7 +77,6 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
         layout = inject_lora(lm, list(adapter_config["layers"]))
         attach_saved_adapters(layout, cfg.adapter)
     engine = ds_engine.build_inference_engine(lm, ds_config)
-    context = getattr(model_config, "max_position_embeddings", 4096)
-    max_prompt_tokens = max(16, min(context, 4096) - (eval_cfg.max_new_tokens or task.max_new_tokens))
+    max_prompt_tokens = prompt_token_budget(model_config, eval_cfg.max_new_tokens or task.max_new_tokens)
     return evaluate(engine, tokenizer, task, examples, cfg.split, eval_cfg, device=ds_engine.local_device(),
                     output_dir=cfg.output_dir, max_prompt_tokens=max_prompt_tokens)

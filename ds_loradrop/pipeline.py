@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import torch
 from ds_loradrop import engine as ds_engine
 from ds_loradrop.adapter_io import copy_into_adapters, load_adapter_state, save_adapters
 from ds_loradrop.config import RunConfig
-from ds_loradrop.data import stratified_sample_indices, tokenize_examples
+from ds_loradrop.data import stratified_sample_indices
 from ds_loradrop.distributed import (
     all_gather_object,
     barrier,
@@ -31,8 +30,7 @@ from ds_loradrop.distributed import (
     get_world_size_and_rank,
     is_rank_zero,
 )
-from ds_loradrop.ds_config import BatchSettings, is_bf16, load_ds_config, resolve_ds_config
-from ds_loradrop.errors import Terminated, UsageError, raise_terminated_on_signals
+from ds_loradrop.errors import Terminated, raise_terminated_on_signals
 from ds_loradrop.evaluation import evaluate
 from ds_loradrop.experiment_log import ExperimentLog
 from ds_loradrop.lora import (
@@ -44,53 +42,24 @@ from ds_loradrop.lora import (
     inject_lora,
 )
 from ds_loradrop.models import (
-    build_on_meta,
     load_causal_lm,
-    load_model_config,
-    load_tokenizer,
-    resolve_model_path,
 )
 from ds_loradrop.plan import Plan, attach_planned_adapters, build_plan
 from ds_loradrop.probe import measure_importance
-from ds_loradrop.tasks import EvalExample, Task, get_task
+from ds_loradrop.run_setup import (
+    FINAL_ADAPTER_DIR,
+    FULL_MODEL_DIR,
+    STAGE1_ADAPTER_DIR,
+    SUMMARY_NAME,
+    RunContext,
+    check_inputs,
+    prepare,
+    write_json,
+    write_resolved_configs,
+)
 from ds_loradrop.trainer import StageResult, count_steps, train_stage
 
 logger = get_logger()
-
-RUN_CONFIG_NAME = "run_config.json"
-DS_CONFIG_NAME = "ds_config.json"
-SUMMARY_NAME = "summary.json"
-STAGE1_ADAPTER_DIR = "stage1_adapter"
-FINAL_ADAPTER_DIR = "adapter"
-FULL_MODEL_DIR = "model"
-RUN_FILES = (RUN_CONFIG_NAME, SUMMARY_NAME, "plan.json", FINAL_ADAPTER_DIR, STAGE1_ADAPTER_DIR, FULL_MODEL_DIR, "eval")
-
-
-@dataclass
-class RunContext:
-    """What every step after the checks needs."""
-
-    cfg: RunConfig
-    ds_config: dict
-    batch: BatchSettings
-    device: torch.device
-    model_path: str
-    tokenizer: object
-    rows: list[dict]
-    num_truncated: int
-    task: Task
-    eval_split: str
-    eval_examples: list[EvalExample]
-    max_prompt_tokens: int
-    log: ExperimentLog | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        if is_bf16(self.ds_config):
-            return torch.bfloat16
-        if self.ds_config.get("fp16", {}).get("enabled", False):
-            return torch.float16
-        return torch.float32
 
 
 @dataclass
@@ -105,128 +74,6 @@ class RunSummary:
     eval_metrics: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
     num_truncated: int = 0
-
-
-@dataclass
-class CheckedInputs:
-    """The run's inputs, read and checked before any process group, training or writing."""
-
-    ds_config: dict
-    batch: BatchSettings
-    examples: object  # datasets.Dataset with prompt, target, stratum
-    eval_split: str
-    eval_examples: list[EvalExample]
-
-
-def check_inputs(cfg: RunConfig) -> CheckedInputs:
-    """Every check that needs no process group, before anything is trained or written.
-
-    Raises:
-        UsageError: naming the first problem found.
-    """
-    task = get_task(cfg.data.task)
-    data_dir = cfg.data.resolved_data_dir()
-    task.split_path(data_dir, cfg.data.train_split)
-    raw_ds_config = load_ds_config(cfg.train.ds_config)
-    model_config = load_model_config(cfg.model.model, cfg.model.trust_remote_code)
-    world_size, _ = get_world_size_and_rank()
-    ds_config, batch = resolve_ds_config(
-        raw_ds_config,
-        cfg.train,
-        world_size=world_size,
-        hidden_size=model_config.hidden_size,
-        accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
-    )
-    if cfg.drop.method != "full":
-        inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
-    output_dir = cfg.train.output_dir
-    if os.path.isdir(output_dir) and not cfg.train.overwrite_output_dir:
-        existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
-        if existing:
-            raise UsageError(
-                f"output directory {output_dir!r} already holds a run ({', '.join(existing)}); "
-                f"choose another --output_dir or pass --overwrite_output_dir"
-            )
-    eval_split = cfg.data.eval_split or task.default_eval_split
-    is_held_out = eval_split == cfg.data.train_split
-    if is_held_out and cfg.eval.max_eval_samples is None:
-        raise UsageError(
-            f"--eval_split {eval_split} is also the training split: pass --max_eval_samples N to hold out "
-            f"the first N inputs for evaluation"
-        )
-    eval_examples = task.load_eval(data_dir, eval_split, cfg.eval.max_eval_samples)
-    held_out = {ex.prompt for ex in eval_examples} if is_held_out else set()
-    examples = task.load_train(data_dir, cfg.data.max_train_samples, cfg.data.train_split, held_out)
-    return CheckedInputs(ds_config=ds_config, batch=batch, examples=examples, eval_split=eval_split,
-                         eval_examples=eval_examples)
-
-
-def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
-    """Process group, model files (the preset is built on rank 0), tokenizer and tokenised data."""
-    ds_engine.init_distributed()
-    world_size, _ = get_world_size_and_rank()
-    if world_size != inputs.batch.world_size:
-        raise RuntimeError(f"world size changed from {inputs.batch.world_size} to {world_size} at start-up")
-    task = get_task(cfg.data.task)
-    data_dir = cfg.data.resolved_data_dir()
-    model_path = resolve_model_path(
-        cfg.model.model, cfg.model.model_cache_dir,
-        lambda max_rows: task.training_text(data_dir, max_rows, cfg.data.train_split),
-    )
-    logger.info(f"model: {model_path}")
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    examples = inputs.examples
-    tokenized, num_truncated = tokenize_examples(examples, tokenizer, cfg.data.max_seq_length)
-    if len(tokenized) == 0:
-        raise UsageError("no training example has a target token left after tokenisation")
-    if num_truncated:
-        logger.info(f"{num_truncated} of {len(examples)} examples truncated to {cfg.data.max_seq_length} tokens")
-    return RunContext(
-        cfg=cfg,
-        ds_config=inputs.ds_config,
-        batch=inputs.batch,
-        device=ds_engine.local_device(),
-        model_path=model_path,
-        tokenizer=tokenizer,
-        rows=tokenized.to_list(),
-        num_truncated=num_truncated,
-        task=task,
-        eval_split=inputs.eval_split,
-        eval_examples=inputs.eval_examples,
-        max_prompt_tokens=max_prompt_tokens(model_path, cfg, task),
-    )
-
-
-def max_prompt_tokens(model_path: str, cfg: RunConfig, task: Task) -> int:
-    """Prompt tokens kept for generation: the model's context minus the tokens to generate."""
-    context = getattr(load_model_config(model_path, cfg.model.trust_remote_code), "max_position_embeddings", 4096)
-    return max(16, min(context, 4096) - (cfg.eval.max_new_tokens or task.max_new_tokens))
-
-
-def write_resolved_configs(ctx: RunContext) -> None:
-    if is_rank_zero():
-        os.makedirs(ctx.cfg.train.output_dir, exist_ok=True)
-        resolved = {
-            **ctx.cfg.to_dict(),
-            "resolved": {
-                "model_path": ctx.model_path,
-                "world_size": ctx.batch.world_size,
-                "micro_batch_size": ctx.batch.micro_batch_size,
-                "gradient_accumulation_steps": ctx.batch.gradient_accumulation_steps,
-                "global_batch_size": ctx.batch.global_batch_size,
-                "max_grad_norm": ctx.batch.max_grad_norm,
-                "dtype": str(ctx.dtype).removeprefix("torch."),
-                "num_train_examples": len(ctx.rows),
-            },
-        }
-        _write_json(os.path.join(ctx.cfg.train.output_dir, RUN_CONFIG_NAME), resolved)
-        _write_json(os.path.join(ctx.cfg.train.output_dir, DS_CONFIG_NAME), ctx.ds_config)
-    barrier()
-
-
-def _write_json(path: str, value) -> None:
-    with open(path, "w") as handle:
-        json.dump(value, handle, indent=2)
 
 
 class _LoadedModel:
@@ -437,7 +284,7 @@ def train_and_save(ctx: RunContext, start: float) -> RunSummary:
     )
     report(summary)
     if is_rank_zero():
-        _write_json(os.path.join(cfg.train.output_dir, SUMMARY_NAME), summary.__dict__)
+        write_json(os.path.join(cfg.train.output_dir, SUMMARY_NAME), summary.__dict__)
     barrier()
     return summary
 

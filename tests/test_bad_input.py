@@ -10,7 +10,7 @@ from conftest import REPO_ROOT
 
 from ds_loradrop.cli import parse_run_config
 from ds_loradrop.errors import UsageError
-from ds_loradrop.pipeline import check_inputs
+from ds_loradrop.run_setup import check_inputs
 
 pytestmark = pytest.mark.unit
 

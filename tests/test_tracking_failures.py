@@ -44,12 +44,16 @@ def test_tracking_server_down_does_not_stop_training(setup):
     root, env, _, args = setup
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.time()
-    result = _run([sys.executable, TRAIN, *args, "--method", "lora", "--max_steps", "4",
+    result = _run([sys.executable, TRAIN, *args, "--method", "lora", "--max_steps", "4", "--eval_steps", "2",
                    "--output_dir", str(root / "down"), "--mlflow_tracking_uri", dead, "--run_name", "down"], env)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stdout.splitlines() if "MLflow tracking at" in line]
     assert len(warnings) == 1 and dead in warnings[0] and "training goes on without tracking" in warnings[0]
     assert os.path.isfile(root / "down" / "adapter" / "adapter_model.safetensors")
+    # --eval_steps 2 over 4 steps: one evaluation during training, one at the end
+    assert os.path.isfile(root / "down" / "eval" / "step-2" / "metrics.json")
+    assert not os.path.exists(root / "down" / "eval" / "step-4")
+    assert os.path.isfile(root / "down" / "eval" / "metrics.json")
     assert time.time() - started < 240
 
     # with --mlflow_fallback_local the run lands in <output_dir>/mlflow.db, complete
