@@ -305,3 +305,58 @@ def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
     assert (tmp_path / "comparison.csv").read_text().splitlines()[0].startswith("run,status,method")
     for png in ("metric_vs_parameters.png", "importance_profiles.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- export of a trained run ----------------------------------------------------------------------
+
+
+def test_every_export_format_gives_the_trained_models_logits(runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ds_loradrop.export import export_run, load_adapted_model
+
+    out, _ = runs
+    trained, config = load_adapted_model(os.path.join(out["one_rank"], "adapter"))
+    ids = torch.randint(4, 500, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = trained(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)(ids).logits
+    assert (reference - base_logits).abs().max() > 1e-3  # the adapters matter
+    exported = {fmt: export_run(out["one_rank"], fmt, str(tmp_path / fmt)) for fmt in ("peft", "merged", "loradrop")}
+
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    plan = _plan(out["one_rank"])
+    adapted_layers = sum(8 - len(t["dropped"]) for t in plan["targets"].values())
+    assert len(peft_config["target_modules"]) == adapted_layers == 16 and peft_config["r"] == 8
+    peft_weights = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert len(peft_weights) == 2 * 16  # shared adapters copied into every layer that uses them
+    base = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)
+    models = {
+        "peft": PeftModel.from_pretrained(base, exported["peft"]).eval(),
+        "merged": AutoModelForCausalLM.from_pretrained(exported["merged"], dtype=torch.float32).eval(),
+        "loradrop": load_adapted_model(exported["loradrop"])[0],
+    }
+    for fmt, model in models.items():
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5, msg=fmt)
+    assert sorted(os.listdir(exported["loradrop"])) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "export.json", "plan.json"]
+    assert not [name for name in os.listdir(exported["merged"]) if name.endswith((".bin", ".pt", ".pth"))]
+
+
+def test_export_refuses_a_run_without_adapter_and_a_used_directory(tmp_path, runs):
+    import subprocess
+
+    out, _ = runs
+    export = os.path.join(REPO_ROOT, "launch", "export.py")
+    result = subprocess.run([sys.executable, export, "--run", str(tmp_path), "--format", "peft"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2 and "has no final adapter" in result.stderr.strip().splitlines()[-1]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    result = subprocess.run([sys.executable, export, "--run", out["one_rank"], "--format", "merged",
+                             "--output_dir", str(tmp_path / "taken")], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 2 and "is not empty" in result.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"

@@ -1,0 +1,107 @@
+"""Export a finished run's adapter as a plain PEFT adapter, a merged checkpoint, or the compact form.
+
+- ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` that plain ``PeftModel.from_pretrained``
+  loads: every layer that uses a shared adapter carries its own copy of it; layers without an adapter
+  (``--low_importance drop``) are left out of ``target_modules`` (exact module names).
+- ``merged``: the base model with ``W + (alpha/r) B A`` folded into each adapted projection, saved as a
+  normal Hugging Face checkpoint (safetensors) with the tokenizer.
+- ``loradrop``: the compact form as trained (own adapters, each shared adapter once, the plan).
+
+Only safetensors are read and written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from ds_loradrop.adapter_io import (
+    CONFIG_NAME,
+    PLAN_NAME,
+    WEIGHTS_NAME,
+    attach_saved_adapters,
+    read_adapter_config,
+)
+from ds_loradrop.errors import UsageError
+from ds_loradrop.lora import LoRALinear, inject_lora, merged_weight
+from ds_loradrop.models import load_causal_lm, load_tokenizer
+
+FORMATS = ("peft", "merged", "loradrop")
+
+
+def run_adapter_dir(run_dir: str) -> str:
+    directory = os.path.join(run_dir, "adapter")
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        raise UsageError(f"run {run_dir!r} has no final adapter ({directory}/{WEIGHTS_NAME}); was it finished?")
+    return directory
+
+
+def load_adapted_model(adapter_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(base model with the saved adapters attached, adapter config), on the CPU, unpartitioned."""
+    config = read_adapter_config(adapter_dir)
+    model = load_causal_lm(config["base_model"], dtype, trust_remote_code)
+    layout = inject_lora(model, list(config["layers"]))
+    attach_saved_adapters(layout, adapter_dir)
+    return model.eval(), config
+
+
+def _module_names(model) -> dict[tuple[str, int], str]:
+    return {(m.target, m.layer): name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def export_peft(adapter_dir: str, output_dir: str) -> None:
+    from peft import LoraConfig
+
+    model, config = load_adapted_model(adapter_dir)
+    names = _module_names(model)
+    state, targets = {}, []
+    for (target, layer), name in sorted(names.items(), key=lambda item: item[1]):
+        wrapper = model.get_submodule(name)
+        if wrapper.adapter is None:
+            continue
+        targets.append(name)
+        state[f"base_model.model.{name}.lora_A.weight"] = wrapper.adapter.lora_A.detach().clone().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = wrapper.adapter.lora_B.detach().clone().contiguous()
+    peft_config = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=targets,
+                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                             base_model_name_or_path=config["base_model"])
+    os.makedirs(output_dir, exist_ok=True)
+    peft_config.save_pretrained(output_dir)
+    save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def export_merged(adapter_dir: str, output_dir: str) -> None:
+    model, config = load_adapted_model(adapter_dir)
+    with torch.no_grad():
+        for name in _module_names(model).values():
+            wrapper = model.get_submodule(name)
+            wrapper.base.weight.copy_(merged_weight(wrapper))
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attribute, wrapper.base)
+    model.config.use_cache = True
+    model.save_pretrained(output_dir, safe_serialization=True)
+    load_tokenizer(config["base_model"]).save_pretrained(output_dir)
+
+
+def export_loradrop(adapter_dir: str, output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    for name in (WEIGHTS_NAME, CONFIG_NAME, PLAN_NAME):
+        if os.path.isfile(os.path.join(adapter_dir, name)):
+            shutil.copy2(os.path.join(adapter_dir, name), os.path.join(output_dir, name))
+
+
+def export_run(run_dir: str, fmt: str, output_dir: str) -> str:
+    """Export the run's final adapter in ``fmt`` to ``output_dir`` (which must not hold files yet)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; expected one of {list(FORMATS)}")
+    adapter_dir = run_adapter_dir(run_dir)
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise UsageError(f"export directory {output_dir!r} is not empty")
+    {"peft": export_peft, "merged": export_merged, "loradrop": export_loradrop}[fmt](adapter_dir, output_dir)
+    with open(os.path.join(output_dir, "export.json"), "w") as handle:
+        json.dump({"run": os.path.abspath(run_dir), "format": fmt}, handle, indent=2)
+    return output_dir
