@@ -29,12 +29,14 @@ class RunRow:
 
 def collect_runs(experiment: str, tracking_uri: str | None) -> list[RunRow]:
     """Every run of ``experiment``, oldest first. Raises UsageError if the experiment does not exist."""
+    import mlflow
     from mlflow import MlflowClient
 
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise UsageError(f"no MLflow experiment named {experiment!r} at {client._tracking_client.tracking_uri}")
+        raise UsageError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
     rows = []
     for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], max_results=10000):
         params, metrics = run.data.params, run.data.metrics

@@ -205,6 +205,20 @@ class TrainConfig:
     max_steps: int | None = field(
         default=None, metadata={"help": "Cap on optimizer steps per stage (for short runs)."}
     )
+    save_steps: int | None = field(
+        default=None,
+        metadata={"help": "Write a DeepSpeed checkpoint every N optimizer steps and at the end of each stage."},
+    )
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N checkpoints (default: all)."}
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "'auto': continue from the newest complete checkpoint in --output_dir (or start if there is "
+            "none); or the path of a checkpoint. A finished stage 1 is never rerun."
+        },
+    )
     eval_steps: int | None = field(
         default=None, metadata={"help": "Also evaluate every N optimizer steps of the final stage."}
     )
@@ -226,6 +240,10 @@ class TrainConfig:
             raise UsageError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UsageError(f"--max_steps must be > 0, got {self.max_steps}")
+        for name in ("save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name} must be > 0, got {value}")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise UsageError(f"--eval_steps must be > 0, got {self.eval_steps}")
         if self.logging_steps <= 0:

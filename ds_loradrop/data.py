@@ -48,18 +48,30 @@ def stratified_sample_indices(strata: list[str], ratio: float, seed: int) -> lis
     return sorted(sampled)
 
 
+def clip_prompt(prompt_ids: list[int], max_tokens: int, bos_token_id: int | None) -> list[int]:
+    """Keep the *end* of an over-long prompt (it says what to produce), and its BOS token if it has one.
+    Training and generation clip prompts the same way."""
+    if len(prompt_ids) <= max_tokens:
+        return prompt_ids
+    if bos_token_id is not None and prompt_ids and prompt_ids[0] == bos_token_id and max_tokens > 1:
+        return prompt_ids[:1] + prompt_ids[len(prompt_ids) - (max_tokens - 1):]
+    return prompt_ids[len(prompt_ids) - max_tokens:]
+
+
 def tokenize_examples(
     examples: datasets.Dataset, tokenizer, max_seq_length: int
 ) -> tuple[datasets.Dataset, int]:
     """Prompt + target + EOS as ``input_ids``; ``labels`` are -100 on the prompt.
 
-    Sequences longer than ``max_seq_length`` are cut at the end (the prompt is kept whole where it
-    fits). Examples left with no target token are dropped.
+    An example longer than ``max_seq_length`` keeps the end of its prompt (at least half the budget,
+    more where the target is short) and as much of its target as then fits. Examples left with no
+    target token (an empty reference) are dropped.
 
     Returns:
         (dataset with ``input_ids``, ``labels`` and the input's other columns except ``prompt`` and
         ``target``, number of truncated examples).
     """
+    bos_token_id = getattr(tokenizer, "bos_token_id", None)
 
     def encode(batch: dict) -> dict:
         prompts = tokenizer(batch["prompt"], add_special_tokens=True)["input_ids"]
@@ -67,11 +79,14 @@ def tokenize_examples(
         input_ids, labels, truncated = [], [], []
         for prompt_ids, target_ids in zip(prompts, targets):
             target_ids = target_ids + [tokenizer.eos_token_id]
-            ids = (prompt_ids + target_ids)[:max_seq_length]
-            label = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_seq_length]
-            input_ids.append(ids)
-            labels.append(label)
-            truncated.append(len(prompt_ids) + len(target_ids) > max_seq_length)
+            is_long = len(prompt_ids) + len(target_ids) > max_seq_length
+            if is_long:
+                prompt_budget = min(len(prompt_ids), max(max_seq_length - len(target_ids), max_seq_length // 2))
+                prompt_ids = clip_prompt(prompt_ids, prompt_budget, bos_token_id)
+                target_ids = target_ids[: max_seq_length - len(prompt_ids)]
+            input_ids.append(prompt_ids + target_ids)
+            labels.append([IGNORE_INDEX] * len(prompt_ids) + target_ids)
+            truncated.append(is_long)
         return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
 
     # In memory: several ranks map the same data at once, and the result is small.

@@ -24,6 +24,19 @@ def get_world_size_and_rank() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 
 
+def get_local_world_size() -> int:
+    """Ranks on this machine: torchrun sets LOCAL_WORLD_SIZE, the DeepSpeed launcher LOCAL_SIZE."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 1
+
+
+def get_num_nodes() -> int:
+    world_size, _ = get_world_size_and_rank()
+    return max(1, world_size // get_local_world_size())
+
+
 def is_rank_zero() -> bool:
     return get_world_size_and_rank()[1] == 0
 

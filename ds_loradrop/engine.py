@@ -21,6 +21,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
+from ds_loradrop.distributed import get_local_world_size
 from ds_loradrop.ds_config import zero_stage
 
 DEFAULT_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
@@ -45,12 +46,20 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -
     elif "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one machine share its cores; torch's default of one thread per core in every
         # rank oversubscribes them (measured: ZeRO-2 on 2 ranks x 2 cores ran 4x slower).
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // get_local_world_size()))
 
 
 def local_device() -> torch.device:
     return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+
+
+def model_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype the DeepSpeed config trains in (bf16, fp16 or fp32)."""
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
 
 
 def accelerator_has_native_bf16() -> bool:
@@ -174,8 +183,7 @@ def full_model_fits(model: torch.nn.Module, share: float = 0.5) -> bool:
     if accelerator.device_name() == "cpu":
         import psutil
 
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        free = psutil.virtual_memory().available / ranks_here
+        free = psutil.virtual_memory().available / get_local_world_size()
     else:
         free = accelerator.available_memory(int(os.environ.get("LOCAL_RANK", "0")))
     return full_bytes <= share * free

@@ -7,7 +7,13 @@ import os
 
 from ds_loradrop import engine as ds_engine
 from ds_loradrop.config import EvalConfig
-from ds_loradrop.distributed import barrier, get_logger, get_world_size_and_rank, is_rank_zero
+from ds_loradrop.distributed import (
+    barrier,
+    broadcast_object,
+    get_logger,
+    get_world_size_and_rank,
+    is_rank_zero,
+)
 from ds_loradrop.generation import GenerationResult, generate_predictions
 from ds_loradrop.metrics import compute_metrics
 from ds_loradrop.tasks import EvalExample, Task
@@ -23,7 +29,9 @@ def resolve_generation_mode(requested: str, engine) -> str:
     if engine.zero_optimization_stage() != 3:
         return "gathered"
     if requested == "auto":
-        return "gathered" if ds_engine.full_model_fits(engine.module) else "synced"
+        # Decided on rank 0 for everyone: ranks that disagree would run mismatched collectives.
+        fits = ds_engine.full_model_fits(engine.module) if is_rank_zero() else None
+        return "gathered" if broadcast_object(fits) else "synced"
     return requested
 
 

@@ -11,15 +11,19 @@ final stage's step of the evaluation).
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
 
 from ds_loradrop.config import RunConfig
+from ds_loradrop.distributed import get_logger, is_rank_zero
 from ds_loradrop.plan import Plan
 from ds_loradrop.tracking import NullTracker, create_tracker, flatten, git_commit
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+logger = get_logger()
 PREDICTION_SAMPLE_LINES = 50
+TRACKING_RECORD = "tracking.json"
+PLOTS_DIR = "plots"  # the MLflow run of this output directory, continued on --resume
 
 
 class ExperimentLog:
@@ -28,11 +32,24 @@ class ExperimentLog:
         self.curves: dict[str, list[tuple[int, float]]] = {}
 
     @classmethod
-    def start(cls, cfg: RunConfig, ds_config: dict, *, world_size: int, num_nodes: int, model_path: str) -> ExperimentLog:
+    def start(cls, cfg: RunConfig, ds_config: dict, *, world_size: int, num_nodes: int, model_path: str,
+              resume: bool = False) -> ExperimentLog:
+        """Start (or, when resuming, continue) the run's MLflow run and log its configuration."""
         tracking = cfg.tracking
-        tracker = create_tracker(enabled=tracking.report_to == "mlflow", tracking_uri=tracking.mlflow_tracking_uri,
+        record = os.path.join(cfg.train.output_dir, TRACKING_RECORD)
+        previous = None
+        if resume and is_rank_zero() and os.path.isfile(record):
+            with open(record) as handle:
+                previous = json.load(handle)
+        tracker = create_tracker(enabled=tracking.report_to == "mlflow",
+                                 tracking_uri=(previous or {}).get("tracking_uri") or tracking.mlflow_tracking_uri,
                                  experiment=tracking.mlflow_experiment, run_name=tracking.run_name,
-                                 fallback_dir=cfg.train.output_dir if tracking.mlflow_fallback_local else None)
+                                 fallback_dir=cfg.train.output_dir if tracking.mlflow_fallback_local else None,
+                                 run_id=(previous or {}).get("run_id"))
+        if tracker.run_id is not None:
+            os.makedirs(cfg.train.output_dir, exist_ok=True)
+            with open(record, "w") as handle:
+                json.dump({"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}, handle)
         params = {**flatten(cfg.to_dict()), **flatten(ds_config, "ds."), "world_size": world_size,
                   "model_path": model_path}
         tracker.log_params(params)
@@ -52,10 +69,9 @@ class ExperimentLog:
                 self.tracker.log_metrics({f"importance/{name}": g, f"normalized_importance/{name}": y}, layer)
             self.tracker.log_metrics({f"retained_layers/{name}": len(target.retained)})
         self.tracker.log_artifact(os.path.join(output_dir, "plan.json"))
-        with tempfile.TemporaryDirectory() as scratch:
-            path = os.path.join(scratch, "importance.png")
-            plot_importance(plan, path)
-            self.tracker.log_artifact(path, "plots")
+        path = os.path.join(output_dir, PLOTS_DIR, "importance.png")
+        if _draw(plot_importance, plan, path):
+            self.tracker.log_artifact(path, PLOTS_DIR)
 
     def evaluation(self, metrics: dict, step: int) -> None:
         self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
@@ -77,17 +93,27 @@ class ExperimentLog:
             if os.path.isdir(os.path.join(output_dir, directory)):
                 self.tracker.log_artifact(os.path.join(output_dir, directory), directory)
         predictions = os.path.join(output_dir, "eval", "predictions.jsonl")
-        with tempfile.TemporaryDirectory() as scratch:
-            if os.path.isfile(predictions):
-                sample = os.path.join(scratch, "predictions_sample.jsonl")
-                with open(predictions, encoding="utf-8") as source, open(sample, "w", encoding="utf-8") as target:
-                    target.writelines(line for _, line in zip(range(PREDICTION_SAMPLE_LINES), source))
-                self.tracker.log_artifact(sample, "eval")
-                self.tracker.log_artifact(os.path.join(output_dir, "eval", "metrics.json"), "eval")
-            loss_plot = os.path.join(scratch, "loss.png")
-            plot_losses(self.curves, loss_plot)
-            self.tracker.log_artifact(loss_plot, "plots")
+        if os.path.isfile(predictions):
+            sample = os.path.join(output_dir, "eval", "predictions_sample.jsonl")
+            with open(predictions, encoding="utf-8") as source, open(sample, "w", encoding="utf-8") as target:
+                target.writelines(line for _, line in zip(range(PREDICTION_SAMPLE_LINES), source))
+            self.tracker.log_artifact(sample, "eval")
+            self.tracker.log_artifact(os.path.join(output_dir, "eval", "metrics.json"), "eval")
+        loss_plot = os.path.join(output_dir, PLOTS_DIR, "loss.png")
+        if _draw(plot_losses, self.curves, loss_plot):
+            self.tracker.log_artifact(loss_plot, PLOTS_DIR)
         self.tracker.end("FINISHED")
 
     def end(self, status: str) -> None:
         self.tracker.end(status)
+
+
+def _draw(plot, value, path: str) -> bool:
+    """Draw a plot into ``path``; a plotting error is reported and costs only the plot."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        plot(value, path)
+    except Exception as error:  # noqa: BLE001 - a plot must never stop a training job
+        logger.warning(f"could not draw {path}: {type(error).__name__}: {error}")
+        return False
+    return True

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 
 import torch
 from safetensors.torch import save_file
@@ -101,7 +102,17 @@ def export_run(run_dir: str, fmt: str, output_dir: str) -> str:
     adapter_dir = run_adapter_dir(run_dir)
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise UsageError(f"export directory {output_dir!r} is not empty")
-    {"peft": export_peft, "merged": export_merged, "loradrop": export_loradrop}[fmt](adapter_dir, output_dir)
-    with open(os.path.join(output_dir, "export.json"), "w") as handle:
-        json.dump({"run": os.path.abspath(run_dir), "format": fmt}, handle, indent=2)
+    # Written beside the target and renamed into place: a failed export leaves nothing half-written.
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".exporting-", dir=parent)
+    try:
+        {"peft": export_peft, "merged": export_merged, "loradrop": export_loradrop}[fmt](adapter_dir, staging)
+        with open(os.path.join(staging, "export.json"), "w") as handle:
+            json.dump({"run": os.path.abspath(run_dir), "format": fmt}, handle, indent=2)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty, checked above
+        os.rename(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output_dir

@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
+from ds_loradrop.data import clip_prompt
 from ds_loradrop.distributed import all_gather_object, all_reduce_sum, get_world_size_and_rank
 from ds_loradrop.tasks import EvalExample
 
@@ -37,10 +39,10 @@ def prompt_token_budget(model_config, max_new_tokens: int, cap: int = 4096) -> i
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
-    """Token ids of each prompt; over-long prompts keep their last ``max_prompt_tokens`` tokens (the
-    end of a prompt says what to generate)."""
+    """Token ids of each prompt, over-long ones clipped as in training (:func:`data.clip_prompt`)."""
     ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    return [row[-max_prompt_tokens:] for row in ids]
+    bos_token_id = getattr(tokenizer, "bos_token_id", None)
+    return [clip_prompt(row, max_prompt_tokens, bos_token_id) for row in ids]
 
 
 def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +87,9 @@ def generate_predictions(
     mine: list[tuple[int, str]] = []
     generated = 0
     start = time.perf_counter()
-    for indices in rank_batches([len(ids) for ids in prompt_ids], rank, world_size, batch_size):
+    batches = rank_batches([len(ids) for ids in prompt_ids], rank, world_size, batch_size)
+    progress = tqdm(total=len(examples), desc="eval", disable=rank != 0, dynamic_ncols=True, mininterval=2.0)
+    for indices in batches:
         if not indices and not synced_gpus:
             continue
         input_ids, attention_mask = left_pad([prompt_ids[i] for i in (indices or [0])], pad_token_id)
@@ -105,6 +109,10 @@ def generate_predictions(
             kept = tokens[tokens != pad_token_id]
             generated += int(kept.numel())
             mine.append((index, tokenizer.decode(kept, skip_special_tokens=True).strip()))
+        # rank 0 counts for everyone: its share is the largest
+        progress.update(min(len(examples) - progress.n, len(indices) * world_size))
+        progress.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.0f}")
+    progress.close()
     seconds = time.perf_counter() - start
     model.train(was_training)
     by_index = dict(pair for share in all_gather_object(mine) for pair in share)

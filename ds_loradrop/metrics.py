@@ -49,9 +49,10 @@ def _to_number(text: str) -> float | None:
 
 
 def extract_gsm8k_answer(generation: str) -> float | None:
-    """The number after the last ``####`` if there is one, else the last number in the text."""
+    """The number after the first ``####`` if there is one (a model that goes on after its answer
+    may write more), else the last number in the text."""
     if "####" in generation:
-        numbers = _NUMBER.findall(generation.split("####")[-1])
+        numbers = _NUMBER.findall(generation.split("####", 1)[1])
         if numbers:
             return _to_number(numbers[0])
     numbers = _NUMBER.findall(generation)

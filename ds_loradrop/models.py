@@ -134,11 +134,18 @@ def resolve_model_path(model: str, cache_dir: str | None, training_text: Callabl
     from ``training_text(max_rows)``, then shared with every rank). Call on every rank."""
     if model != TINY_LLAMA:
         return model
-    built = None
+    built, failure = None, None
     if is_rank_zero():
         spec = TinyLlamaSpec()
-        built = ensure_tiny_llama(training_text(spec.tokenizer_rows), cache_dir or default_cache_dir(), spec)
-    return broadcast_object(built)
+        try:
+            built = ensure_tiny_llama(training_text(spec.tokenizer_rows), cache_dir or default_cache_dir(), spec)
+        except Exception as error:
+            broadcast_object((None, f"{type(error).__name__}: {error}"))  # release the waiting ranks
+            raise
+    built, failure = broadcast_object((built, failure))
+    if failure is not None:
+        raise RuntimeError(f"rank 0 could not build the {TINY_LLAMA} preset: {failure}")
+    return built
 
 
 def load_model_config(model: str, trust_remote_code: bool = False):

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
-
 from ds_loradrop import engine as ds_engine
 from ds_loradrop.adapter_io import attach_saved_adapters, read_adapter_config
 from ds_loradrop.config import DataConfig, EvalConfig, TrainConfig
 from ds_loradrop.distributed import get_logger, get_world_size_and_rank
-from ds_loradrop.ds_config import is_bf16, load_ds_config, resolve_ds_config
+from ds_loradrop.ds_config import load_ds_config, resolve_ds_config
 from ds_loradrop.errors import UsageError
 from ds_loradrop.evaluation import METRICS_NAME, PREDICTIONS_NAME, evaluate
 from ds_loradrop.generation import prompt_token_budget
@@ -68,10 +66,9 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
                                      hidden_size=model_config.hidden_size,
                                      accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16())
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    # Under ZeRO-3 this object must be alive while from_pretrained runs: it is held until we return.
+    # Under ZeRO-3 this object must be alive while from_pretrained runs (weights load partitioned).
     zero3_loading = ds_engine.zero3_weight_loading(ds_config)
-    dtype = torch.bfloat16 if is_bf16(ds_config) else torch.float32
-    lm = load_causal_lm(model_path, dtype, cfg.trust_remote_code)
+    lm = load_causal_lm(model_path, ds_engine.model_dtype(ds_config), cfg.trust_remote_code)
     del zero3_loading
     if adapter_config is not None:
         layout = inject_lora(lm, list(adapter_config["layers"]))

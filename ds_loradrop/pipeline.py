@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ds_loradrop import engine as ds_engine
-from ds_loradrop.adapter_io import copy_into_adapters, load_adapter_state, save_adapters
+from ds_loradrop.adapter_io import PLAN_NAME, copy_into_adapters, load_adapter_state, save_adapters
+from ds_loradrop.checkpoint import TrainerState, agreed_latest, load_checkpoint, read_state, save_checkpoint
 from ds_loradrop.config import RunConfig
 from ds_loradrop.data import stratified_sample_indices
 from ds_loradrop.distributed import (
@@ -27,10 +28,11 @@ from ds_loradrop.distributed import (
     barrier,
     broadcast_object,
     get_logger,
+    get_num_nodes,
     get_world_size_and_rank,
     is_rank_zero,
 )
-from ds_loradrop.errors import Terminated, raise_terminated_on_signals
+from ds_loradrop.errors import Terminated, UsageError, raise_terminated_on_signals
 from ds_loradrop.evaluation import evaluate
 from ds_loradrop.experiment_log import ExperimentLog
 from ds_loradrop.lora import (
@@ -53,6 +55,7 @@ from ds_loradrop.run_setup import (
     SUMMARY_NAME,
     RunContext,
     check_inputs,
+    clear_previous_run,
     prepare,
     write_json,
     write_resolved_configs,
@@ -94,7 +97,7 @@ class _LoadedModel:
 def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str, epochs: int, seed: int,
            evaluate_every: int | None = None) -> tuple:
     train = ctx.cfg.train
-    num_steps = count_steps(len(rows), ctx.batch, epochs, train.max_steps)
+    num_steps = count_steps(len(rows), ctx.batch, epochs, train.max_steps, what=f"{name} data")
     engine = ds_engine.build_engine(
         loaded.model,
         ctx.ds_config,
@@ -111,11 +114,25 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
         f"partitioned, {local}/{full} elements held by this rank",
         extra={"all_ranks": True},
     )
-    after_step = None
-    if evaluate_every:
-        def after_step(step: int) -> None:
-            if step % evaluate_every == 0 and step < num_steps:
-                evaluate_run(ctx, engine, os.path.join(train.output_dir, "eval", f"step-{step}"), step)
+    start_step = 0
+    if ctx.resume_from is not None and read_state(ctx.resume_from).stage == name:
+        saved = read_state(ctx.resume_from)
+        if (saved.num_steps, saved.seed) != (num_steps, seed):
+            raise UsageError(f"checkpoint {ctx.resume_from} is for {saved.num_steps} steps with seed {saved.seed}; "
+                             f"this run has {num_steps} steps with seed {seed} (did the configuration change?)")
+        start_step = load_checkpoint(engine, ctx.resume_from).step
+        logger.info(f"{name}: resumed from {ctx.resume_from} at step {start_step}/{num_steps}")
+
+    def save(step: int) -> None:
+        state = TrainerState(stage=name, step=step, num_steps=num_steps, seed=seed, world_size=ctx.batch.world_size)
+        path = save_checkpoint(engine, train.output_dir, state, train.save_total_limit)
+        logger.info(f"{name}: checkpoint {path}")
+
+    def after_step(step: int) -> None:
+        if evaluate_every and step % evaluate_every == 0 and step < num_steps:
+            evaluate_run(ctx, engine, os.path.join(train.output_dir, "eval", f"step-{step}"), step)
+        if train.save_steps and (step % train.save_steps == 0 or step == num_steps):
+            save(step)
 
     result = train_stage(
         engine,
@@ -130,6 +147,7 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
         group_by_length=train.group_by_length,
         after_step=after_step,
         log_metrics=lambda metrics, step: ctx.log.stage_metrics(name, metrics, step),
+        start_step=start_step,
     )
     return engine, result
 
@@ -170,9 +188,10 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     confirm_same_plan_everywhere(plan)
     if is_rank_zero():
         plan.save(os.path.join(output_dir, "plan.json"))
-        ctx.log.plan(plan, output_dir)
     save_adapters(loaded.layout, os.path.join(output_dir, STAGE1_ADAPTER_DIR), r=lora.lora_r,
                   alpha=lora.lora_alpha, base_model=ctx.model_path, plan=plan)
+    if is_rank_zero():
+        ctx.log.plan(plan, output_dir)
     ds_engine.destroy_engine(engine)
     return plan, result
 
@@ -242,20 +261,24 @@ def run(cfg: RunConfig) -> RunSummary:
     start = time.perf_counter()
     ctx = prepare(cfg, check_inputs(cfg))
     world_size = ctx.batch.world_size
-    num_nodes = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-    ctx.log = ExperimentLog.start(cfg, ctx.ds_config, world_size=world_size, num_nodes=num_nodes,
-                                  model_path=ctx.model_path)
+    if cfg.train.overwrite_output_dir and cfg.train.resume is None:
+        clear_previous_run(cfg.train.output_dir)
+    if cfg.train.resume is not None:
+        ctx.resume_from = agreed_latest(cfg.train.output_dir) if cfg.train.resume == "auto" else cfg.train.resume
+        logger.info(f"resuming from {ctx.resume_from or 'the start (no complete checkpoint yet)'}")
+    ctx.log = ExperimentLog.start(cfg, ctx.ds_config, world_size=world_size, num_nodes=get_num_nodes(),
+                                  model_path=ctx.model_path, resume=cfg.train.resume is not None)
     raise_terminated_on_signals()
     try:
         summary = train_and_save(ctx, start)
+        if is_rank_zero():
+            ctx.log.finish(summary, cfg.train.output_dir)
     except Terminated:
         ctx.log.end("KILLED")
         raise
     except BaseException:
         ctx.log.end("FAILED")
         raise
-    if is_rank_zero():
-        ctx.log.finish(summary, cfg.train.output_dir)
     barrier()
     return summary
 
@@ -264,7 +287,13 @@ def train_and_save(ctx: RunContext, start: float) -> RunSummary:
     cfg = ctx.cfg
     write_resolved_configs(ctx)
     stages, plan = [], None
-    if cfg.drop.method == "loradrop":
+    finished_plan = os.path.join(cfg.train.output_dir, STAGE1_ADAPTER_DIR, PLAN_NAME)
+    if cfg.drop.method == "loradrop" and cfg.train.resume is not None and os.path.isfile(finished_plan):
+        # Stage 1 is never rerun: the saved plan keeps the mask fixed across the resume.
+        plan = Plan.load(finished_plan)
+        confirm_same_plan_everywhere(plan)
+        logger.info(f"stage 1 finished before: using its plan ({finished_plan})")
+    elif cfg.drop.method == "loradrop":
         plan, stage1 = run_stage1(ctx)
         stages.append(stage1)
     layout, trainable, final = run_stage2(ctx, plan)

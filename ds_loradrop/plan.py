@@ -77,10 +77,11 @@ def build_plan(
 ) -> Plan:
     """Turn all-reduced importance sums into a plan (pure; run on rank 0)."""
     targets = {}
-    for name, target_sums in sums.items():
+    for index, (name, target_sums) in enumerate(sums.items()):
         importance = mean_importance(target_sums, num_tokens)
         normalized = normalize_importance(importance)
-        retained = select_layers(normalized, threshold, selection, seed)
+        # each target draws its own random layers (seed + target index)
+        retained = select_layers(normalized, threshold, selection, seed + index)
         others = [layer for layer in range(len(normalized)) if layer not in retained]
         is_shared = low_importance == "share"
         targets[name] = TargetPlan(

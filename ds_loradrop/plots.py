@@ -27,10 +27,14 @@ def plot_importance(plan: Plan, path: str, title: str = "") -> None:
         axis.set_xlabel("layer")
         axis.set_ylabel("normalised importance")
         axis.set_xticks(list(layers))
-        axis.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:blue", label="retained"),
-                             plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="tab:blue", hatch="//",
-                                           label="shared" if target.shared or not target.dropped else "dropped")],
-                    fontsize=8, title=f"T = {plan.threshold}", title_fontsize=8)
+        handles = [plt.Rectangle((0, 0), 1, 1, color="tab:blue", label="retained")]
+        if target.shared:
+            handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="tab:blue", hatch="//",
+                                         label="shared"))
+        if target.dropped:
+            handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="tab:blue", hatch="xx",
+                                         label="dropped"))
+        axis.legend(handles=handles, fontsize=8, title=f"T = {plan.threshold}", title_fontsize=8)
     figure.suptitle(title or f"LoRA-drop importance ({plan.selection})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

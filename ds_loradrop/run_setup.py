@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 
 from ds_loradrop import engine as ds_engine
+from ds_loradrop.checkpoint import STATE_NAME
 from ds_loradrop.config import RunConfig
 from ds_loradrop.data import tokenize_examples
 from ds_loradrop.distributed import barrier, get_logger, get_world_size_and_rank, is_rank_zero
-from ds_loradrop.ds_config import BatchSettings, is_bf16, load_ds_config, resolve_ds_config
+from ds_loradrop.ds_config import BatchSettings, load_ds_config, resolve_ds_config
 from ds_loradrop.errors import UsageError
 from ds_loradrop.generation import prompt_token_budget
 from ds_loradrop.lora import inject_lora
 from ds_loradrop.models import build_on_meta, load_model_config, load_tokenizer, resolve_model_path
 from ds_loradrop.tasks import EvalExample, Task, get_task
+from ds_loradrop.trainer import count_steps
 
 logger = get_logger()
 
@@ -31,7 +34,8 @@ SUMMARY_NAME = "summary.json"
 STAGE1_ADAPTER_DIR = "stage1_adapter"
 FINAL_ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
-RUN_FILES = (RUN_CONFIG_NAME, SUMMARY_NAME, "plan.json", FINAL_ADAPTER_DIR, STAGE1_ADAPTER_DIR, FULL_MODEL_DIR, "eval")
+RUN_FILES = (RUN_CONFIG_NAME, SUMMARY_NAME, "plan.json", FINAL_ADAPTER_DIR, STAGE1_ADAPTER_DIR, FULL_MODEL_DIR, "eval",
+             "checkpoints", "plots", "tracking.json", DS_CONFIG_NAME)
 
 
 @dataclass
@@ -51,14 +55,11 @@ class RunContext:
     eval_examples: list[EvalExample]
     max_prompt_tokens: int
     log: object = None  # the run's ExperimentLog, set once tracking has started
+    resume_from: str | None = None  # the checkpoint the next stage continues from
 
     @property
     def dtype(self) -> torch.dtype:
-        if is_bf16(self.ds_config):
-            return torch.bfloat16
-        if self.ds_config.get("fp16", {}).get("enabled", False):
-            return torch.float16
-        return torch.float32
+        return ds_engine.model_dtype(self.ds_config)
 
 
 @dataclass
@@ -94,12 +95,17 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
     if cfg.drop.method != "full":
         inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
     output_dir = cfg.train.output_dir
-    if os.path.isdir(output_dir) and not cfg.train.overwrite_output_dir:
+    resume = cfg.train.resume
+    if resume not in (None, "auto") and not os.path.isfile(os.path.join(resume, STATE_NAME)):
+        raise UsageError(f"--resume {resume!r} is not a complete checkpoint (no {STATE_NAME})")
+    if resume is not None:
+        check_resume_matches(cfg, os.path.join(output_dir, RUN_CONFIG_NAME))
+    if os.path.isdir(output_dir) and not cfg.train.overwrite_output_dir and resume is None:
         existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
         if existing:
             raise UsageError(
                 f"output directory {output_dir!r} already holds a run ({', '.join(existing)}); "
-                f"choose another --output_dir or pass --overwrite_output_dir"
+                f"choose another --output_dir, continue it with --resume auto, or pass --overwrite_output_dir"
             )
     eval_split = cfg.data.eval_split or task.default_eval_split
     is_held_out = eval_split == cfg.data.train_split
@@ -111,8 +117,31 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
     eval_examples = task.load_eval(data_dir, eval_split, cfg.eval.max_eval_samples)
     held_out = {ex.prompt for ex in eval_examples} if is_held_out else set()
     examples = task.load_train(data_dir, cfg.data.max_train_samples, cfg.data.train_split, held_out)
+    # Data smaller than one global batch is refused now, not after files are written.
+    count_steps(examples.num_rows, batch, cfg.train.num_train_epochs, cfg.train.max_steps)
+    if cfg.drop.method == "loradrop":
+        count_steps(max(1, round(cfg.drop.sample_ratio * examples.num_rows)), batch, cfg.drop.stage1_epochs,
+                    cfg.train.max_steps, what="stage-1 sample")
     return CheckedInputs(ds_config=ds_config, batch=batch, examples=examples, eval_split=eval_split,
                          eval_examples=eval_examples)
+
+
+# What a resumed run may not change: the model, the data, the adapters and the LoRA-drop decisions.
+RESUME_FIXED_SECTIONS = ("model", "data", "lora", "drop")
+
+
+def check_resume_matches(cfg: RunConfig, saved_config_path: str) -> None:
+    """Raise UsageError if a resume changes what the checkpoint was trained for."""
+    if not os.path.isfile(saved_config_path):
+        return
+    with open(saved_config_path) as handle:
+        saved = json.load(handle)
+    current = cfg.to_dict()
+    changed = [f"{section}.{key}" for section in RESUME_FIXED_SECTIONS
+               for key in current[section] if saved.get(section, {}).get(key) != current[section][key]]
+    if changed:
+        raise UsageError(f"--resume with a changed configuration ({', '.join(changed)}); the run in "
+                         f"{os.path.dirname(saved_config_path)!r} was trained with other values")
 
 
 def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
@@ -154,6 +183,18 @@ def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
 def max_prompt_tokens(model_path: str, cfg: RunConfig, task: Task) -> int:
     model_config = load_model_config(model_path, cfg.model.trust_remote_code)
     return prompt_token_budget(model_config, cfg.eval.max_new_tokens or task.max_new_tokens)
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """--overwrite_output_dir: remove the files of the run that was there (ours only), on rank 0."""
+    if is_rank_zero():
+        for name in RUN_FILES:
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    barrier()
 
 
 def write_resolved_configs(ctx: RunContext) -> None:

@@ -49,6 +49,7 @@ class NullTracker:
     """What every rank but the global rank 0 gets."""
 
     run_id: str | None = None
+    tracking_uri: str | None = None
 
     def log_params(self, params: Mapping) -> None:
         pass
@@ -90,16 +91,19 @@ class MlflowTracker(NullTracker):
         self._guard(self._start)
 
     def _start(self) -> None:
+        import mlflow
         from mlflow import MlflowClient
 
+        self.tracking_uri = self.tracking_uri or mlflow.get_tracking_uri()
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        self.tracking_uri = self._client._tracking_client.tracking_uri
         if self.run_id is None:
             experiment = self._client.get_experiment_by_name(self._experiment)
             experiment_id = (experiment.experiment_id if experiment is not None
                              else self._client.create_experiment(self._experiment))
             run = self._client.create_run(experiment_id, run_name=self._run_name)
             self.run_id = run.info.run_id
+        else:
+            self._client.update_run(self.run_id, status="RUNNING")  # a resumed job continues its run
         logger.info(f"MLflow run {self.run_id} in experiment {self._experiment!r} at {self.tracking_uri}")
 
     def _guard(self, action, *args, **kwargs) -> None:
@@ -170,6 +174,9 @@ class MlflowTracker(NullTracker):
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._record("log_artifact", path, artifact_path)
+        if not os.path.exists(path):
+            logger.warning(f"MLflow artifact {path} no longer exists; not logged")
+            return
         if os.path.isdir(path):
             self._guard(lambda: self._client.log_artifacts(self.run_id, path, artifact_path))
         else:

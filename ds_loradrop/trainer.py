@@ -40,12 +40,13 @@ class StageResult:
         return self.losses[-1][1] if self.losses else math.nan
 
 
-def count_steps(num_examples: int, batch: BatchSettings, epochs: int, max_steps: int | None) -> int:
+def count_steps(num_examples: int, batch: BatchSettings, epochs: int, max_steps: int | None,
+                what: str = "training set") -> int:
     """Optimizer steps of a stage; raises UsageError if the data is smaller than one global batch."""
     steps_per_epoch = num_examples // batch.global_batch_size
     if steps_per_epoch == 0:
         raise UsageError(
-            f"{num_examples} training examples are fewer than one global batch of "
+            f"the {what} ({num_examples} examples) is smaller than one global batch of "
             f"{batch.global_batch_size} (micro {batch.micro_batch_size} x accumulation "
             f"{batch.gradient_accumulation_steps} x {batch.world_size} ranks)"
         )
@@ -74,25 +75,32 @@ def train_stage(
     group_by_length: bool = True,
     after_step: Callable[[int], None] | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    start_step: int = 0,
 ) -> StageResult:
     """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches).
 
     ``after_step(step)`` runs on every rank after each optimizer step (e.g. periodic evaluation);
     ``log_metrics(metrics, step)`` receives loss, learning rate, gradient norm and target tokens per
-    second every ``logging_steps`` steps (rank 0 is the one that tracks them).
+    second every ``logging_steps`` steps (rank 0 is the one that tracks them). ``start_step`` resumes
+    after that many optimizer steps: their global batches are skipped, not recomputed.
     """
     world_size, rank = get_world_size_and_rank()
-    result = StageResult(name)
+    result = StageResult(name, num_steps=start_step)
     engine.train()
     start = window_start = time.perf_counter()
     window_tokens = 0
     epoch = 0
     lengths = [len(row["input_ids"]) for row in rows]
-    progress = tqdm(total=num_steps, desc=name, disable=rank != 0, dynamic_ncols=True, mininterval=2.0)
+    progress = tqdm(total=num_steps, initial=start_step, desc=name, disable=rank != 0, dynamic_ncols=True,
+                    mininterval=2.0)
+    batches_seen = 0
     while result.num_steps < num_steps:
         for global_batch in global_batches(lengths, batch.global_batch_size, seed, epoch, group_by_length):
             if result.num_steps >= num_steps:
                 break
+            batches_seen += 1
+            if batches_seen <= start_step:
+                continue
             micro_batches = [
                 collate([rows[i] for i in indices], pad_token_id)
                 for indices in rank_micro_batches(global_batch, rank, world_size, batch.micro_batch_size)

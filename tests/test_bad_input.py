@@ -18,7 +18,8 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 def base_args(e2e_dir, tmp_path):
     return ["--data_dir", e2e_dir, "--output_dir", str(tmp_path / "out"),
-            "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"), "--max_train_samples", "64"]
+            "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"), "--max_train_samples", "64",
+            "--sample_ratio", "1.0"]
 
 
 def check(argv):
@@ -70,6 +71,13 @@ def test_bad_ds_config_and_batch_conflict(base_args, tmp_path):
     with pytest.raises(UsageError, match="--per_device_train_batch_size 16 conflicts with train_micro_batch_size_per_gpu = 4"):
         check(base_args + ["--ds_config", str(fixed), "--per_device_train_batch_size", "16"])
     assert check(base_args + ["--ds_config", str(fixed)]).batch.micro_batch_size == 4
+
+
+def test_data_smaller_than_one_global_batch(base_args):
+    with pytest.raises(UsageError, match=r"the training set \(64 examples\) is smaller than one global batch of 128"):
+        check(base_args + ["--per_device_train_batch_size", "128"])
+    with pytest.raises(UsageError, match=r"the stage-1 sample \(6 examples\) is smaller than one global batch of 32"):
+        check(base_args + ["--sample_ratio", "0.1"])
 
 
 def test_output_directory_holding_a_run_is_not_overwritten(base_args, tmp_path):

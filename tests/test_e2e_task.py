@@ -42,6 +42,7 @@ def test_labels_cover_the_target_only_and_truncation_is_counted(tmp_path):
 
     class CharTokenizer:
         eos_token_id = 2
+        bos_token_id = 1
 
         def __call__(self, texts, add_special_tokens=True):
             return {"input_ids": [([1] if add_special_tokens else []) + [ord(c) for c in t] for t in texts]}
@@ -49,13 +50,20 @@ def test_labels_cover_the_target_only_and_truncation_is_counted(tmp_path):
     data = Dataset.from_list([
         {"prompt": "ab", "target": "cd", "stratum": "s"},
         {"prompt": "abcdefgh", "target": "xyz", "stratum": "s"},
-        {"prompt": "abcdefghij", "target": "q", "stratum": "s"},
+        {"prompt": "abcdefghijklmnop", "target": "qrstuvwxyz", "stratum": "s"},
+        {"prompt": "ab", "target": "", "stratum": "s"},
     ])
     tokenized, num_truncated = tokenize_examples(data, CharTokenizer(), max_seq_length=10)
     rows = tokenized.to_list()
     assert rows[0]["input_ids"] == [1, 97, 98, 99, 100, 2]
     assert rows[0]["labels"] == [-100, -100, -100, 99, 100, 2]
     assert rows[0]["stratum"] == "s"
-    assert rows[1]["input_ids"] == [1, 97, 98, 99, 100, 101, 102, 103, 104, 120]  # cut at 10
-    assert rows[1]["labels"][-1] == 120
-    assert num_truncated == 2 and len(rows) == 2  # the third had no target token left: dropped
+    # 9 prompt + 4 target tokens > 10: the prompt keeps BOS and its end, the whole target fits
+    assert rows[1]["input_ids"] == [1, 100, 101, 102, 103, 104, 120, 121, 122, 2]
+    assert rows[1]["labels"] == [-100] * 6 + [120, 121, 122, 2]
+    # 17 + 11 tokens: the prompt keeps half the budget (BOS + its last 4), the target the rest
+    assert rows[2]["input_ids"] == [1, 109, 110, 111, 112, 113, 114, 115, 116, 117]
+    assert rows[2]["labels"][:5] == [-100] * 5
+    # an empty reference still has its EOS to learn; nothing is dropped here
+    assert rows[3]["labels"] == [-100, -100, -100, 2]
+    assert num_truncated == 2 and len(rows) == 4

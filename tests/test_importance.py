@@ -52,7 +52,7 @@ def test_recorded_importance_equals_direct_computation_over_non_padding_tokens()
             assert measured > 0
 
 
-def test_recording_is_off_outside_the_block_and_with_dropout_model_is_eval():
+def test_recording_is_off_outside_the_block_and_needs_a_token_mask():
     model = tiny_llama_model(num_layers=2)
     layout = inject_lora(model, ["q_proj"])
     attach_own_adapters(layout, r=4, alpha=8, dropout=0.0)
@@ -70,3 +70,28 @@ def test_normalisation():
     assert mean_importance([4.0, 8.0], 4) == [1.0, 2.0]
     with pytest.raises(ValueError, match="zero tokens"):
         mean_importance([1.0], 0)
+
+
+def test_the_importance_pass_runs_with_dropout_off():
+    """With LoRA dropout 0.5, the pass is deterministic and equals the dropout-free computation."""
+    from ds_loradrop.probe import measure_importance
+
+    model = tiny_llama_model(num_layers=3)
+    layout = inject_lora(model, ["q_proj", "v_proj"])
+    attach_own_adapters(layout, r=4, alpha=8, dropout=0.5)
+    randomize_adapters(model)
+    model.train()
+    rows = [{"input_ids": [1, 5, 9, 13, 2], "labels": [-100] * 5}, {"input_ids": [1, 7, 2], "labels": [-100] * 3}]
+    first, tokens = measure_importance(model, layout, rows, batch_size=2, pad_token_id=0, device=torch.device("cpu"))
+    second, _ = measure_importance(model, layout, rows, batch_size=1, pad_token_id=0, device=torch.device("cpu"))
+    assert model.training  # restored
+    assert tokens == 8
+    for target in first:
+        assert first[target] == pytest.approx(second[target], rel=1e-6)
+    # the same sums with the dropout modules removed altogether
+    for wrappers in layout.values():
+        for wrapper in wrappers:
+            wrapper.adapter.dropout = torch.nn.Identity()
+    third, _ = measure_importance(model, layout, rows, batch_size=2, pad_token_id=0, device=torch.device("cpu"))
+    for target in first:
+        assert first[target] == pytest.approx(third[target], rel=1e-6)

@@ -47,6 +47,7 @@ def test_rouge_l_known_values():
     ("no number at all", None),
     ("#### seventy", None),
     ("#### 72.", 72.0),
+    ("#### 18\nQuestion: next one #### 40", 18.0),
 ])
 def test_gsm8k_answer_extraction(text, expected):
     assert extract_gsm8k_answer(text) == expected

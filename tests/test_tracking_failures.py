@@ -104,3 +104,134 @@ def test_sigterm_ends_the_run_killed(setup):
             process.kill()
     assert process.returncode == 128 + signal.SIGTERM
     assert _status(store, "killed") == "KILLED"
+
+
+def test_ablation_variants_and_carried_stage2_adapters(setup):
+    """--selection random --low_importance drop --stage2_init carry through the real pipeline."""
+    from safetensors.torch import load_file
+
+    root, env, _, args = setup
+    out = root / "variants"
+    # a learning rate of 1e-9 leaves stage 2 where it started: the carried stage-1 weights
+    result = _run([sys.executable, TRAIN, *args, "--max_steps", "3", "--selection", "random", "--threshold", "0.5",
+                   "--low_importance", "drop", "--stage2_init", "carry", "--learning_rate", "1e-9",
+                   "--output_dir", str(out), "--report_to", "none"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["selection"] == "random" and plan["low_importance"] == "drop"
+    stage1 = load_file(str(out / "stage1_adapter" / "adapter_model.safetensors"))
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    for name, target in plan["targets"].items():
+        assert target["shared"] == [] and sorted(target["retained"] + target["dropped"]) == list(range(8))
+        assert 0 < len(target["retained"]) < 8
+        assert [config["layers"][name][i] for i in target["dropped"]] == [None] * len(target["dropped"])
+        for layer in target["retained"]:
+            for part in ("lora_A", "lora_B"):
+                key = f"{name}.layers.{layer}.{part}"
+                torch_close = (final[key] - stage1[key]).abs().max().item()
+                assert torch_close < 1e-6, key
+        assert not [key for key in final if key.startswith(f"{name}.shared")]
+    assert len(final) == 2 * sum(len(t["retained"]) for t in plan["targets"].values())
+
+
+def test_full_fine_tuning_saves_a_loadable_checkpoint(setup):
+    root, env, _, args = setup
+    out = root / "full"
+    result = _run([sys.executable, TRAIN, *args, "--method", "full", "--max_steps", "2", "--output_dir", str(out),
+                   "--mlflow_tracking_uri", setup[2], "--run_name", "full", "--learning_rate", "1e-3"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    summary = json.loads((out / "summary.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "run_config.json").read_text())["resolved"]["model_path"])
+    changed = [n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)]
+    assert len(changed) > 50  # every weight trained, not only adapters
+    assert "trainable parameters: full" in result.stdout
+
+
+def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup):
+    """Kill (SIGKILL) after the step-4 checkpoint of stage 2, resume with --resume auto: the same plan and
+    adapters as a run that was never interrupted, stage 1 not rerun, one MLflow run continued."""
+    import json
+
+    from safetensors.torch import load_file
+
+    root, env, store, args = setup
+    common = [*args, "--max_steps", "8", "--save_steps", "2", "--save_total_limit", "2", "--logging_steps", "1",
+              "--mlflow_tracking_uri", store]
+    whole = _run([sys.executable, TRAIN, *common, "--output_dir", str(root / "whole"), "--run_name", "whole"], env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = root / "resumed"
+    process = subprocess.Popen([sys.executable, TRAIN, *common, "--output_dir", str(out), "--run_name", "resumed"],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:
+            if "stage2 step 5/8" in line:
+                process.kill()
+                break
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not os.path.exists(out / "adapter")
+    checkpoints = sorted(os.listdir(out / "checkpoints"))
+    assert checkpoints == ["stage2-step-000002", "stage2-step-000004"]  # --save_total_limit 2
+
+    resumed = _run([sys.executable, TRAIN, *common, "--output_dir", str(out), "--run_name", "resumed",
+                    "--resume", "auto"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage 1 finished before: using its plan" in resumed.stdout
+    assert "stage2: resumed from" in resumed.stdout and "stage2-step-000004 at step 4/8" in resumed.stdout
+    assert "stage1 step" not in resumed.stdout
+    assert json.loads((out / "plan.json").read_text()) == json.loads((root / "whole" / "plan.json").read_text())
+    expected = load_file(str(root / "whole" / "adapter" / "adapter_model.safetensors"))
+    actual = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert sorted(actual) == sorted(expected)
+    assert max((actual[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
+                              filter_string="attributes.run_name = 'resumed'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "stage2/loss")]
+    assert steps[-1] == 8 and {1, 2, 3, 4, 5, 6, 7, 8} <= set(steps)
+
+    # a changed configuration is refused before anything is touched
+    refused = _run([sys.executable, TRAIN, *common, "--output_dir", str(out), "--resume", "auto",
+                    "--lora_r", "4"], env)
+    assert refused.returncode == 2 and "--resume with a changed configuration (lora.lora_r)" in refused.stderr
+
+
+def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
+    """launch/compare.py over this module's experiment, after one more run: plain LoRA."""
+    import json
+
+    root, env, store, args = setup
+    lora = _run([sys.executable, TRAIN, *args, "--method", "lora", "--max_steps", "3", "--output_dir",
+                 str(root / "lora"), "--mlflow_tracking_uri", store, "--run_name", "lora"], env)
+    assert lora.returncode == 0, lora.stderr[-3000:]
+    result = _run([sys.executable, os.path.join(REPO_ROOT, "launch", "compare.py"), "--experiment", "faults",
+                   "--tracking_uri", store, "--output_dir", str(tmp_path)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
+    assert rows["lora"][1:9] == ["FINISHED", "lora", "-", "-", "8/8", "8/8", str(16 * 8 * 256), "100.0"]
+    assert rows["failed"][1] == "FAILED" and rows["killed"][1] == "KILLED"
+    whole = json.loads((root / "whole" / "summary.json").read_text())
+    assert rows["whole"][1:5] == ["FINISHED", "loradrop", "output_norm", "0.9"]
+    assert rows["whole"][5] == f"{len(whole['retained']['q_proj'])}/8"
+    assert int(rows["whole"][7]) == whole["trainable_parameters"] < 16 * 8 * 256
+    assert float(rows["whole"][9]) == pytest.approx(whole["eval_metrics"]["bleu"], abs=0.005)
+    full = json.loads((root / "full" / "summary.json").read_text())
+    assert rows["full"][2] == "full" and int(rows["full"][7]) == full["trainable_parameters"]
+    csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
+    assert len(csv_rows) == len(rows) + 1
