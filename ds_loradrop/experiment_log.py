@@ -52,7 +52,11 @@ class ExperimentLog:
                 json.dump({"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}, handle)
         params = {**flatten(cfg.to_dict()), **flatten(ds_config, "ds."), "world_size": world_size,
                   "model_path": model_path}
-        tracker.log_params(params)
+        if previous is None:
+            tracker.log_params(params)
+        else:
+            # MLflow params are write-once; the continued run keeps those of its first start.
+            tracker.set_tags({"resumed": "true"})
         tracker.set_tags({"git_commit": git_commit(REPO_DIR), "num_nodes": num_nodes, "world_size": world_size,
                           "method": cfg.drop.method, "task": cfg.data.task})
         return cls(tracker)

@@ -212,7 +212,8 @@ def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup):
 
 
 def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
-    """launch/compare.py over this module's experiment, after one more run: plain LoRA."""
+    """launch/compare.py over the experiment the tests above filled (they run first, in file order), after
+    one more run: plain LoRA."""
     import json
 
     root, env, store, args = setup
