@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from ds_loradrop.errors import UsageError
+from ds_loradrop.plots import plot_importance_profiles, plot_metric_vs_parameters
 
 EVAL_METRICS = ("bleu", "rouge_l", "accuracy")
 
@@ -93,50 +94,6 @@ def to_markdown(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_metric_vs_parameters(rows: list[RunRow], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric_names = [m for m in EVAL_METRICS if any(m in row.metrics for row in rows)] or ["(no metric)"]
-    figure, axes = plt.subplots(1, len(metric_names), figsize=(5 * len(metric_names), 3.8), squeeze=False)
-    for axis, metric in zip(axes[0], metric_names):
-        for row in rows:
-            if metric in row.metrics and row.trainable_parameters is not None:
-                axis.scatter(row.trainable_parameters, row.metrics[metric])
-                axis.annotate(f"{row.run_name} ({row.method})", (row.trainable_parameters, row.metrics[metric]),
-                              fontsize=7, xytext=(3, 3), textcoords="offset points")
-        axis.set_xlabel("trainable parameters")
-        axis.set_ylabel(metric)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_importance_profiles(rows: list[RunRow], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    targets = sorted({t for row in rows for t in row.importance}) or ["(no LoRA-drop run)"]
-    figure, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 3.8), squeeze=False)
-    for axis, target in zip(axes[0], targets):
-        for row in rows:
-            profile = row.importance.get(target)
-            if profile:
-                axis.plot(range(len(profile)), profile, marker="o", label=row.run_name)
-        axis.set_title(target)
-        axis.set_xlabel("layer")
-        axis.set_ylabel("normalised importance")
-        if axis.lines:
-            axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def compare(experiment: str, tracking_uri: str | None, output_dir: str) -> str:
     """Write comparison.md, comparison.csv, metric_vs_parameters.png, importance_profiles.png; return
     the markdown table."""
@@ -152,6 +109,6 @@ def compare(experiment: str, tracking_uri: str | None, output_dir: str) -> str:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(body)
-    plot_metric_vs_parameters(rows, os.path.join(output_dir, "metric_vs_parameters.png"))
+    plot_metric_vs_parameters(rows, EVAL_METRICS, os.path.join(output_dir, "metric_vs_parameters.png"))
     plot_importance_profiles(rows, os.path.join(output_dir, "importance_profiles.png"))
     return markdown

@@ -1,4 +1,5 @@
-"""PNG plots of a run: the importance profile per target (the paper's Figures 9/10) and the loss curve."""
+"""PNG plots: a run's importance profile per target (the paper's Figures 9/10) and loss curve, and the
+comparison of several runs (metric vs trainable parameters, importance profiles side by side)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,44 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: str) -> None:
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (mean over target tokens)")
     axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_metric_vs_parameters(rows, metrics: tuple[str, ...], path: str) -> None:
+    """One panel per evaluation metric: each run's score against its trainable parameters.
+
+    ``rows`` are ``compare.RunRow``s (run_name, method, trainable_parameters, metrics)."""
+    metric_names = [m for m in metrics if any(m in row.metrics for row in rows)] or ["(no metric)"]
+    figure, axes = plt.subplots(1, len(metric_names), figsize=(5 * len(metric_names), 3.8), squeeze=False)
+    for axis, metric in zip(axes[0], metric_names):
+        for row in rows:
+            if metric in row.metrics and row.trainable_parameters is not None:
+                axis.scatter(row.trainable_parameters, row.metrics[metric])
+                axis.annotate(f"{row.run_name} ({row.method})", (row.trainable_parameters, row.metrics[metric]),
+                              fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel("trainable parameters")
+        axis.set_ylabel(metric)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_importance_profiles(rows, path: str) -> None:
+    """One panel per target: the normalised importance over layers of every LoRA-drop run."""
+    targets = sorted({t for row in rows for t in row.importance}) or ["(no LoRA-drop run)"]
+    figure, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 3.8), squeeze=False)
+    for axis, target in zip(axes[0], targets):
+        for row in rows:
+            profile = row.importance.get(target)
+            if profile:
+                axis.plot(range(len(profile)), profile, marker="o", label=row.run_name)
+        axis.set_title(target)
+        axis.set_xlabel("layer")
+        axis.set_ylabel("normalised importance")
+        if axis.lines:
+            axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
