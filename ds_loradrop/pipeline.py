@@ -32,6 +32,7 @@ from ds_loradrop.distributed import (
     get_world_size_and_rank,
     is_rank_zero,
 )
+from ds_loradrop.ds_config import zero_stage
 from ds_loradrop.errors import Terminated, UsageError, raise_terminated_on_signals
 from ds_loradrop.evaluation import evaluate
 from ds_loradrop.experiment_log import ExperimentLog
@@ -110,13 +111,13 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
     partitioned, total, local, full = ds_engine.describe_partitioning(loaded.model)
     logger.info(
         f"{name}: {count_trainable_parameters(loaded.model)} trainable parameters; ZeRO stage "
-        f"{ctx.ds_config.get('zero_optimization', {}).get('stage', 0)}: {partitioned}/{total} tensors "
+        f"{zero_stage(ctx.ds_config)}: {partitioned}/{total} tensors "
         f"partitioned, {local}/{full} elements held by this rank",
         extra={"all_ranks": True},
     )
     start_step = 0
-    if ctx.resume_from is not None and read_state(ctx.resume_from).stage == name:
-        saved = read_state(ctx.resume_from)
+    saved = read_state(ctx.resume_from) if ctx.resume_from is not None else None
+    if saved is not None and saved.stage == name:
         if (saved.num_steps, saved.seed) != (num_steps, seed):
             raise UsageError(f"checkpoint {ctx.resume_from} is for {saved.num_steps} steps with seed {saved.seed}; "
                              f"this run has {num_steps} steps with seed {seed} (did the configuration change?)")
