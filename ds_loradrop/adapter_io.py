@@ -84,8 +84,15 @@ def read_adapter_config(directory: str) -> dict:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
         raise UsageError(f"{directory!r} is not an adapter directory ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except ValueError as error:
+        raise UsageError(f"{path!r} is not valid JSON ({error})") from error
+    missing = [key for key in ("r", "lora_alpha", "base_model", "layers") if key not in config]
+    if missing:
+        raise UsageError(f"{path!r} lacks {missing}: not an adapter written by ds-loradrop")
+    return config
 
 
 def attach_saved_adapters(layout: AdapterLayout, directory: str) -> None:
@@ -108,6 +115,8 @@ def attach_saved_adapters(layout: AdapterLayout, directory: str) -> None:
                 wrapper.adapter = None
                 continue
             if name not in built:
+                if f"{name}.lora_A" not in state or f"{name}.lora_B" not in state:
+                    raise UsageError(f"adapter weights in {directory!r} lack {name!r}, which its config names")
                 adapter = LoRAAdapter(wrapper.in_features, wrapper.out_features, config["r"], config["lora_alpha"])
                 adapter.is_shared = name.endswith(".shared")
                 with torch.no_grad():

@@ -5,6 +5,7 @@ Layout under ``<output_dir>/checkpoints/``::
     stage2-step-000040/        a complete checkpoint (renamed into place only after every rank saved)
         ds/                    DeepSpeed: trainable parameters, optimizer and LR scheduler (frozen base excluded)
         trainer_state.json     stage, step, epoch layout, seed
+        run_config.json        the run configuration it was trained with (a resume must not change it)
         rng_rank<R>.safetensors  torch's RNG state of every rank
     .saving-stage2-step-000042/   an interrupted save: never "latest", removed on the next save
 
@@ -24,9 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ds_loradrop.distributed import barrier, broadcast_object, get_world_size_and_rank, is_rank_zero
+from ds_loradrop.errors import UsageError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
+RUN_CONFIG_NAME = "run_config.json"
+STAGING_PREFIX = ".saving-"
 _NAME = re.compile(r"^(stage1|stage2|train)-step-(\d+)$")
 _STAGE_ORDER = {"stage1": 0, "stage2": 1, "train": 1}
 
@@ -67,7 +71,8 @@ def read_state(path: str) -> TrainerState:
         return TrainerState(**json.load(handle))
 
 
-def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_limit: int | None) -> str:
+def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_limit: int | None,
+                    run_config: dict | None = None) -> str:
     """Save on every rank into a staging directory, then rank 0 renames it into place.
 
     The trainer state is written last, inside the staging directory, so a directory with that file
@@ -75,7 +80,7 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     """
     root = os.path.join(output_dir, CHECKPOINT_DIR)
     name = checkpoint_name(state.stage, state.step)
-    staging, final = os.path.join(root, f".saving-{name}"), os.path.join(root, name)
+    staging, final = os.path.join(root, f"{STAGING_PREFIX}{name}"), os.path.join(root, name)
     if is_rank_zero():
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -87,6 +92,9 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     save_file({"rng": torch.get_rng_state()}, os.path.join(staging, f"rng_rank{rank}.safetensors"))
     barrier()
     if is_rank_zero():
+        if run_config is not None:
+            with open(os.path.join(staging, RUN_CONFIG_NAME), "w") as handle:
+                json.dump(run_config, handle, indent=2)
         with open(os.path.join(staging, STATE_NAME), "w") as handle:
             json.dump(asdict(state), handle, indent=2)
         shutil.rmtree(final, ignore_errors=True)
@@ -98,12 +106,44 @@ def save_checkpoint(engine, output_dir: str, state: TrainerState, save_total_lim
     return final
 
 
+def check_resumable(path: str, output_dir: str, world_size: int) -> TrainerState:
+    """The state of checkpoint ``path`` if this run can continue from it.
+
+    Raises:
+        UsageError: ``path`` is missing, an interrupted save, not written by ds-loradrop, incomplete,
+            from another run directory, or written by another number of ranks.
+    """
+    if not os.path.isdir(path):
+        raise UsageError(f"--resume {path!r}: no such checkpoint directory")
+    name = os.path.basename(os.path.normpath(path))
+    if name.startswith(STAGING_PREFIX):
+        raise UsageError(f"--resume {path!r} is an interrupted save (a partial checkpoint); use --resume auto "
+                         f"for the newest complete one")
+    if not os.path.isfile(os.path.join(path, STATE_NAME)):
+        made_by = " (a DeepSpeed checkpoint of another tool?)" if os.path.isfile(os.path.join(path, "latest")) else ""
+        raise UsageError(f"--resume {path!r} is not a complete ds-loradrop checkpoint: no {STATE_NAME}{made_by}")
+    own_root = os.path.realpath(os.path.join(output_dir, CHECKPOINT_DIR))
+    if os.path.dirname(os.path.realpath(path)) != own_root:
+        raise UsageError(f"--resume {path!r} belongs to another run: this run's checkpoints are in {own_root!r} "
+                         f"(its plan and stage-1 adapters live beside them)")
+    try:
+        state = read_state(path)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--resume {path!r}: unreadable {STATE_NAME} ({error})") from error
+    expected = [os.path.join("ds", "state"), *(f"rng_rank{rank}.safetensors" for rank in range(state.world_size))]
+    missing = [item for item in expected if not os.path.exists(os.path.join(path, item))]
+    if missing:
+        raise UsageError(f"--resume {path!r} is incomplete: {', '.join(missing)} missing")
+    if state.world_size != world_size:
+        raise UsageError(f"--resume {path!r} was written by {state.world_size} ranks, this job has {world_size}; "
+                         f"resume with {state.world_size} ranks")
+    return state
+
+
 def load_checkpoint(engine, path: str) -> TrainerState:
     """Restore trainable parameters, optimizer, scheduler and this rank's RNG; return the position."""
     state = read_state(path)
-    world_size, rank = get_world_size_and_rank()
-    if state.world_size != world_size:
-        raise ValueError(f"checkpoint {path} was written by {state.world_size} ranks, this job has {world_size}")
+    _, rank = get_world_size_and_rank()
     engine.load_checkpoint(os.path.join(path, "ds"), tag="state", load_module_strict=False,
                            load_optimizer_states=True, load_lr_scheduler_states=True)
     torch.set_rng_state(load_file(os.path.join(path, f"rng_rank{rank}.safetensors"))["rng"])

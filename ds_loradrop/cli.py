@@ -8,7 +8,7 @@ from collections.abc import Callable
 from transformers import HfArgumentParser
 
 from ds_loradrop.config import CONFIG_SECTIONS, EvalConfig, RunConfig
-from ds_loradrop.errors import Terminated, UsageError
+from ds_loradrop.errors import Terminated, TrainingDiverged, UsageError
 
 
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
@@ -31,12 +31,16 @@ def parse_eval_config(argv: list[str] | None = None):
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run ``main``; a UsageError becomes one ``error: ...`` line on stderr and exit status 2."""
+    """Run ``main``; a UsageError becomes one ``error: ...`` line on stderr and exit status 2, a diverged
+    loss one line and status 3, SIGTERM / SIGINT status 128 + the signal."""
     try:
         main()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(3)
     except Terminated as stop:
         print(f"stopped: {stop}", file=sys.stderr, flush=True)
         sys.exit(128 + stop.signal_number)

@@ -14,6 +14,7 @@ the dataclasses into the command line of ``launch/train.py``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -223,6 +224,11 @@ class TrainConfig:
         default=None, metadata={"help": "Also evaluate every N optimizer steps of the final stage."}
     )
     logging_steps: int = field(default=20, metadata={"help": "Log loss and learning rate every N steps."})
+    collective_timeout_minutes: float = field(
+        default=10.0,
+        metadata={"help": "How long a collective waits for a silent peer before the job fails (torch's gloo "
+                  "default is 30 minutes). Raise it if a rank legitimately works alone for longer."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed for sampling, shuffling and adapter init."})
 
     def __post_init__(self) -> None:
@@ -232,8 +238,10 @@ class TrainConfig:
                 raise UsageError(f"--{name} must be > 0, got {value}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise UsageError(f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        if self.learning_rate <= 0:
-            raise UsageError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UsageError(f"--learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.collective_timeout_minutes) and self.collective_timeout_minutes > 0):
+            raise UsageError(f"--collective_timeout_minutes must be > 0, got {self.collective_timeout_minutes}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UsageError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.num_train_epochs <= 0:

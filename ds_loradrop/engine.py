@@ -24,7 +24,8 @@ from transformers.integrations import HfDeepSpeedConfig
 from ds_loradrop.distributed import get_local_world_size
 from ds_loradrop.ds_config import zero_stage
 
-DEFAULT_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# torch's gloo default is 30 minutes; a dead or stuck peer should fail the job sooner.
+DEFAULT_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def _free_port() -> int:
@@ -34,7 +35,10 @@ def _free_port() -> int:
 
 
 def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
-    """Initialise the process group; a plain ``python`` start becomes a world of one rank."""
+    """Initialise the process group; a plain ``python`` start becomes a world of one rank.
+
+    ``timeout`` bounds every collective: a peer that stops answering fails the job after it.
+    """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

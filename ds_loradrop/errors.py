@@ -1,4 +1,15 @@
-"""The one exception type that means "the user asked for something that cannot work"."""
+"""Exceptions that end a run with a clear one-line message, and SIGTERM / SIGINT handling.
+
+Signals: outside a training loop SIGTERM / SIGINT raise :class:`Terminated` at once. Inside one
+(:func:`stop_at_step_boundary`) they are only recorded; the trainer asks every rank after each optimizer
+step (:func:`pending_signal`, all-reduced with the step's loss), writes a checkpoint, then raises
+:class:`Terminated` on every rank together. A second SIGINT (Ctrl-C twice) stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
 
 
 class UsageError(ValueError):
@@ -9,6 +20,10 @@ class UsageError(ValueError):
     """
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops before the step is checkpointed."""
+
+
 class Terminated(BaseException):
     """SIGTERM or SIGINT arrived (preemption, Ctrl-C): unwind, mark the run KILLED, exit."""
 
@@ -17,12 +32,37 @@ class Terminated(BaseException):
         self.signal_number = signal_number
 
 
-def raise_terminated_on_signals() -> None:
-    """Turn SIGTERM and SIGINT into :class:`Terminated` in the main thread."""
-    import signal
+_pending_signal: int | None = None
+_is_deferring = False
 
-    def handler(signal_number, _frame):
+
+def _handle(signal_number, _frame) -> None:
+    global _pending_signal
+    if not _is_deferring or (signal_number == signal.SIGINT and _pending_signal == signal.SIGINT):
         raise Terminated(signal_number)
+    _pending_signal = signal_number
 
+
+def raise_terminated_on_signals() -> None:
+    """Install the SIGTERM / SIGINT handler (main thread only)."""
     for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, handler)
+        signal.signal(signal_number, _handle)
+
+
+def pending_signal() -> int | None:
+    """The signal recorded inside :func:`stop_at_step_boundary`, if one arrived."""
+    return _pending_signal
+
+
+@contextlib.contextmanager
+def stop_at_step_boundary():
+    """Within the block, SIGTERM / SIGINT are recorded for the trainer instead of raised; one still
+    recorded when the block ends is raised then."""
+    global _is_deferring
+    _is_deferring = True
+    try:
+        yield
+    finally:
+        _is_deferring = False
+    if _pending_signal is not None:
+        raise Terminated(_pending_signal)

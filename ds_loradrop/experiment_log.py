@@ -90,6 +90,7 @@ class ExperimentLog:
             counts["trainable_share_of_lora"] = summary.trainable_parameters / summary.lora_parameters
         counts.update({f"retained_layers/{t}": len(r) for t, r in summary.retained.items()})
         counts.update({f"num_layers/{t}": n for t, n in summary.num_layers.items()})
+        counts["data/num_truncated"] = summary.num_truncated
         self.tracker.log_metrics(counts)
         for name in ("run_config.json", "ds_config.json", "summary.json"):
             self.tracker.log_artifact(os.path.join(output_dir, name))

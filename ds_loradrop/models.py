@@ -181,8 +181,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
-    """``from_pretrained`` (partitioned while loading when a ZeRO-3 HfDeepSpeedConfig is alive)."""
-    weights = [name for name in os.listdir(path) if name.endswith((".safetensors", ".bin"))] if os.path.isdir(path) else [True]
-    if not weights:
-        raise UsageError(f"model directory {path!r} has no weight files (*.safetensors)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    """``from_pretrained`` (partitioned while loading when a ZeRO-3 HfDeepSpeedConfig is alive).
+
+    Safetensors only: pickled weights (``*.bin``) can run code when loaded, so they are refused.
+    """
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if not any(name.endswith(".safetensors") for name in names):
+            pickled = sorted(name for name in names if name.endswith((".bin", ".pt", ".pth")))
+            if pickled:
+                raise UsageError(
+                    f"model directory {path!r} has only pickled weights ({', '.join(pickled[:3])}); ds-loradrop "
+                    f"loads safetensors only: convert them once where you trust the file "
+                    f"(from_pretrained(...).save_pretrained(dir, safe_serialization=True))"
+                )
+            raise UsageError(f"model directory {path!r} has no weight files (*.safetensors)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                use_safetensors=True)

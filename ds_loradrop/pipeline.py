@@ -124,15 +124,23 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
         start_step = load_checkpoint(engine, ctx.resume_from).step
         logger.info(f"{name}: resumed from {ctx.resume_from} at step {start_step}/{num_steps}")
 
+    saved_steps = set()
+
     def save(step: int) -> None:
         state = TrainerState(stage=name, step=step, num_steps=num_steps, seed=seed, world_size=ctx.batch.world_size)
-        path = save_checkpoint(engine, train.output_dir, state, train.save_total_limit)
+        path = save_checkpoint(engine, train.output_dir, state, train.save_total_limit, ctx.cfg.to_dict())
+        saved_steps.add(step)
         logger.info(f"{name}: checkpoint {path}")
 
     def after_step(step: int) -> None:
         if evaluate_every and step % evaluate_every == 0 and step < num_steps:
             evaluate_run(ctx, engine, os.path.join(train.output_dir, "eval", f"step-{step}"), step)
         if train.save_steps and (step % train.save_steps == 0 or step == num_steps):
+            save(step)
+
+    def on_stop(step: int) -> None:
+        # Preemption: keep the work done so far, whether or not --save_steps asked for checkpoints.
+        if step not in saved_steps:
             save(step)
 
     result = train_stage(
@@ -147,6 +155,7 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
         device=ctx.device,
         group_by_length=train.group_by_length,
         after_step=after_step,
+        on_stop=on_stop,
         log_metrics=lambda metrics, step: ctx.log.stage_metrics(name, metrics, step),
         start_step=start_step,
     )

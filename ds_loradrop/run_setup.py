@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ds_loradrop import engine as ds_engine
-from ds_loradrop.checkpoint import STATE_NAME
+from ds_loradrop.checkpoint import RUN_CONFIG_NAME, check_resumable, latest_checkpoint
 from ds_loradrop.config import RunConfig
 from ds_loradrop.data import tokenize_examples
 from ds_loradrop.distributed import barrier, get_logger, get_world_size_and_rank, is_rank_zero
@@ -28,7 +29,6 @@ from ds_loradrop.trainer import count_steps
 
 logger = get_logger()
 
-RUN_CONFIG_NAME = "run_config.json"
 DS_CONFIG_NAME = "ds_config.json"
 SUMMARY_NAME = "summary.json"
 STAGE1_ADAPTER_DIR = "stage1_adapter"
@@ -96,10 +96,15 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
         inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
     output_dir = cfg.train.output_dir
     resume = cfg.train.resume
-    if resume not in (None, "auto") and not os.path.isfile(os.path.join(resume, STATE_NAME)):
-        raise UsageError(f"--resume {resume!r} is not a complete checkpoint (no {STATE_NAME})")
     if resume is not None:
+        if cfg.train.overwrite_output_dir:
+            raise UsageError("--resume continues the run in --output_dir and --overwrite_output_dir deletes it: "
+                             "pass one of them")
         check_resume_matches(cfg, os.path.join(output_dir, RUN_CONFIG_NAME))
+        checkpoint = latest_checkpoint(output_dir) if resume == "auto" else resume
+        if checkpoint is not None:
+            check_resumable(checkpoint, output_dir, world_size)
+            check_resume_matches(cfg, os.path.join(checkpoint, RUN_CONFIG_NAME))
     if os.path.isdir(output_dir) and not cfg.train.overwrite_output_dir and resume is None:
         existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
         if existing:
@@ -140,13 +145,13 @@ def check_resume_matches(cfg: RunConfig, saved_config_path: str) -> None:
     changed = [f"{section}.{key}" for section in RESUME_FIXED_SECTIONS
                for key in current[section] if saved.get(section, {}).get(key) != current[section][key]]
     if changed:
-        raise UsageError(f"--resume with a changed configuration ({', '.join(changed)}); the run in "
+        raise UsageError(f"--resume with a changed configuration ({', '.join(changed)}); "
                          f"{os.path.dirname(saved_config_path)!r} was trained with other values")
 
 
 def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
     """Process group, model files (the preset is built on rank 0), tokenizer and tokenised data."""
-    ds_engine.init_distributed()
+    ds_engine.init_distributed(datetime.timedelta(minutes=cfg.train.collective_timeout_minutes))
     world_size, _ = get_world_size_and_rank()
     if world_size != inputs.batch.world_size:
         raise RuntimeError(f"world size changed from {inputs.batch.world_size} to {world_size} at start-up")

@@ -9,6 +9,7 @@ accumulation steps and averages gradients over ranks, which leaves exactly
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ds_loradrop.data import IGNORE_INDEX, collate, global_batches, rank_micro_batches
-from ds_loradrop.distributed import all_reduce_sum, get_logger, get_world_size_and_rank
+from ds_loradrop.distributed import all_reduce_max, all_reduce_sum, get_logger, get_world_size_and_rank
 from ds_loradrop.ds_config import BatchSettings
-from ds_loradrop.errors import UsageError
+from ds_loradrop.errors import Terminated, TrainingDiverged, UsageError, pending_signal, stop_at_step_boundary
 
 logger = get_logger()
 
@@ -75,6 +76,7 @@ def train_stage(
     group_by_length: bool = True,
     after_step: Callable[[int], None] | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    on_stop: Callable[[int], None] | None = None,
     start_step: int = 0,
 ) -> StageResult:
     """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches).
@@ -83,43 +85,35 @@ def train_stage(
     ``log_metrics(metrics, step)`` receives loss, learning rate, gradient norm and target tokens per
     second every ``logging_steps`` steps (rank 0 is the one that tracks them). ``start_step`` resumes
     after that many optimizer steps: their global batches are skipped, not recomputed.
+
+    Raises:
+        TrainingDiverged: the loss of a step is NaN or infinite (before ``after_step`` could
+            checkpoint that step).
+        Terminated: SIGTERM / SIGINT reached any rank. The ranks agree on it after the running step
+            (and its ``after_step``), call ``on_stop(step)`` (e.g. to write a checkpoint), then raise.
     """
     world_size, rank = get_world_size_and_rank()
     result = StageResult(name, num_steps=start_step)
     engine.train()
     start = window_start = time.perf_counter()
     window_tokens = 0
-    epoch = 0
     lengths = [len(row["input_ids"]) for row in rows]
-    progress = tqdm(total=num_steps, initial=start_step, desc=name, disable=rank != 0, dynamic_ncols=True,
-                    mininterval=2.0)
-    batches_seen = 0
-    while result.num_steps < num_steps:
-        for global_batch in global_batches(lengths, batch.global_batch_size, seed, epoch, group_by_length):
-            if result.num_steps >= num_steps:
-                break
-            batches_seen += 1
-            if batches_seen <= start_step:
-                continue
+    schedule = _global_batch_schedule(lengths, batch.global_batch_size, seed, group_by_length)
+    # The bar is closed however the loop ends, so an error message starts on a line of its own.
+    with tqdm(total=num_steps, initial=start_step, desc=name, disable=rank != 0, dynamic_ncols=True,
+              mininterval=2.0) as progress, stop_at_step_boundary():
+        for global_batch in itertools.islice(schedule, start_step, num_steps):
             micro_batches = [
                 collate([rows[i] for i in indices], pad_token_id)
                 for indices in rank_micro_batches(global_batch, rank, world_size, batch.micro_batch_size)
             ]
-            local_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
-            global_tokens = float(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)))
-            scale = world_size * batch.gradient_accumulation_steps / global_tokens
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for micro_batch in micro_batches:
-                output = engine(
-                    input_ids=micro_batch["input_ids"].to(device),
-                    attention_mask=micro_batch["attention_mask"].to(device),
-                )
-                summed = token_loss_sum(output.logits, micro_batch["labels"].to(device))
-                engine.backward(summed * scale)
-                engine.step()
-                loss_sum += summed.detach().double()
-            loss = float(all_reduce_sum(loss_sum)) / global_tokens
+            loss, global_tokens = optimizer_step(engine, micro_batches, batch, device)
             result.num_steps += 1
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"{name} step {result.num_steps}/{num_steps}: the loss is {loss}; stopping before this step "
+                    f"is checkpointed (earlier checkpoints are kept; try a lower --learning_rate)"
+                )
             result.num_target_tokens += int(global_tokens)
             window_tokens += int(global_tokens)
             result.losses.append((result.num_steps, loss))
@@ -142,7 +136,47 @@ def train_stage(
             if after_step is not None:
                 after_step(result.num_steps)
                 engine.train()
-        epoch += 1
-    progress.close()
+            signal_number = stop_requested_on_any_rank(device)
+            if signal_number:
+                logger.info(f"{name}: signal {signal_number} received; stopping after step {result.num_steps}")
+                if on_stop is not None:
+                    on_stop(result.num_steps)
+                raise Terminated(signal_number)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _global_batch_schedule(lengths: list[int], global_batch_size: int, seed: int, group_by_length: bool):
+    """Every optimizer step's global batch, epoch after epoch, without end."""
+    for epoch in itertools.count():
+        yield from global_batches(lengths, global_batch_size, seed, epoch, group_by_length)
+
+
+def optimizer_step(engine, micro_batches: list[dict], batch: BatchSettings, device: torch.device) -> tuple[float, float]:
+    """Forward and backward over this rank's micro-batches and one optimizer step.
+
+    Returns:
+        (mean loss over the target tokens of the whole global batch, those target tokens), equal on
+        every rank.
+    """
+    world_size, _ = get_world_size_and_rank()
+    local_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    global_tokens = float(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)))
+    scale = world_size * batch.gradient_accumulation_steps / global_tokens
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro_batch in micro_batches:
+        output = engine(
+            input_ids=micro_batch["input_ids"].to(device),
+            attention_mask=micro_batch["attention_mask"].to(device),
+        )
+        summed = token_loss_sum(output.logits, micro_batch["labels"].to(device))
+        engine.backward(summed * scale)
+        engine.step()
+        loss_sum += summed.detach().double()
+    return float(all_reduce_sum(loss_sum)) / global_tokens, global_tokens
+
+
+def stop_requested_on_any_rank(device: torch.device) -> int:
+    """The largest signal number any rank has recorded (0: none), the same on every rank."""
+    flag = torch.tensor([float(pending_signal() or 0)], dtype=torch.float64, device=device)
+    return int(all_reduce_max(flag))

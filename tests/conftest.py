@@ -91,3 +91,51 @@ def mlflow_server(tmp_path_factory):
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, e2e_dir, mlflow_server):
+    """The distributed reference runs (tests/launching.py's configuration), made once per session.
+
+    zero3_2ranks (deepspeed, 2 ranks, ZeRO-3) tracks to a real MLflow server; one_rank (python) and
+    zero2_torchrun (torchrun, 2 ranks, ZeRO-2) to a local store; synced_eval is launch/evaluate.py over
+    zero3_2ranks' adapter with synced generation. Returns (output directories, stdout of each).
+    """
+    from launching import COMMON, DEEPSPEED, EVALUATE, TRAIN, free_port, job_env, launch, write_ds_config
+
+    root = tmp_path_factory.mktemp("distributed")
+    env = job_env(root)
+    zero3, zero2 = write_ds_config(root / "zero3.json", 3), write_ds_config(root / "zero2.json", 2)
+    local_store = f"sqlite:///{root / 'local_mlflow.db'}"
+    tracking = {
+        "zero3_2ranks": ["--mlflow_tracking_uri", mlflow_server, "--mlflow_experiment", "server-exp",
+                         "--run_name", "zero3-2ranks"],
+        "one_rank": ["--mlflow_tracking_uri", local_store, "--mlflow_experiment", "local-exp", "--run_name", "one-rank"],
+        "zero2_torchrun": ["--mlflow_tracking_uri", local_store, "--mlflow_experiment", "local-exp",
+                           "--run_name", "zero2-torchrun"],
+    }
+    data = ["--data_dir", e2e_dir]
+    out = {name: str(root / name) for name in ("zero3_2ranks", "one_rank", "zero2_torchrun", "synced_eval")}
+    logs = {
+        "zero3_2ranks": launch([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+                                "--ds_config", zero3, "--per_device_train_batch_size", "2",
+                                "--output_dir", out["zero3_2ranks"], *data, *COMMON, *tracking["zero3_2ranks"]],
+                               env).stdout,
+        "one_rank": launch([sys.executable, TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "4",
+                            "--output_dir", out["one_rank"], *data, *COMMON, *tracking["one_rank"]], env).stdout,
+        "zero2_torchrun": launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                  "--master_port", str(free_port()), TRAIN, "--ds_config", zero2,
+                                  "--per_device_train_batch_size", "2", "--output_dir", out["zero2_torchrun"],
+                                  *data, *COMMON, *tracking["zero2_torchrun"]], env).stdout,
+    }
+    logs["synced_eval"] = launch([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), EVALUATE,
+                                  "--ds_config", zero3, "--task", "e2e", "--split", "validation", *data,
+                                  "--adapter", os.path.join(out["zero3_2ranks"], "adapter"),
+                                  "--output_dir", out["synced_eval"], "--eval_generation", "synced",
+                                  "--max_eval_samples", "10", "--max_new_tokens", "12", "--eval_batch_size", "3"],
+                                 env).stdout
+    out["local_store"] = local_store
+    out["server"] = mlflow_server
+    out["zero3_config"] = zero3
+    out["root"] = str(root)
+    return out, logs

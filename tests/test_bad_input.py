@@ -2,10 +2,13 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO_ROOT
 
 from ds_loradrop.cli import parse_run_config
@@ -122,3 +125,114 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
     with pytest.raises(UsageError, match="GSM8K has train and test only"):
         check(["--task", "gsm8k", "--data_dir", os.path.join(os.path.dirname(e2e_dir), "gsm8k"),
                "--eval_split", "validation", "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0, got inf"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+        (["--collective_timeout_minutes", "0"], "--collective_timeout_minutes must be > 0, got 0.0"),
+        (["--save_steps", "0"], "--save_steps must be > 0, got 0"),
+        (["--save_total_limit", "-1"], "--save_total_limit must be > 0, got -1"),
+        (["--max_seq_length", "4"], "--max_seq_length must be >= 8, got 4"),
+        (["--resume", "auto", "--overwrite_output_dir", "true"],
+         "--resume continues the run in --output_dir and --overwrite_output_dir deletes it"),
+    ],
+)
+def test_more_bad_flag_values(base_args, extra, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        check(base_args + extra)
+
+
+def test_no_training_rows_left_after_filtering(base_args, tmp_path, e2e_dir):
+    empty = tmp_path / "header_only"
+    empty.mkdir()
+    (empty / "trainset.csv").write_text("mr,ref\n")
+    shutil.copy(os.path.join(e2e_dir, "devset.csv"), empty / "devset.csv")
+    with pytest.raises(UsageError, match="header_only/trainset.csv: no records"):
+        check(base_args + ["--data_dir", str(empty)])
+    # every training row's input is held out for evaluation
+    (empty / "trainset.csv").write_text('mr,ref\n"name[A]",A is a pub.\n"name[B]",B is a pub.\n')
+    (empty / "devset.csv").write_text('mr,ref\n"name[A]",A is a pub.\n"name[B]",B is a pub.\n')
+    with pytest.raises(UsageError, match="no training rows in the validation split"):
+        check(base_args + ["--data_dir", str(empty), "--train_split", "validation", "--max_eval_samples", "2"])
+
+
+def test_model_with_pickled_weights_only_is_refused(tmp_path):
+    from ds_loradrop.models import load_causal_lm
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UsageError, match=r"has only pickled weights \(pytorch_model.bin\); ds-loradrop loads "
+                                         r"safetensors only"):
+        load_causal_lm(str(tmp_path), torch.float32)
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, e2e_dir):
+    from ds_loradrop.models import TinyLlamaSpec, ensure_tiny_llama, load_tokenizer
+    from ds_loradrop.tasks import get_task
+
+    spec = TinyLlamaSpec(vocab_size=512, tokenizer_rows=300)
+    path = ensure_tiny_llama(get_task("e2e").training_text(e2e_dir, spec.tokenizer_rows), str(tmp_path), spec)
+    stripped = tmp_path / "no_pad"
+    shutil.copytree(path, stripped)
+    config = json.loads((stripped / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (stripped / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(str(stripped))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 2
+
+
+def _checkpoint(output_dir, name="stage2-step-000004", world_size=1, config=None, ranks=None):
+    """A checkpoint directory laid out like checkpoint.save_checkpoint's (contents are not read here)."""
+    path = output_dir / "checkpoints" / name
+    (path / "ds" / "state").mkdir(parents=True)
+    for rank in range(world_size if ranks is None else ranks):
+        (path / f"rng_rank{rank}.safetensors").write_bytes(b"")
+    state = {"stage": "stage2", "step": 4, "num_steps": 8, "seed": 43, "world_size": world_size}
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    if config is not None:
+        (path / "run_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_resume_refuses_missing_partial_foreign_and_mismatched_checkpoints(base_args, tmp_path):
+    out = tmp_path / "out"
+    resume = [*base_args, "--resume"]
+    with pytest.raises(UsageError, match="no such checkpoint directory"):
+        check([*resume, str(out / "checkpoints" / "stage2-step-000009")])
+
+    partial = out / "checkpoints" / ".saving-stage2-step-000006"
+    partial.mkdir(parents=True)
+    with pytest.raises(UsageError, match="is an interrupted save \\(a partial checkpoint\\)"):
+        check([*resume, str(partial)])
+
+    other_tool = tmp_path / "other_tool" / "global_step10"
+    other_tool.mkdir(parents=True)
+    (other_tool / "latest").write_text("global_step10")
+    with pytest.raises(UsageError, match="not a complete ds-loradrop checkpoint: no trainer_state.json \\(a DeepSpeed "
+                                         "checkpoint of another tool\\?\\)"):
+        check([*resume, str(other_tool)])
+
+    foreign = _checkpoint(tmp_path / "other_run")
+    with pytest.raises(UsageError, match="belongs to another run: this run's checkpoints are in"):
+        check([*resume, str(foreign)])
+
+    incomplete = _checkpoint(out, "stage2-step-000002", ranks=0)
+    with pytest.raises(UsageError, match="is incomplete: rng_rank0.safetensors missing"):
+        check([*resume, str(incomplete)])
+
+    two_ranks = _checkpoint(out, "stage2-step-000003", world_size=2)
+    with pytest.raises(UsageError, match="was written by 2 ranks, this job has 1; resume with 2 ranks"):
+        check([*resume, str(two_ranks)])
+    shutil.rmtree(out / "checkpoints")
+
+    # the newest complete checkpoint (--resume auto) was trained for other targets
+    trained = parse_run_config(base_args).to_dict()
+    trained["lora"]["lora_targets"] = "q_proj"
+    _checkpoint(out, config=trained)
+    with pytest.raises(UsageError, match=r"--resume with a changed configuration \(lora.lora_targets\)"):
+        check([*resume, "auto"])
+    assert check([*resume, "auto", "--lora_targets", "q_proj"]).batch.world_size == 1
+    assert sorted(os.listdir(out / "checkpoints")) == ["stage2-step-000004"]  # nothing touched

@@ -2,9 +2,8 @@
 plus launch/evaluate.py (synced generation), MLflow tracking (a real server and a local store) and
 launch/compare.py on those runs.
 
-Three launches in all (each costs ~40 s of start-up here), many checks each. All runs use fp32, the
-same global batch of 8 (2 ranks x micro 2 x accumulation 2, or 1 rank x micro 4 x accumulation 2)
-and tiny models really partitioned (stage3_param_persistence_threshold 0).
+The runs are the session fixture ``runs`` (tests/conftest.py, configuration in tests/launching.py):
+four launches (each costs ~40 s of start-up here), many checks each.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -23,78 +21,6 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
-
-TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
-COMMON = ["--max_train_samples", "192", "--sample_ratio", "0.25", "--stage1_epochs", "2", "--threshold", "0.6",
-          "--max_steps", "8", "--learning_rate", "0.003", "--warmup_ratio", "0", "--logging_steps", "5",
-          "--gradient_accumulation_steps", "2", "--seed", "3", "--max_eval_samples", "10", "--max_new_tokens", "12",
-          "--eval_batch_size", "3"]
-EVALUATE = os.path.join(REPO_ROOT, "launch", "evaluate.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ds_config(path, stage: int) -> str:
-    config = {
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False},
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0} if stage == 3
-        else {"stage": stage},
-        "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
-    }
-    path.write_text(json.dumps(config))
-    return str(path)
-
-
-def _launch(command, env) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, f"{command}\nSTDOUT\n{result.stdout[-6000:]}\nSTDERR\n{result.stderr[-6000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, e2e_dir, mlflow_server):
-    """zero3_2ranks tracks to a real MLflow server, one_rank and zero2_torchrun to a local store."""
-    root = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    zero3, zero2 = _ds_config(root / "zero3.json", 3), _ds_config(root / "zero2.json", 2)
-    local_store = f"sqlite:///{root / 'local_mlflow.db'}"
-    tracking = {
-        "zero3_2ranks": ["--mlflow_tracking_uri", mlflow_server, "--mlflow_experiment", "server-exp",
-                         "--run_name", "zero3-2ranks"],
-        "one_rank": ["--mlflow_tracking_uri", local_store, "--mlflow_experiment", "local-exp", "--run_name", "one-rank"],
-        "zero2_torchrun": ["--mlflow_tracking_uri", local_store, "--mlflow_experiment", "local-exp",
-                           "--run_name", "zero2-torchrun"],
-    }
-    data = ["--data_dir", e2e_dir]
-    out = {name: str(root / name) for name in ("zero3_2ranks", "one_rank", "zero2_torchrun", "synced_eval")}
-    logs = {
-        "zero3_2ranks": _launch([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN,
-                                 "--ds_config", zero3, "--per_device_train_batch_size", "2",
-                                 "--output_dir", out["zero3_2ranks"], *data, *COMMON, *tracking["zero3_2ranks"]],
-                                env).stdout,
-        "one_rank": _launch([sys.executable, TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "4",
-                             "--output_dir", out["one_rank"], *data, *COMMON, *tracking["one_rank"]], env).stdout,
-        "zero2_torchrun": _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                   "--master_port", str(_free_port()), TRAIN, "--ds_config", zero2,
-                                   "--per_device_train_batch_size", "2", "--output_dir", out["zero2_torchrun"],
-                                   *data, *COMMON, *tracking["zero2_torchrun"]], env).stdout,
-    }
-    logs["synced_eval"] = _launch([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-                                   "--master_port", str(_free_port()), EVALUATE, "--ds_config", zero3,
-                                   "--task", "e2e", "--split", "validation", *data,
-                                   "--adapter", os.path.join(out["zero3_2ranks"], "adapter"),
-                                   "--output_dir", out["synced_eval"], "--eval_generation", "synced",
-                                   "--max_eval_samples", "10", "--max_new_tokens", "12", "--eval_batch_size", "3"],
-                                  env).stdout
-    out["local_store"] = local_store
-    out["server"] = mlflow_server
-    return out, logs
 
 
 def _plan(directory):
@@ -279,7 +205,6 @@ def test_one_run_with_params_metrics_and_artifacts(runs, store, experiment, run_
 
 
 def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
-    import subprocess
     import sys
 
     from conftest import REPO_ROOT
@@ -348,8 +273,6 @@ def test_every_export_format_gives_the_trained_models_logits(runs, tmp_path):
 
 
 def test_export_refuses_a_run_without_adapter_and_a_used_directory(tmp_path, runs):
-    import subprocess
-
     out, _ = runs
     export = os.path.join(REPO_ROOT, "launch", "export.py")
     result = subprocess.run([sys.executable, export, "--run", str(tmp_path), "--format", "peft"],
@@ -362,3 +285,17 @@ def test_export_refuses_a_run_without_adapter_and_a_used_directory(tmp_path, run
                             check=False)
     assert result.returncode == 2 and "is not empty" in result.stderr.strip().splitlines()[-1]
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+    # an adapter whose target names the base model does not have: refused, nothing written
+    import shutil
+
+    foreign = tmp_path / "foreign_run"
+    shutil.copytree(os.path.join(out["one_rank"], "adapter"), foreign / "adapter")
+    config = json.loads((foreign / "adapter" / "adapter_config.json").read_text())
+    config["layers"]["qkv_proj"] = config["layers"].pop("q_proj")
+    (foreign / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, export, "--run", str(foreign), "--format", "peft", "--output_dir",
+                             str(tmp_path / "peft")], capture_output=True, text=True, timeout=300, check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "LoRA target 'qkv_proj' matches no nn.Linear module" in last, result.stderr
+    assert not (tmp_path / "peft").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".exporting")]

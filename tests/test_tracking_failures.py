@@ -1,6 +1,7 @@
 """Run status and tracking faults, through the real entry point (one rank each)."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -88,22 +89,66 @@ def test_a_run_whose_training_raises_ends_failed(setup):
     assert _status(store, "failed") == "FAILED"
 
 
-def test_sigterm_ends_the_run_killed(setup):
+def test_sigterm_writes_a_checkpoint_and_the_resumed_run_finishes(setup):
+    """SIGTERM in stage 1 (preemption): the step finishes, a checkpoint is written (no --save_steps
+    needed), the run ends KILLED; --resume auto continues stage 1 from it and ends FINISHED in the same
+    MLflow run. --max_seq_length 40 truncates examples: counted, logged and tracked."""
+    import json
+
     root, env, store, args = setup
-    process = subprocess.Popen([sys.executable, TRAIN, *args, "--max_steps", "400", "--output_dir", str(root / "killed"),
-                                "--mlflow_tracking_uri", store, "--run_name", "killed"],
-                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = root / "preempted"
+    common = [*args, "--sample_ratio", "1.0", "--max_steps", "400", "--max_seq_length", "40", "--output_dir",
+              str(out), "--mlflow_tracking_uri", store, "--run_name", "preempted"]
+    process = subprocess.Popen([sys.executable, TRAIN, *common], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    seen = []
     try:
         for line in process.stdout:
+            seen.append(line)
             if "stage1 step 2/" in line:
+                process.send_signal(signal.SIGTERM)
                 break
-        process.send_signal(signal.SIGTERM)
+        seen.extend(process.stdout)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 128 + signal.SIGTERM
-    assert _status(store, "killed") == "KILLED"
+    log = "".join(seen)
+    assert process.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert _status(store, "preempted") == "KILLED"
+    [stopped] = re.findall(r"stage1: signal 15 received; stopping after step (\d+)", log)
+    [checkpoint] = os.listdir(out / "checkpoints")
+    assert checkpoint == f"stage1-step-{int(stopped):06d}" and 2 <= int(stopped) < 96
+    assert "stopped: terminated by signal 15" in log and "Traceback" not in log
+    truncated = re.findall(r"(\d+) of 256 examples truncated to 40 tokens", log)
+    assert truncated and int(truncated[0]) > 0
+
+    resumed = _run([sys.executable, TRAIN, *common, "--resume", "auto"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"stage1: resumed from {out / 'checkpoints' / checkpoint} at step {stopped}/96" in resumed.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_truncated"] == int(truncated[0])
+    assert [stage["num_steps"] for stage in summary["stages"]] == [96, 32]
+    client = MlflowClient(tracking_uri=store)
+    [run] = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
+                               filter_string="attributes.run_name = 'preempted'")
+    assert run.info.status == "FINISHED" and run.data.metrics["data/num_truncated"] == int(truncated[0])
+
+
+def test_a_diverged_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(setup):
+    """AdamW at lr 1e37 turns the adapters non-finite after the first step."""
+    root, env, store, args = setup
+    out = root / "diverged"
+    result = _run([sys.executable, TRAIN, *args, "--method", "lora", "--max_steps", "6", "--save_steps", "1",
+                   "--learning_rate", "1e37", "--output_dir", str(out), "--mlflow_tracking_uri", store,
+                   "--run_name", "diverged"], env)
+    assert result.returncode == 3
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: train step 2/6: the loss is nan; stopping before this step is checkpointed")
+    assert "Traceback" not in result.stderr
+    assert os.listdir(out / "checkpoints") == ["train-step-000001"]
+    assert not os.path.exists(out / "adapter")
+    assert _status(store, "diverged") == "FAILED"
 
 
 def test_ablation_variants_and_carried_stage2_adapters(setup):
@@ -226,7 +271,7 @@ def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
     assert rows["lora"][1:9] == ["FINISHED", "lora", "-", "-", "8/8", "8/8", str(16 * 8 * 256), "100.0"]
-    assert rows["failed"][1] == "FAILED" and rows["killed"][1] == "KILLED"
+    assert rows["failed"][1] == rows["diverged"][1] == "FAILED" and rows["preempted"][1] == "FINISHED"
     whole = json.loads((root / "whole" / "summary.json").read_text())
     assert rows["whole"][1:5] == ["FINISHED", "loradrop", "output_norm", "0.9"]
     assert rows["whole"][5] == f"{len(whole['retained']['q_proj'])}/8"

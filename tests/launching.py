@@ -1,0 +1,56 @@
+"""Starting the entry points the way users do (deepspeed, torchrun, python) for the distributed tests.
+
+All runs share one small configuration: fp32, a global batch of 8 (2 ranks x micro 2 x accumulation 2,
+or 1 rank x micro 4 x accumulation 2) and tiny models really partitioned
+(stage3_param_persistence_threshold 0), so runs on different launchers must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
+EVALUATE = os.path.join(REPO_ROOT, "launch", "evaluate.py")
+NODE_LAUNCH = os.path.join(REPO_ROOT, "launch", "node_launch.sh")
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+COMMON = ["--max_train_samples", "192", "--sample_ratio", "0.25", "--stage1_epochs", "2", "--threshold", "0.6",
+          "--max_steps", "8", "--learning_rate", "0.003", "--warmup_ratio", "0", "--logging_steps", "5",
+          "--gradient_accumulation_steps", "2", "--seed", "3", "--max_eval_samples", "10", "--max_new_tokens", "12",
+          "--eval_batch_size", "3"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_ds_config(path, stage: int) -> str:
+    config = {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0} if stage == 3
+        else {"stage": stage},
+        "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+    }
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def launch(command, env, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                            check=False)
+    assert result.returncode == 0, f"{command}\nSTDOUT\n{result.stdout[-6000:]}\nSTDERR\n{result.stderr[-6000:]}"
+    return result
+
+
+def job_env(root) -> dict:
+    env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
