@@ -26,10 +26,13 @@ def measure_importance(
     recorder = ImportanceRecorder(layout)
     was_training = model.training
     model.eval()
+    # Sums do not depend on the order: batch rows of similar length so that little compute goes to padding.
+    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     with recorder.recording():
-        for indices in shard_evenly(len(rows), rank, world_size, batch_size):
+        for positions in shard_evenly(len(rows), rank, world_size, batch_size):
+            indices = [by_length[p] for p in positions]
             is_dummy = not indices
-            batch = collate([rows[i] for i in (indices or [0])], pad_token_id)
+            batch = collate([rows[i] for i in (indices or [by_length[0]])], pad_token_id)
             token_mask = batch["attention_mask"] * (0 if is_dummy else 1)
             recorder.set_token_mask(token_mask.to(device))
             # Only the adapters' inputs matter here: skip the LM head for all but one position.
