@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch.profiler import ProfilerActivity, profile
-from train_throughput import OursContender, build_model, parse_args, prepare_rows, run_peer
+from train_throughput import OursContender, PeerContender, build_model, parse_args, prepare_rows
 
 from ds_loradrop import engine as ds_engine
 from ds_loradrop.lora import attach_own_adapters
@@ -27,7 +27,9 @@ def main() -> None:
         model = build_model(args, len(tokenizer))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             if name == "peer":
-                run_peer(args, model, warmup_rows, timed_rows, pad)
+                peer = PeerContender(args, model, pad)
+                peer.train(warmup_rows, 0, args.warmup_steps)
+                peer.train(timed_rows, 0, args.steps)
             else:
                 ours = OursContender(args, model, lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r,
                                                                                   0.0), pad)

@@ -5,8 +5,9 @@
 
 Both contenders train the same Llama shape (8 layers, hidden 512, MLP 1792: ~30M non-embedding
 parameters; vocabulary of the tiny-llama preset's tokenizer) from the same initial weights, with LoRA
-r=8 on q_proj and v_proj, fp32, AdamW, the same global batch of real training examples of the task,
-in the same process(es) one after the other, each after untimed warm-up steps:
+r=8 on q_proj and v_proj, fp32, AdamW, the same global batches' worth of real training examples of the
+task, in the same process(es): each warms up untimed, then all are timed in alternating chunks of steps
+over the same rows (drifts of a shared machine hit them alike):
 
 - ``peer``: PEFT ``get_peft_model`` and a plain PyTorch loop (``DistributedDataParallel`` on two ranks),
   random batches padded to their longest sequence, the model's own loss;
@@ -122,39 +123,44 @@ def target_tokens(rows: list[dict]) -> int:
     return sum(sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX) for row in rows)
 
 
-def run_peer(args, model, warmup_rows: list[dict], timed_rows: list[dict], pad_token_id: int) -> dict:
-    """PEFT LoRA and a plain loop: random batches, padded to their longest sequence."""
-    from peft import LoraConfig, get_peft_model
+class PeerContender:
+    """PEFT LoRA and a plain PyTorch loop (DDP on several ranks): random batches padded to their longest."""
 
-    world_size, rank = get_world_size_and_rank()
-    peft_model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                  target_modules=TARGETS, task_type="CAUSAL_LM"))
-    trained = peft_model
-    if world_size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(peft_model)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=args.learning_rate)
-    per_rank = args.global_batch_size // world_size
-    trained.train()
+    def __init__(self, args, model, pad_token_id: int):
+        from peft import LoraConfig, get_peft_model
 
-    def steps(rows: list[dict]) -> float:
+        world_size, self.rank = get_world_size_and_rank()
+        self.model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                                      target_modules=TARGETS, task_type="CAUSAL_LM"))
+        self.trained = torch.nn.parallel.DistributedDataParallel(self.model) if world_size > 1 else self.model
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=args.learning_rate)
+        self.args, self.pad_token_id = args, pad_token_id
+        self.per_rank = args.global_batch_size // world_size
+        self.seconds, self.target_tokens, self.steps = 0.0, 0, 0
+
+    def train(self, rows: list[dict], first_step: int, last_step: int, timed: bool = True) -> None:
+        """Steps ``first_step + 1 .. last_step`` of one epoch over ``rows`` in a seeded random order."""
         order = list(range(len(rows)))
-        random.Random(args.seed).shuffle(order)
+        random.Random(self.args.seed).shuffle(order)
+        size = self.args.global_batch_size
+        self.trained.train()
         start = time.perf_counter()
-        for first in range(0, len(order) - args.global_batch_size + 1, args.global_batch_size):
-            global_batch = order[first:first + args.global_batch_size]
-            batch = collate([rows[i] for i in global_batch[rank * per_rank:(rank + 1) * per_rank]], pad_token_id)
-            loss = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           labels=batch["labels"]).loss
+        for step in range(first_step, last_step):
+            global_batch = order[step * size:(step + 1) * size]
+            mine = global_batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            batch = collate([rows[i] for i in mine], self.pad_token_id)
+            loss = self.trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                labels=batch["labels"]).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    steps(warmup_rows)
-    seconds = steps(timed_rows)
-    return {"seconds": max(all_gather_object(seconds)), "target_tokens": target_tokens(timed_rows),
-            "rows": timed_rows, "steps": args.steps}
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if timed:
+                self.target_tokens += target_tokens([rows[i] for i in global_batch])
+        if timed:
+            self.seconds += max(all_gather_object(time.perf_counter() - start))
+            self.steps += last_step - first_step
 
 
 def _batch_settings(args) -> BatchSettings:
@@ -234,17 +240,16 @@ def main(args) -> dict:
         p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
     initial = {name: value.clone() for name, value in model.state_dict().items()}
 
-    contenders = {}
-    contenders["peer"] = run_peer(args, model, warmup_rows, timed_rows, pad_token_id)
-    results["peak_rss_gib_after_peer"] = peak_rss_gib()
-
-    # ours (plain LoRA) and ours_loradrop (a plan made from ours' importance after the warm-up) are
-    # timed in alternating chunks of steps, so that drifts of the machine hit both alike.
+    # Every contender starts from the same weights, warms up untimed, then all are timed in alternating
+    # chunks of steps over the same rows, so that drifts of the machine hit them alike. ours_loradrop's
+    # plan comes from the importance of ours' adapters after the warm-up.
     def fresh_model():
         model = build_model(args, len(tokenizer))
         model.load_state_dict(initial)
         return model
 
+    peer = PeerContender(args, fresh_model(), pad_token_id)
+    peer.train(warmup_rows, 0, args.warmup_steps, timed=False)
     lora = OursContender(args, fresh_model(), lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
                          pad_token_id)
     lora.train(warmup_rows, 0, args.warmup_steps, timed=False)
@@ -257,13 +262,13 @@ def main(args) -> dict:
         args, fresh_model(), lambda lay: attach_planned_adapters(lay, plan, args.lora_r, 2 * args.lora_r, 0.0),
         pad_token_id)
     loradrop.train(warmup_rows, 0, args.warmup_steps, timed=False)
+    named = {"peer": peer, "ours": lora, "ours_loradrop": loradrop}
     chunk = max(1, args.steps // 4)
     for first in range(0, args.steps, chunk):
-        for contender in (lora, loradrop):
+        for contender in named.values():
             contender.train(timed_rows, first, min(first + chunk, args.steps))
-    for name, contender in (("ours", lora), ("ours_loradrop", loradrop)):
-        contenders[name] = {"seconds": contender.seconds, "target_tokens": contender.target_tokens,
-                            "rows": timed_rows, "steps": contender.steps}
+    contenders = {name: {"seconds": c.seconds, "target_tokens": c.target_tokens, "rows": timed_rows, "steps": c.steps}
+                  for name, c in named.items()}
 
     # The importance pass over the timed rows against a 3-epoch stage 1 over them.
     start = time.perf_counter()
