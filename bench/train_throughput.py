@@ -24,6 +24,7 @@ share of a 3-epoch stage 1 over the same rows, and the peak resident memory per 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -39,6 +40,7 @@ from ds_loradrop import engine as ds_engine
 from ds_loradrop.data import IGNORE_INDEX, collate, tokenize_examples
 from ds_loradrop.distributed import all_gather_object, get_world_size_and_rank, is_rank_zero
 from ds_loradrop.ds_config import BatchSettings
+from ds_loradrop.importance import ImportanceRecorder
 from ds_loradrop.lora import attach_own_adapters, freeze_all_but_adapters, inject_lora
 from ds_loradrop.models import TinyLlamaSpec, default_cache_dir, ensure_tiny_llama, load_tokenizer
 from ds_loradrop.plan import attach_planned_adapters, build_plan
@@ -181,7 +183,7 @@ def _ds_config(batch: BatchSettings) -> dict:
 class OursContender:
     """ds-loradrop's trainer (``train_stage`` on a DeepSpeed engine) over a fresh copy of the model."""
 
-    def __init__(self, args, model, attach, pad_token_id: int):
+    def __init__(self, args, model, attach, pad_token_id: int, record_importance: bool = False):
         self.layout = inject_lora(model, TARGETS)
         torch.manual_seed(args.seed)
         attach(self.layout)
@@ -193,10 +195,16 @@ class OursContender:
         self.common = {"name": "bench", "seed": args.seed, "pad_token_id": pad_token_id, "logging_steps": 10**9,
                        "device": ds_engine.local_device()}
         self.seconds, self.target_tokens, self.steps = 0.0, 0, 0
+        # --importance_pass last_epoch: the importance recorder watches every training forward
+        self.recorder = ImportanceRecorder(self.layout) if record_importance else None
 
     def train(self, rows: list[dict], first_step: int, last_step: int, timed: bool = True) -> None:
         """Steps ``first_step + 1 .. last_step`` of one epoch over ``rows``."""
-        result = train_stage(self.engine, rows, self.batch, num_steps=last_step, start_step=first_step, **self.common)
+        recorder = self.recorder
+        with recorder.recording() if recorder is not None else contextlib.nullcontext():
+            result = train_stage(
+                self.engine, rows, self.batch, num_steps=last_step, start_step=first_step, **self.common,
+                before_forward=None if recorder is None else lambda _, mb: recorder.set_token_mask(mb["attention_mask"]))
         if timed:
             self.seconds += max(all_gather_object(result.seconds))
             self.target_tokens += result.num_target_tokens
@@ -262,7 +270,11 @@ def main(args) -> dict:
         args, fresh_model(), lambda lay: attach_planned_adapters(lay, plan, args.lora_r, 2 * args.lora_r, 0.0),
         pad_token_id)
     loradrop.train(warmup_rows, 0, args.warmup_steps, timed=False)
-    named = {"peer": peer, "ours": lora, "ours_loradrop": loradrop}
+    recording = OursContender(args, fresh_model(),
+                              lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0), pad_token_id,
+                              record_importance=True)
+    recording.train(warmup_rows, 0, args.warmup_steps, timed=False)
+    named = {"peer": peer, "ours": lora, "ours_loradrop": loradrop, "ours_recording_importance": recording}
     chunk = max(1, args.steps // 4)
     for first in range(0, args.steps, chunk):
         for contender in named.values():
@@ -277,7 +289,9 @@ def main(args) -> dict:
     importance_seconds = max(all_gather_object(time.perf_counter() - start))
     results["importance_seconds"] = importance_seconds
     results["importance_share_of_stage1"] = importance_seconds / (3 * lora.seconds + importance_seconds)
-    for contender in (lora, loradrop):
+    # last_epoch: the recorder runs during the last of 3 epochs; its cost is the extra time of that epoch
+    results["recording_share_of_stage1"] = (recording.seconds - lora.seconds) / (3 * lora.seconds)
+    for contender in (lora, loradrop, recording):
         ds_engine.destroy_engine(contender.engine)
     results["retained"] = plan.layer_mask()
     results["peak_rss_gib"] = peak_rss_gib()
@@ -311,7 +325,7 @@ def report(results: dict) -> str:
         "| contender | step s | target tokens/s | real tokens/s | FLOP utilisation |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name in ("peer", "ours", "ours_loradrop"):
+    for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance"):
         r = results[name]
         lines.append(f"| {name} | {r['step_seconds']:.3f} | {r['target_tokens_per_second']:.0f} | "
                      f"{r['real_tokens_per_second']:.0f} | {100 * r['flop_utilization']:.1f}% |")
@@ -322,6 +336,8 @@ def report(results: dict) -> str:
         f"(retained {results['retained']})"),
         (f"importance pass: {results['importance_seconds']:.2f} s = {100 * results['importance_share_of_stage1']:.1f}% "
         f"of a 3-epoch stage 1 over the same rows"),
+        (f"importance recorded during the last epoch (--importance_pass last_epoch): "
+         f"{100 * results['recording_share_of_stage1']:+.1f}% of a 3-epoch stage 1"),
         f"matmul peak: {results['matmul_peak_gflops_per_rank']:.1f} GFLOP/s per rank (fp32, best square matmul before and after)",
         f"peak RSS per rank: {', '.join(f'{v:.2f}' for v in results['peak_rss_gib_per_rank'])} GiB",
     ]

@@ -154,6 +154,14 @@ class DropConfig:
             "shared adapter always starts fresh)."
         },
     )
+    importance_pass: Literal["after_training", "last_epoch"] = field(
+        default="after_training",
+        metadata={
+            "help": "Measure importance in a forward pass over the sample after stage 1 (the paper; ~13%% of "
+            "stage 1's time), or during stage 1's last epoch (almost free; an average over adapters that "
+            "still change within that epoch). A stage 1 resumed inside its last epoch falls back to the pass."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sample_ratio <= 1.0:

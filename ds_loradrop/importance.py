@@ -60,9 +60,10 @@ class ImportanceRecorder:
     def _record(self, target_index: int, layer: int, z: torch.Tensor, lora_B: torch.Tensor, scaling: float):
         if self._token_mask is None:
             raise RuntimeError("ImportanceRecorder.set_token_mask must be called before each forward")
-        per_token = squared_output_norm_per_token(z, lora_B, scaling)
-        mask = self._token_mask.to(device=per_token.device, dtype=per_token.dtype)
-        self.sums[target_index, layer] += (per_token * mask).sum().double().cpu()
+        with torch.no_grad():  # also called from training forwards: never part of the graph
+            per_token = squared_output_norm_per_token(z.detach(), lora_B.detach(), scaling)
+            mask = self._token_mask.to(device=per_token.device, dtype=per_token.dtype)
+            self.sums[target_index, layer] += (per_token * mask).sum().double().cpu()
 
     @contextmanager
     def recording(self):

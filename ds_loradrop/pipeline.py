@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from ds_loradrop.ds_config import zero_stage
 from ds_loradrop.errors import Terminated, UsageError, raise_terminated_on_signals
 from ds_loradrop.evaluation import evaluate
 from ds_loradrop.experiment_log import ExperimentLog
+from ds_loradrop.importance import ImportanceRecorder
 from ds_loradrop.lora import (
     AdapterLayout,
     attach_own_adapters,
@@ -48,7 +50,7 @@ from ds_loradrop.models import (
     load_causal_lm,
 )
 from ds_loradrop.plan import Plan, attach_planned_adapters, build_plan
-from ds_loradrop.probe import measure_importance
+from ds_loradrop.probe import measure_importance, reduce_recorded
 from ds_loradrop.run_setup import (
     FINAL_ADAPTER_DIR,
     FULL_MODEL_DIR,
@@ -96,7 +98,7 @@ class _LoadedModel:
 
 
 def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str, epochs: int, seed: int,
-           evaluate_every: int | None = None) -> tuple:
+           evaluate_every: int | None = None, before_forward: Callable[[int, dict], None] | None = None) -> tuple:
     train = ctx.cfg.train
     num_steps = count_steps(len(rows), ctx.batch, epochs, train.max_steps, what=f"{name} data")
     engine = ds_engine.build_engine(
@@ -156,6 +158,7 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
         group_by_length=train.group_by_length,
         after_step=after_step,
         on_stop=on_stop,
+        before_forward=before_forward,
         log_metrics=lambda metrics, step: ctx.log.stage_metrics(name, metrics, step),
         start_step=start_step,
     )
@@ -179,14 +182,32 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     loaded = _LoadedModel(
         ctx, lambda layout: attach_own_adapters(layout, lora.lora_r, lora.lora_alpha, lora.lora_dropout), cfg.train.seed
     )
-    engine, result = _train(ctx, loaded, sample, name="stage1", epochs=cfg.drop.stage1_epochs, seed=cfg.train.seed)
+    recorder = ImportanceRecorder(loaded.layout) if cfg.drop.importance_pass == "last_epoch" else None
+    steps_per_epoch = len(sample) // ctx.batch.global_batch_size
+    num_steps = count_steps(len(sample), ctx.batch, cfg.drop.stage1_epochs, cfg.train.max_steps, what="stage1 data")
+    record_after = max(0, num_steps - steps_per_epoch)  # the steps of the last epoch are recorded
+
+    def record_last_epoch(step: int, micro_batch: dict) -> None:
+        mask = micro_batch["attention_mask"]
+        recorder.set_token_mask((mask if step > record_after else torch.zeros_like(mask)).to(ctx.device))
+
+    with recorder.recording() if recorder is not None else contextlib.nullcontext():
+        engine, result = _train(ctx, loaded, sample, name="stage1", epochs=cfg.drop.stage1_epochs,
+                                seed=cfg.train.seed, before_forward=record_last_epoch if recorder else None)
 
     probe_start = time.perf_counter()
-    sums, num_tokens = measure_importance(
-        engine, loaded.layout, sample, batch_size=ctx.batch.micro_batch_size,
-        pad_token_id=ctx.tokenizer.pad_token_id, device=ctx.device,
-    )
-    logger.info(f"importance measured over {int(num_tokens)} tokens in {time.perf_counter() - probe_start:.1f}s")
+    if recorder is not None and result.first_step <= record_after:
+        sums, num_tokens = reduce_recorded(recorder, loaded.layout, ctx.device)
+        logger.info(f"importance recorded during stage 1's last epoch (steps {record_after + 1}-{num_steps}) "
+                    f"over {int(num_tokens)} tokens")
+    else:
+        if recorder is not None:
+            logger.info("stage 1 resumed inside its last epoch: importance measured in a pass after it")
+        sums, num_tokens = measure_importance(
+            engine, loaded.layout, sample, batch_size=ctx.batch.micro_batch_size,
+            pad_token_id=ctx.tokenizer.pad_token_id, device=ctx.device,
+        )
+        logger.info(f"importance measured over {int(num_tokens)} tokens in {time.perf_counter() - probe_start:.1f}s")
     plan = None
     if is_rank_zero():
         plan = build_plan(

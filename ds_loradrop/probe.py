@@ -42,6 +42,12 @@ def measure_importance(
                 logits_to_keep=1,
             )
     model.train(was_training)
+    return reduce_recorded(recorder, layout, device)
+
+
+def reduce_recorded(recorder: ImportanceRecorder, layout: AdapterLayout,
+                    device: torch.device) -> tuple[dict[str, list[float]], float]:
+    """The recorder's sums per target and its token count, summed over ranks (call on every rank)."""
     totals = torch.cat([recorder.sums.flatten(), recorder.num_tokens.reshape(1)])
     totals = all_reduce_sum(totals.to(device)).cpu()
     num_tokens = float(totals[-1])

@@ -94,6 +94,9 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
     )
     if cfg.drop.method != "full":
         inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
+    if cfg.drop.importance_pass == "last_epoch" and cfg.lora.lora_dropout > 0:
+        raise UsageError("--importance_pass last_epoch needs --lora_dropout 0: the training forwards it records "
+                         "see dropped-out adapter inputs")
     output_dir = cfg.train.output_dir
     resume = cfg.train.resume
     if resume is not None:

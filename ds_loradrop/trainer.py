@@ -9,6 +9,7 @@ accumulation steps and averages gradients over ranks, which leaves exactly
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -31,6 +32,7 @@ logger = get_logger()
 class StageResult:
     name: str
     num_steps: int = 0
+    first_step: int = 0  # steps done before this call (a resumed stage)
     num_target_tokens: int = 0
     seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -77,6 +79,7 @@ def train_stage(
     after_step: Callable[[int], None] | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     on_stop: Callable[[int], None] | None = None,
+    before_forward: Callable[[int, dict], None] | None = None,
     start_step: int = 0,
 ) -> StageResult:
     """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches).
@@ -85,6 +88,7 @@ def train_stage(
     ``log_metrics(metrics, step)`` receives loss, learning rate, gradient norm and target tokens per
     second every ``logging_steps`` steps (rank 0 is the one that tracks them). ``start_step`` resumes
     after that many optimizer steps: their global batches are skipped, not recomputed.
+    ``before_forward(step, micro_batch)`` runs before each micro-batch's forward (``step`` counts from 1).
 
     Raises:
         TrainingDiverged: the loss of a step is NaN or infinite (before ``after_step`` could
@@ -93,7 +97,7 @@ def train_stage(
             (and its ``after_step``), call ``on_stop(step)`` (e.g. to write a checkpoint), then raise.
     """
     world_size, rank = get_world_size_and_rank()
-    result = StageResult(name, num_steps=start_step)
+    result = StageResult(name, num_steps=start_step, first_step=start_step)
     engine.train()
     start = window_start = time.perf_counter()
     window_tokens = 0
@@ -107,7 +111,9 @@ def train_stage(
                 collate([rows[i] for i in indices], pad_token_id)
                 for indices in rank_micro_batches(global_batch, rank, world_size, batch.micro_batch_size)
             ]
-            loss, global_tokens = optimizer_step(engine, micro_batches, batch, device)
+            loss, global_tokens = optimizer_step(
+                engine, micro_batches, batch, device,
+                None if before_forward is None else functools.partial(before_forward, result.num_steps + 1))
             result.num_steps += 1
             if not math.isfinite(loss):
                 raise TrainingDiverged(
@@ -152,7 +158,8 @@ def _global_batch_schedule(lengths: list[int], global_batch_size: int, seed: int
         yield from global_batches(lengths, global_batch_size, seed, epoch, group_by_length)
 
 
-def optimizer_step(engine, micro_batches: list[dict], batch: BatchSettings, device: torch.device) -> tuple[float, float]:
+def optimizer_step(engine, micro_batches: list[dict], batch: BatchSettings, device: torch.device,
+                   before_forward: Callable[[dict], None] | None = None) -> tuple[float, float]:
     """Forward and backward over this rank's micro-batches and one optimizer step.
 
     Returns:
@@ -165,6 +172,8 @@ def optimizer_step(engine, micro_batches: list[dict], batch: BatchSettings, devi
     scale = world_size * batch.gradient_accumulation_steps / global_tokens
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for micro_batch in micro_batches:
+        if before_forward is not None:
+            before_forward(micro_batch)
         output = engine(
             input_ids=micro_batch["input_ids"].to(device),
             attention_mask=micro_batch["attention_mask"].to(device),

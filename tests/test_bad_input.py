@@ -138,6 +138,8 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
         (["--max_seq_length", "4"], "--max_seq_length must be >= 8, got 4"),
         (["--resume", "auto", "--overwrite_output_dir", "true"],
          "--resume continues the run in --output_dir and --overwrite_output_dir deletes it"),
+        (["--importance_pass", "last_epoch", "--lora_dropout", "0.1"],
+         "--importance_pass last_epoch needs --lora_dropout 0"),
     ],
 )
 def test_more_bad_flag_values(base_args, extra, message):

@@ -49,7 +49,7 @@ def test_training_benchmark_runs_on_two_ranks(tmp_path, e2e_dir):
     assert "ours / peer (target tokens/s): " in result.stdout
     numbers = json.loads(out.read_text())
     assert numbers["world_size"] == 2 and len(numbers["peak_rss_gib_per_rank"]) == 2
-    for name in ("peer", "ours", "ours_loradrop"):
+    for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance"):
         assert numbers[name]["target_tokens_per_second"] > 0 and 0 < numbers[name]["flop_utilization"]
     assert numbers["ours"]["target_tokens_per_second"] * numbers["ours"]["seconds"] == pytest.approx(
         numbers["peer"]["target_tokens_per_second"] * numbers["peer"]["seconds"])  # the same useful tokens

@@ -8,7 +8,7 @@ from ds_loradrop.importance import (
     normalize_importance,
     squared_output_norm_per_token,
 )
-from ds_loradrop.lora import attach_own_adapters, inject_lora
+from ds_loradrop.lora import attach_own_adapters, freeze_all_but_adapters, inject_lora
 
 pytestmark = pytest.mark.unit
 
@@ -95,3 +95,65 @@ def test_the_importance_pass_runs_with_dropout_off():
     third, _ = measure_importance(model, layout, rows, batch_size=2, pad_token_id=0, device=torch.device("cpu"))
     for target in first:
         assert first[target] == pytest.approx(third[target], rel=1e-6)
+
+
+class _PlainEngine:
+    """The slice of a DeepSpeed engine that trainer.train_stage uses, over a plain model and SGD."""
+
+    def __init__(self, model, learning_rate: float):
+        self.module = model
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def train(self):
+        self.module.train()
+
+    def get_lr(self):
+        return [self.optimizer.param_groups[0]["lr"]]
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def test_importance_recorded_during_training_equals_the_separate_pass():
+    """With the adapters held still (lr 0), recording the training forwards of one epoch gives the same
+    sums and token count as the importance pass over the same rows."""
+    import random
+
+    from ds_loradrop.data import IGNORE_INDEX
+    from ds_loradrop.ds_config import BatchSettings
+    from ds_loradrop.probe import measure_importance, reduce_recorded
+    from ds_loradrop.trainer import train_stage
+
+    model = tiny_llama_model(num_layers=3)
+    layout = inject_lora(model, ["q_proj", "v_proj"])
+    attach_own_adapters(layout, r=4, alpha=8, dropout=0.0)
+    freeze_all_but_adapters(model)
+    randomize_adapters(model)
+    rng = random.Random(0)
+    rows = []
+    for _ in range(24):
+        ids = [rng.randint(4, 63) for _ in range(rng.randint(4, 20))]
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 2 + ids[2:]})
+    expected, expected_tokens = measure_importance(model, layout, rows, batch_size=5, pad_token_id=0,
+                                                   device=torch.device("cpu"))
+    recorder = ImportanceRecorder(layout)
+    batch = BatchSettings(micro_batch_size=4, gradient_accumulation_steps=2, world_size=1, max_grad_norm=0.0)
+    with recorder.recording():
+        train_stage(_PlainEngine(model, learning_rate=0.0), rows, batch, name="probe", num_steps=3, seed=1,
+                    pad_token_id=0, logging_steps=10, device=torch.device("cpu"),
+                    before_forward=lambda step, micro_batch: recorder.set_token_mask(micro_batch["attention_mask"]))
+    recorded, recorded_tokens = reduce_recorded(recorder, layout, torch.device("cpu"))
+    assert recorded_tokens == expected_tokens == sum(len(row["input_ids"]) for row in rows)
+    for target in expected:
+        assert recorded[target] == pytest.approx(expected[target], rel=1e-5)
+        assert all(value > 0 for value in recorded[target])

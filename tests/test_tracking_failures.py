@@ -151,6 +151,23 @@ def test_a_diverged_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(set
     assert _status(store, "diverged") == "FAILED"
 
 
+def test_importance_recorded_during_the_last_stage1_epoch(setup):
+    """--importance_pass last_epoch: no separate pass; the plan covers the last epoch's tokens."""
+    import json
+
+    root, env, store, args = setup
+    out = root / "last_epoch"
+    result = _run([sys.executable, TRAIN, *args, "--importance_pass", "last_epoch", "--sample_ratio", "0.25",
+                   "--output_dir", str(out), "--mlflow_tracking_uri", store,
+                   "--run_name", "last-epoch"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 64 sampled rows, global batch 8: 8 steps per epoch, 24 in 3 epochs; the last epoch is steps 17-24
+    assert "importance recorded during stage 1's last epoch (steps 17-24)" in result.stdout
+    assert "importance measured over" not in result.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["num_tokens"] > 64 * 10 and all(g > 0 for g in plan["targets"]["q_proj"]["importance"])
+
+
 def test_ablation_variants_and_carried_stage2_adapters(setup):
     """--selection random --low_importance drop --stage2_init carry through the real pipeline."""
     from safetensors.torch import load_file
