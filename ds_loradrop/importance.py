@@ -55,7 +55,9 @@ class ImportanceRecorder:
     def set_token_mask(self, token_mask: torch.Tensor) -> None:
         """Args: token_mask (batch, seq), 1 for tokens that count, 0 for padding."""
         self._token_mask = token_mask
-        self.num_tokens += token_mask.sum().double().cpu()
+        # Sums stay on the tokens' device: no host sync per forward (it also runs inside training steps).
+        self.sums = self.sums.to(token_mask.device)
+        self.num_tokens = self.num_tokens.to(token_mask.device) + token_mask.sum().double()
 
     def _record(self, target_index: int, layer: int, z: torch.Tensor, lora_B: torch.Tensor, scaling: float):
         if self._token_mask is None:
@@ -63,7 +65,7 @@ class ImportanceRecorder:
         with torch.no_grad():  # also called from training forwards: never part of the graph
             per_token = squared_output_norm_per_token(z.detach(), lora_B.detach(), scaling)
             mask = self._token_mask.to(device=per_token.device, dtype=per_token.dtype)
-            self.sums[target_index, layer] += (per_token * mask).sum().double().cpu()
+            self.sums[target_index, layer] += (per_token * mask).sum().double().to(self.sums.device)
 
     @contextmanager
     def recording(self):
