@@ -42,7 +42,7 @@ from ds_loradrop.distributed import all_gather_object, get_world_size_and_rank, 
 from ds_loradrop.ds_config import BatchSettings
 from ds_loradrop.importance import ImportanceRecorder
 from ds_loradrop.lora import attach_own_adapters, freeze_all_but_adapters, inject_lora
-from ds_loradrop.models import TinyLlamaSpec, default_cache_dir, ensure_tiny_llama, load_tokenizer
+from ds_loradrop.models import TINY_LLAMA, load_tokenizer, resolve_model_path
 from ds_loradrop.plan import attach_planned_adapters, build_plan
 from ds_loradrop.probe import measure_importance
 from ds_loradrop.tasks import get_task
@@ -216,14 +216,10 @@ def prepare_rows(args) -> tuple[object, list[dict], list[dict]]:
     tiny-llama preset's tokenizer. The same examples go to every contender."""
     task = get_task(args.task)
     data_dir = args.data_dir or os.path.join(REPO_ROOT, "..", "shared", "data", args.task)
-    spec = TinyLlamaSpec()
-    tokenizer_dir = None
-    if is_rank_zero():
-        text = get_task("e2e").training_text(os.path.join(REPO_ROOT, "..", "shared", "data", "e2e"),
-                                             spec.tokenizer_rows)
-        tokenizer_dir = ensure_tiny_llama(text, default_cache_dir(), spec)
-    [tokenizer_dir] = [d for d in all_gather_object(tokenizer_dir) if d is not None]
-    tokenizer = load_tokenizer(tokenizer_dir)
+    e2e_dir = os.path.join(REPO_ROOT, "..", "shared", "data", "e2e")
+    # The preset as training builds it (on rank 0, shared with every rank): only its tokenizer is used.
+    preset = resolve_model_path(TINY_LLAMA, None, lambda max_rows: get_task("e2e").training_text(e2e_dir, max_rows))
+    tokenizer = load_tokenizer(preset)
     num_timed, num_warmup = args.steps * args.global_batch_size, args.warmup_steps * args.global_batch_size
     examples = task.load_train(data_dir, num_timed + num_warmup)
     tokenized, _ = tokenize_examples(examples, tokenizer, args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH[args.task])

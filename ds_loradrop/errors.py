@@ -1,9 +1,9 @@
 """Exceptions that end a run with a clear one-line message, and SIGTERM / SIGINT handling.
 
 Signals: outside a training loop SIGTERM / SIGINT raise :class:`Terminated` at once. Inside one
-(:func:`stop_at_step_boundary`) they are only recorded; the trainer asks every rank after each optimizer
-step (:func:`pending_signal`, all-reduced with the step's loss), writes a checkpoint, then raises
-:class:`Terminated` on every rank together. A second SIGINT (Ctrl-C twice) stops at once.
+(:func:`stop_at_step_boundary`) they are only recorded; after each optimizer step the trainer
+all-reduces every rank's :func:`pending_signal` (one number), so all ranks write a checkpoint and raise
+:class:`Terminated` together. A second SIGINT (Ctrl-C twice) stops at once.
 """
 
 from __future__ import annotations

@@ -51,15 +51,23 @@ class ImportanceRecorder:
         self.sums = torch.zeros(len(self.targets), num_layers, dtype=torch.float64)
         self.num_tokens = torch.zeros((), dtype=torch.float64)
         self._token_mask: torch.Tensor | None = None
+        self._is_paused = False
+
+    def pause(self) -> None:
+        """Ignore the following forwards (until the next :meth:`set_token_mask`) at no cost."""
+        self._is_paused = True
 
     def set_token_mask(self, token_mask: torch.Tensor) -> None:
         """Args: token_mask (batch, seq), 1 for tokens that count, 0 for padding."""
+        self._is_paused = False
         self._token_mask = token_mask
         # Sums stay on the tokens' device: no host sync per forward (it also runs inside training steps).
         self.sums = self.sums.to(token_mask.device)
         self.num_tokens = self.num_tokens.to(token_mask.device) + token_mask.sum().double()
 
     def _record(self, target_index: int, layer: int, z: torch.Tensor, lora_B: torch.Tensor, scaling: float):
+        if self._is_paused:
+            return
         if self._token_mask is None:
             raise RuntimeError("ImportanceRecorder.set_token_mask must be called before each forward")
         with torch.no_grad():  # also called from training forwards: never part of the graph

@@ -188,8 +188,10 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     record_after = max(0, num_steps - steps_per_epoch)  # the steps of the last epoch are recorded
 
     def record_last_epoch(step: int, micro_batch: dict) -> None:
-        mask = micro_batch["attention_mask"]
-        recorder.set_token_mask((mask if step > record_after else torch.zeros_like(mask)).to(ctx.device))
+        if step > record_after:
+            recorder.set_token_mask(micro_batch["attention_mask"].to(ctx.device))
+        else:
+            recorder.pause()  # earlier epochs: no work in the training forwards
 
     with recorder.recording() if recorder is not None else contextlib.nullcontext():
         engine, result = _train(ctx, loaded, sample, name="stage1", epochs=cfg.drop.stage1_epochs,
