@@ -45,12 +45,14 @@ def test_training_benchmark_runs_on_two_ranks(tmp_path, e2e_dir):
                "--intermediate_size", "128", "--num_layers", "2", "--num_heads", "2", "--json", str(out)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, f"STDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
-    assert "| contender | step s | target tokens/s | real tokens/s | FLOP utilisation |" in result.stdout
-    assert "ours / peer (target tokens/s): " in result.stdout
+    assert ("| contender | step s | target tokens/s | real tokens/s | FLOP utilisation | minor page faults / step |"
+            in result.stdout)
+    assert "ours / peer (target tokens/s): " in result.stdout and "retained host memory" in result.stdout
     numbers = json.loads(out.read_text())
     assert numbers["world_size"] == 2 and len(numbers["peak_rss_gib_per_rank"]) == 2
-    for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance"):
+    for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance", "ours_default_allocator"):
         assert numbers[name]["target_tokens_per_second"] > 0 and 0 < numbers[name]["flop_utilization"]
+        assert numbers[name]["minor_page_faults_per_step"] >= 0
     assert numbers["ours"]["target_tokens_per_second"] * numbers["ours"]["seconds"] == pytest.approx(
         numbers["peer"]["target_tokens_per_second"] * numbers["peer"]["seconds"])  # the same useful tokens
 
