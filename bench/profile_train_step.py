@@ -15,7 +15,6 @@ from torch.profiler import ProfilerActivity, profile
 from train_throughput import OursContender, PeerContender, build_model, parse_args, prepare_rows
 
 from ds_loradrop import engine as ds_engine
-from ds_loradrop import host_memory
 from ds_loradrop.lora import attach_own_adapters
 
 
@@ -26,8 +25,6 @@ def main() -> None:
     pad = tokenizer.pad_token_id
     for name in ("peer", "ours"):
         model = build_model(args, len(tokenizer))
-        # each under its allocator state, as in train_throughput.py
-        host_memory.set_malloc_options(host_memory.GLIBC_DEFAULT_CEILING if name == "peer" else host_memory.RETAIN)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             if name == "peer":
                 peer = PeerContender(args, model, pad)

@@ -15,14 +15,9 @@ over the same rows (drifts of a shared machine hit them alike):
   length-grouped global batches, loss over target tokens only;
 - ``ours_loradrop``: the same trainer after a LoRA-drop plan made from the importance measured on the
   ``ours`` adapters (threshold 0.9: retained layers keep their adapter, the others share one);
-- ``ours_recording_importance``: ``ours`` with the importance recorder on (``--importance_pass last_epoch``);
-- ``ours_default_allocator``: ``ours`` under the peer's C-allocator state, to show what keeping freed host
-  memory (``--host_memory retain``, the trainer's default on CPU) is worth.
+- ``ours_recording_importance``: ``ours`` with the importance recorder on (``--importance_pass last_epoch``).
 
-The C allocator is process-wide, so it is set before every chunk: our contenders get the trainer's
-``retain`` setting; the peer (and ``ours_default_allocator``) get the most memory-keeping state glibc's
-own dynamic thresholds reach (``host_memory.GLIBC_DEFAULT_CEILING``), which favours the peer over a
-fresh process's defaults. Minor page faults per step are counted for each.
+Minor page faults per step are counted for each (the host memory a step touches afresh).
 
 Printed: useful (non-padding target) tokens per second for each and the ratios, the achieved FLOP/s
 against the matmul peak this script measures on the same machine and dtype, the importance pass as a
@@ -45,7 +40,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from ds_loradrop import engine as ds_engine
-from ds_loradrop import host_memory
 from ds_loradrop.data import IGNORE_INDEX, collate, tokenize_examples
 from ds_loradrop.distributed import all_gather_object, get_world_size_and_rank, is_rank_zero
 from ds_loradrop.ds_config import BatchSettings
@@ -156,7 +150,6 @@ class PeerContender:
         self.args, self.pad_token_id = args, pad_token_id
         self.per_rank = args.global_batch_size // world_size
         self.seconds, self.target_tokens, self.steps, self.page_faults = 0.0, 0, 0, 0
-        self.malloc_options = host_memory.GLIBC_DEFAULT_CEILING
 
     def train(self, rows: list[dict], first_step: int, last_step: int, timed: bool = True) -> None:
         """Steps ``first_step + 1 .. last_step`` of one epoch over ``rows`` in a seeded random order."""
@@ -202,8 +195,7 @@ def _ds_config(batch: BatchSettings) -> dict:
 class OursContender:
     """ds-loradrop's trainer (``train_stage`` on a DeepSpeed engine) over a fresh copy of the model."""
 
-    def __init__(self, args, model, attach, pad_token_id: int, record_importance: bool = False,
-                 malloc_options: host_memory.MallocOptions | None = host_memory.RETAIN):
+    def __init__(self, args, model, attach, pad_token_id: int, record_importance: bool = False):
         self.layout = inject_lora(model, TARGETS)
         torch.manual_seed(args.seed)
         attach(self.layout)
@@ -215,8 +207,6 @@ class OursContender:
         self.common = {"name": "bench", "seed": args.seed, "pad_token_id": pad_token_id, "logging_steps": 10**9,
                        "device": ds_engine.local_device()}
         self.seconds, self.target_tokens, self.steps, self.page_faults = 0.0, 0, 0, 0
-        # the trainer's --host_memory retain (None where the user set the allocator: left alone)
-        self.malloc_options = malloc_options if host_memory.user_allocator_choice() is None else None
         # --importance_pass last_epoch: the importance recorder watches every training forward
         self.recorder = ImportanceRecorder(self.layout) if record_importance else None
 
@@ -294,19 +284,11 @@ def main(args) -> dict:
                               lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0), pad_token_id,
                               record_importance=True)
     recording.train(warmup_rows, 0, args.warmup_steps, timed=False)
-    default_allocator = OursContender(
-        args, fresh_model(), lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0), pad_token_id,
-        malloc_options=host_memory.GLIBC_DEFAULT_CEILING)
-    default_allocator.train(warmup_rows, 0, args.warmup_steps, timed=False)
-    named = {"peer": peer, "ours": lora, "ours_loradrop": loradrop, "ours_recording_importance": recording,
-             "ours_default_allocator": default_allocator}
+    named = {"peer": peer, "ours": lora, "ours_loradrop": loradrop, "ours_recording_importance": recording}
     chunk = max(1, args.chunk_steps)
     for first in range(0, args.steps, chunk):
         for contender in named.values():
-            if contender.malloc_options is not None:
-                host_memory.set_malloc_options(contender.malloc_options)
             contender.train(timed_rows, first, min(first + chunk, args.steps))
-    host_memory.retain_freed_memory()
     contenders = {name: {"seconds": c.seconds, "target_tokens": c.target_tokens, "rows": timed_rows, "steps": c.steps,
                          "page_faults": c.page_faults} for name, c in named.items()}
 
@@ -319,7 +301,7 @@ def main(args) -> dict:
     results["importance_share_of_stage1"] = importance_seconds / (3 * lora.seconds + importance_seconds)
     # last_epoch: the recorder runs during the last of 3 epochs; its cost is the extra time of that epoch
     results["recording_share_of_stage1"] = (recording.seconds - lora.seconds) / (3 * lora.seconds)
-    for contender in (lora, loradrop, recording, default_allocator):
+    for contender in (lora, loradrop, recording):
         ds_engine.destroy_engine(contender.engine)
     results["retained"] = plan.layer_mask()
     results["peak_rss_gib"] = peak_rss_gib()
@@ -339,10 +321,6 @@ def main(args) -> dict:
             "minor_page_faults_per_step": timing["page_faults"] / timing["steps"],
         }
     results["ours_over_peer"] = results["ours"]["target_tokens_per_second"] / results["peer"]["target_tokens_per_second"]
-    results["retained_over_default_allocator"] = (results["ours"]["target_tokens_per_second"]
-                                                  / results["ours_default_allocator"]["target_tokens_per_second"])
-    results["ours_default_allocator_over_peer"] = (results["ours_default_allocator"]["target_tokens_per_second"]
-                                                   / results["peer"]["target_tokens_per_second"])
     results["loradrop_over_lora_step_time"] = results["ours_loradrop"]["step_seconds"] / results["ours"]["step_seconds"]
     rss = all_gather_object(results["peak_rss_gib"])
     results["peak_rss_gib_per_rank"] = rss
@@ -358,7 +336,7 @@ def report(results: dict) -> str:
         "| contender | step s | target tokens/s | real tokens/s | FLOP utilisation | minor page faults / step |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance", "ours_default_allocator"):
+    for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance"):
         r = results[name]
         lines.append(f"| {name} | {r['step_seconds']:.3f} | {r['target_tokens_per_second']:.0f} | "
                      f"{r['real_tokens_per_second']:.0f} | {100 * r['flop_utilization']:.1f}% | "
@@ -366,9 +344,6 @@ def report(results: dict) -> str:
     lines += [
         "",
         f"ours / peer (target tokens/s): {results['ours_over_peer']:.2f}x",
-        (f"  of which length grouping (ours under the peer's allocator / peer): "
-         f"{results['ours_default_allocator_over_peer']:.2f}x, retained host memory (ours / ours under the "
-         f"peer's allocator): {results['retained_over_default_allocator']:.2f}x"),
         (f"LoRA-drop / LoRA stage-2 step time: {results['loradrop_over_lora_step_time']:.3f} "
         f"(retained {results['retained']})"),
         (f"importance pass: {results['importance_seconds']:.2f} s = {100 * results['importance_share_of_stage1']:.1f}% "

@@ -237,13 +237,6 @@ class TrainConfig:
         metadata={"help": "How long a collective waits for a silent peer before the job fails (torch's gloo "
                   "default is 30 minutes). Raise it if a rank legitimately works alone for longer."},
     )
-    host_memory: Literal["retain", "release"] = field(
-        default="retain",
-        metadata={"help": "CPU training only: 'retain' keeps the host memory a step frees for the next step "
-                  "instead of returning it to the OS and page-faulting it back (glibc mallopt; measured "
-                  "~1.2x faster steps on CPU); 'release' leaves the C allocator's defaults. A MALLOC_*_ "
-                  "variable or an allocator in LD_PRELOAD always wins."},
-    )
     seed: int = field(default=42, metadata={"help": "Seed for sampling, shuffling and adapter init."})
 
     def __post_init__(self) -> None:

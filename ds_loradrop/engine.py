@@ -21,9 +21,8 @@ from deepspeed.accelerator import get_accelerator
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
-from ds_loradrop.distributed import get_local_world_size, get_logger
+from ds_loradrop.distributed import get_local_world_size
 from ds_loradrop.ds_config import zero_stage
-from ds_loradrop.host_memory import retain_freed_memory
 
 # torch's gloo default is 30 minutes; a dead or stuck peer should fail the job sooner.
 DEFAULT_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -35,14 +34,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT, host_memory: str = "retain") -> None:
+def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
     """Initialise the process group; a plain ``python`` start becomes a world of one rank.
 
-    Args:
-        timeout: bounds every collective: a peer that stops answering fails the job after it.
-        host_memory: on the CPU accelerator, ``"retain"`` keeps freed host memory in the process
-            (:func:`ds_loradrop.host_memory.retain_freed_memory`); ``"release"`` leaves the C allocator
-            as it is. Ignored on GPUs, where activations do not live in host memory.
+    ``timeout`` bounds every collective: a peer that stops answering fails the job after it.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -56,8 +51,6 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT, h
         # CPU ranks on one machine share its cores; torch's default of one thread per core in every
         # rank oversubscribes them (measured: ZeRO-2 on 2 ranks x 2 cores ran 4x slower).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // get_local_world_size()))
-    if accelerator.device_name() == "cpu" and host_memory == "retain":
-        get_logger().info(f"host memory: {retain_freed_memory()}")
 
 
 def local_device() -> torch.device:

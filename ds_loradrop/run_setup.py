@@ -154,8 +154,7 @@ def check_resume_matches(cfg: RunConfig, saved_config_path: str) -> None:
 
 def prepare(cfg: RunConfig, inputs: CheckedInputs) -> RunContext:
     """Process group, model files (the preset is built on rank 0), tokenizer and tokenised data."""
-    ds_engine.init_distributed(datetime.timedelta(minutes=cfg.train.collective_timeout_minutes),
-                                cfg.train.host_memory)
+    ds_engine.init_distributed(datetime.timedelta(minutes=cfg.train.collective_timeout_minutes))
     world_size, _ = get_world_size_and_rank()
     if world_size != inputs.batch.world_size:
         raise RuntimeError(f"world size changed from {inputs.batch.world_size} to {world_size} at start-up")

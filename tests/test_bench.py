@@ -47,10 +47,10 @@ def test_training_benchmark_runs_on_two_ranks(tmp_path, e2e_dir):
     assert result.returncode == 0, f"STDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
     assert ("| contender | step s | target tokens/s | real tokens/s | FLOP utilisation | minor page faults / step |"
             in result.stdout)
-    assert "ours / peer (target tokens/s): " in result.stdout and "retained host memory" in result.stdout
+    assert "ours / peer (target tokens/s): " in result.stdout
     numbers = json.loads(out.read_text())
     assert numbers["world_size"] == 2 and len(numbers["peak_rss_gib_per_rank"]) == 2
-    for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance", "ours_default_allocator"):
+    for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance"):
         assert numbers[name]["target_tokens_per_second"] > 0 and 0 < numbers[name]["flop_utilization"]
         assert numbers[name]["minor_page_faults_per_step"] >= 0
     assert numbers["ours"]["target_tokens_per_second"] * numbers["ours"]["seconds"] == pytest.approx(
