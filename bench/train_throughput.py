@@ -32,6 +32,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import sys
 import time
 
@@ -127,6 +128,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def chunk_ratios(numerator, denominator) -> list[float]:
+    """Seconds of ``numerator`` over ``denominator`` in each chunk (the same steps, back to back)."""
+    return [a / b for a, b in zip(numerator.chunk_seconds, denominator.chunk_seconds, strict=True)]
+
+
+def median_and_range(values: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
+    return (f"median of {len(values)} chunks {statistics.median(values) * scale:{fmt}}, "
+            f"range {min(values) * scale:{fmt}}-{max(values) * scale:{fmt}}")
+
+
 def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -150,6 +161,7 @@ class PeerContender:
         self.args, self.pad_token_id = args, pad_token_id
         self.per_rank = args.global_batch_size // world_size
         self.seconds, self.target_tokens, self.steps, self.page_faults = 0.0, 0, 0, 0
+        self.chunk_seconds: list[float] = []  # one per timed call, slowest rank
 
     def train(self, rows: list[dict], first_step: int, last_step: int, timed: bool = True) -> None:
         """Steps ``first_step + 1 .. last_step`` of one epoch over ``rows`` in a seeded random order."""
@@ -172,7 +184,8 @@ class PeerContender:
             if timed:
                 self.target_tokens += target_tokens([rows[i] for i in global_batch])
         if timed:
-            self.seconds += max(all_gather_object(time.perf_counter() - start))
+            self.chunk_seconds.append(max(all_gather_object(time.perf_counter() - start)))
+            self.seconds += self.chunk_seconds[-1]
             self.steps += last_step - first_step
             self.page_faults += minor_page_faults() - faults_before
 
@@ -207,6 +220,7 @@ class OursContender:
         self.common = {"name": "bench", "seed": args.seed, "pad_token_id": pad_token_id, "logging_steps": 10**9,
                        "device": ds_engine.local_device()}
         self.seconds, self.target_tokens, self.steps, self.page_faults = 0.0, 0, 0, 0
+        self.chunk_seconds: list[float] = []  # one per timed call, slowest rank
         # --importance_pass last_epoch: the importance recorder watches every training forward
         self.recorder = ImportanceRecorder(self.layout) if record_importance else None
 
@@ -219,7 +233,8 @@ class OursContender:
                 self.engine, rows, self.batch, num_steps=last_step, start_step=first_step, **self.common,
                 before_forward=None if recorder is None else lambda _, mb: recorder.set_token_mask(mb["attention_mask"]))
         if timed:
-            self.seconds += max(all_gather_object(result.seconds))
+            self.chunk_seconds.append(max(all_gather_object(result.seconds)))
+            self.seconds += self.chunk_seconds[-1]
             self.target_tokens += result.num_target_tokens
             self.steps += last_step - first_step
             self.page_faults += minor_page_faults() - faults_before
@@ -301,6 +316,13 @@ def main(args) -> dict:
     results["importance_share_of_stage1"] = importance_seconds / (3 * lora.seconds + importance_seconds)
     # last_epoch: the recorder runs during the last of 3 epochs; its cost is the extra time of that epoch
     results["recording_share_of_stage1"] = (recording.seconds - lora.seconds) / (3 * lora.seconds)
+    # Per-chunk ratios: the contenders ran the same steps back to back, so a burst of the shared machine
+    # hits one chunk's ratio, and their median ignores it.
+    results["chunk_ratios"] = {
+        "ours_over_peer": chunk_ratios(peer, lora),
+        "loradrop_over_lora_step_time": chunk_ratios(loradrop, lora),
+        "recording_share_of_stage1": [(r - 1) / 3 for r in chunk_ratios(recording, lora)],
+    }
     for contender in (lora, loradrop, recording):
         ds_engine.destroy_engine(contender.engine)
     results["retained"] = plan.layer_mask()
@@ -328,6 +350,7 @@ def main(args) -> dict:
 
 
 def report(results: dict) -> str:
+    chunks = results["chunk_ratios"]
     lines = [
         (f"task {results['task']}, {results['world_size']} rank(s) x {results['threads_per_rank']} thread(s), "
         f"global batch {results['global_batch_size']}, {results['steps']} timed steps, "
@@ -343,13 +366,15 @@ def report(results: dict) -> str:
                      f"{r['minor_page_faults_per_step']:,.0f} |")
     lines += [
         "",
-        f"ours / peer (target tokens/s): {results['ours_over_peer']:.2f}x",
+        (f"ours / peer (target tokens/s): {results['ours_over_peer']:.2f}x "
+         f"({median_and_range(chunks['ours_over_peer'])})"),
         (f"LoRA-drop / LoRA stage-2 step time: {results['loradrop_over_lora_step_time']:.3f} "
-        f"(retained {results['retained']})"),
+         f"({median_and_range(chunks['loradrop_over_lora_step_time'], fmt='.3f')}; retained {results['retained']})"),
         (f"importance pass: {results['importance_seconds']:.2f} s = {100 * results['importance_share_of_stage1']:.1f}% "
         f"of a 3-epoch stage 1 over the same rows"),
         (f"importance recorded during the last epoch (--importance_pass last_epoch): "
-         f"{100 * results['recording_share_of_stage1']:+.1f}% of a 3-epoch stage 1"),
+         f"{100 * results['recording_share_of_stage1']:+.1f}% of a 3-epoch stage 1 "
+         f"({median_and_range(chunks['recording_share_of_stage1'], scale=100, fmt='+.1f')} %)"),
         f"matmul peak: {results['matmul_peak_gflops_per_rank']:.1f} GFLOP/s per rank (fp32, best square matmul before and after)",
         f"peak RSS per rank: {', '.join(f'{v:.2f}' for v in results['peak_rss_gib_per_rank'])} GiB",
     ]

@@ -41,7 +41,7 @@ def test_training_benchmark_runs_on_two_ranks(tmp_path, e2e_dir):
     out = tmp_path / "train.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), os.path.join(REPO_ROOT, "bench", "train_throughput.py"), "--data_dir", e2e_dir,
-               "--steps", "2", "--warmup_steps", "1", "--global_batch_size", "4", "--hidden_size", "64",
+               "--steps", "2", "--chunk_steps", "1", "--warmup_steps", "1", "--global_batch_size", "4", "--hidden_size", "64",
                "--intermediate_size", "128", "--num_layers", "2", "--num_heads", "2", "--json", str(out)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, f"STDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
@@ -53,6 +53,9 @@ def test_training_benchmark_runs_on_two_ranks(tmp_path, e2e_dir):
     for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance"):
         assert numbers[name]["target_tokens_per_second"] > 0 and 0 < numbers[name]["flop_utilization"]
         assert numbers[name]["minor_page_faults_per_step"] >= 0
+    # 2 timed steps, alternating every step: 2 chunks
+    assert len(numbers["chunk_ratios"]["recording_share_of_stage1"]) == 2
+    assert len(numbers["chunk_ratios"]["ours_over_peer"]) == 2 and min(numbers["chunk_ratios"]["ours_over_peer"]) > 0
     assert numbers["ours"]["target_tokens_per_second"] * numbers["ours"]["seconds"] == pytest.approx(
         numbers["peer"]["target_tokens_per_second"] * numbers["peer"]["seconds"])  # the same useful tokens
 
