@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -76,7 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this file (rank 0)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.chunk_steps < 1:
+        parser.error(f"--chunk_steps must be >= 1, got {args.chunk_steps}")
+    return args
 
 
 def build_model(args, vocab_size: int) -> torch.nn.Module:
@@ -128,7 +132,27 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def chunk_ratios(numerator, denominator) -> list[float]:
+@dataclasses.dataclass
+class ChunkTimings:
+    """What a contender's timed chunks measured; ``chunk_seconds`` holds the slowest rank's per chunk."""
+
+    chunk_seconds: list[float] = dataclasses.field(default_factory=list)
+    target_tokens: int = 0
+    steps: int = 0
+    page_faults: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.chunk_seconds)
+
+    def record(self, rank_seconds: float, target_tokens: int, steps: int, page_faults: int) -> None:
+        self.chunk_seconds.append(max(all_gather_object(rank_seconds)))
+        self.target_tokens += target_tokens
+        self.steps += steps
+        self.page_faults += page_faults
+
+
+def chunk_ratios(numerator: ChunkTimings, denominator: ChunkTimings) -> list[float]:
     """Seconds of ``numerator`` over ``denominator`` in each chunk (the same steps, back to back)."""
     return [a / b for a, b in zip(numerator.chunk_seconds, denominator.chunk_seconds, strict=True)]
 
@@ -160,8 +184,7 @@ class PeerContender:
                                            lr=args.learning_rate)
         self.args, self.pad_token_id = args, pad_token_id
         self.per_rank = args.global_batch_size // world_size
-        self.seconds, self.target_tokens, self.steps, self.page_faults = 0.0, 0, 0, 0
-        self.chunk_seconds: list[float] = []  # one per timed call, slowest rank
+        self.timings = ChunkTimings()
 
     def train(self, rows: list[dict], first_step: int, last_step: int, timed: bool = True) -> None:
         """Steps ``first_step + 1 .. last_step`` of one epoch over ``rows`` in a seeded random order."""
@@ -169,7 +192,7 @@ class PeerContender:
         random.Random(self.args.seed).shuffle(order)
         size = self.args.global_batch_size
         self.trained.train()
-        faults_before = minor_page_faults()
+        faults_before, num_target_tokens = minor_page_faults(), 0
         start = time.perf_counter()
         for step in range(first_step, last_step):
             global_batch = order[step * size:(step + 1) * size]
@@ -182,12 +205,10 @@ class PeerContender:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if timed:
-                self.target_tokens += target_tokens([rows[i] for i in global_batch])
+                num_target_tokens += target_tokens([rows[i] for i in global_batch])
         if timed:
-            self.chunk_seconds.append(max(all_gather_object(time.perf_counter() - start)))
-            self.seconds += self.chunk_seconds[-1]
-            self.steps += last_step - first_step
-            self.page_faults += minor_page_faults() - faults_before
+            self.timings.record(time.perf_counter() - start, num_target_tokens, last_step - first_step,
+                                minor_page_faults() - faults_before)
 
 
 def _batch_settings(args) -> BatchSettings:
@@ -219,8 +240,7 @@ class OursContender:
             lr_scheduler="constant_with_warmup", num_warmup_steps=0, num_training_steps=args.warmup_steps + args.steps)
         self.common = {"name": "bench", "seed": args.seed, "pad_token_id": pad_token_id, "logging_steps": 10**9,
                        "device": ds_engine.local_device()}
-        self.seconds, self.target_tokens, self.steps, self.page_faults = 0.0, 0, 0, 0
-        self.chunk_seconds: list[float] = []  # one per timed call, slowest rank
+        self.timings = ChunkTimings()
         # --importance_pass last_epoch: the importance recorder watches every training forward
         self.recorder = ImportanceRecorder(self.layout) if record_importance else None
 
@@ -233,11 +253,8 @@ class OursContender:
                 self.engine, rows, self.batch, num_steps=last_step, start_step=first_step, **self.common,
                 before_forward=None if recorder is None else lambda _, mb: recorder.set_token_mask(mb["attention_mask"]))
         if timed:
-            self.chunk_seconds.append(max(all_gather_object(result.seconds)))
-            self.seconds += self.chunk_seconds[-1]
-            self.target_tokens += result.num_target_tokens
-            self.steps += last_step - first_step
-            self.page_faults += minor_page_faults() - faults_before
+            self.timings.record(result.seconds, result.num_target_tokens, last_step - first_step,
+                                minor_page_faults() - faults_before)
 
 
 def prepare_rows(args) -> tuple[object, list[dict], list[dict]]:
@@ -300,12 +317,10 @@ def main(args) -> dict:
                               record_importance=True)
     recording.train(warmup_rows, 0, args.warmup_steps, timed=False)
     named = {"peer": peer, "ours": lora, "ours_loradrop": loradrop, "ours_recording_importance": recording}
-    chunk = max(1, args.chunk_steps)
-    for first in range(0, args.steps, chunk):
+    for first in range(0, args.steps, args.chunk_steps):
         for contender in named.values():
-            contender.train(timed_rows, first, min(first + chunk, args.steps))
-    contenders = {name: {"seconds": c.seconds, "target_tokens": c.target_tokens, "rows": timed_rows, "steps": c.steps,
-                         "page_faults": c.page_faults} for name, c in named.items()}
+            contender.train(timed_rows, first, min(first + args.chunk_steps, args.steps))
+    timings = {name: contender.timings for name, contender in named.items()}
 
     # The importance pass over the timed rows against a 3-epoch stage 1 over them.
     start = time.perf_counter()
@@ -313,15 +328,17 @@ def main(args) -> dict:
                        pad_token_id=pad_token_id, device=ds_engine.local_device())
     importance_seconds = max(all_gather_object(time.perf_counter() - start))
     results["importance_seconds"] = importance_seconds
-    results["importance_share_of_stage1"] = importance_seconds / (3 * lora.seconds + importance_seconds)
+    results["importance_share_of_stage1"] = importance_seconds / (3 * timings["ours"].seconds + importance_seconds)
     # last_epoch: the recorder runs during the last of 3 epochs; its cost is the extra time of that epoch
-    results["recording_share_of_stage1"] = (recording.seconds - lora.seconds) / (3 * lora.seconds)
+    ours_seconds = timings["ours"].seconds
+    results["recording_share_of_stage1"] = (timings["ours_recording_importance"].seconds - ours_seconds) / (3 * ours_seconds)
     # Per-chunk ratios: the contenders ran the same steps back to back, so a burst of the shared machine
     # hits one chunk's ratio, and their median ignores it.
     results["chunk_ratios"] = {
-        "ours_over_peer": chunk_ratios(peer, lora),
-        "loradrop_over_lora_step_time": chunk_ratios(loradrop, lora),
-        "recording_share_of_stage1": [(r - 1) / 3 for r in chunk_ratios(recording, lora)],
+        "ours_over_peer": chunk_ratios(timings["peer"], timings["ours"]),
+        "loradrop_over_lora_step_time": chunk_ratios(timings["ours_loradrop"], timings["ours"]),
+        "recording_share_of_stage1": [(r - 1) / 3 for r in chunk_ratios(timings["ours_recording_importance"],
+                                                                          timings["ours"])],
     }
     for contender in (lora, loradrop, recording):
         ds_engine.destroy_engine(contender.engine)
@@ -331,16 +348,17 @@ def main(args) -> dict:
     # The peak is measured before and after the contenders; the higher one counts.
     peak = max(peak_before, matmul_peak(torch.float32))
     results["matmul_peak_gflops_per_rank"] = peak / 1e9
-    num_layers, hidden = args.num_layers, args.hidden_size
-    for name, timing in contenders.items():
-        flops = training_flops(timing["rows"], matmul_params, num_layers, hidden)
+    # every contender trained the same timed rows
+    flops = training_flops(timed_rows, matmul_params, args.num_layers, args.hidden_size)
+    real_tokens = sum(len(row["input_ids"]) for row in timed_rows)
+    for name, timing in timings.items():
         results[name] = {
-            "seconds": timing["seconds"],
-            "step_seconds": timing["seconds"] / timing["steps"],
-            "target_tokens_per_second": timing["target_tokens"] / timing["seconds"],
-            "real_tokens_per_second": sum(len(r["input_ids"]) for r in timing["rows"]) / timing["seconds"],
-            "flop_utilization": flops / timing["seconds"] / (peak * world_size),
-            "minor_page_faults_per_step": timing["page_faults"] / timing["steps"],
+            "seconds": timing.seconds,
+            "step_seconds": timing.seconds / timing.steps,
+            "target_tokens_per_second": timing.target_tokens / timing.seconds,
+            "real_tokens_per_second": real_tokens / timing.seconds,
+            "flop_utilization": flops / timing.seconds / (peak * world_size),
+            "minor_page_faults_per_step": timing.page_faults / timing.steps,
         }
     results["ours_over_peer"] = results["ours"]["target_tokens_per_second"] / results["peer"]["target_tokens_per_second"]
     results["loradrop_over_lora_step_time"] = results["ours_loradrop"]["step_seconds"] / results["ours"]["step_seconds"]
