@@ -199,3 +199,13 @@ def build_inference_engine(model: torch.nn.Module, ds_config: dict):
         param.requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     return engine
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured) of this process's peak memory so far: ``max_memory_allocated`` on a
+    GPU, the peak resident set size (RSS) on the CPU accelerator."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_rss"  # Linux reports KiB

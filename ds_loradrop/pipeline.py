@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from ds_loradrop.distributed import (
 )
 from ds_loradrop.ds_config import zero_stage
 from ds_loradrop.errors import Terminated, UsageError, raise_terminated_on_signals
-from ds_loradrop.evaluation import evaluate
+from ds_loradrop.evaluation import METRICS_NAME, evaluate
 from ds_loradrop.experiment_log import ExperimentLog
 from ds_loradrop.importance import ImportanceRecorder
 from ds_loradrop.lora import (
@@ -46,12 +47,12 @@ from ds_loradrop.lora import (
     freeze_all_but_adapters,
     inject_lora,
 )
-from ds_loradrop.models import (
-    load_causal_lm,
-)
+from ds_loradrop.metrics import METRICS
+from ds_loradrop.models import enable_activation_checkpointing, load_causal_lm
 from ds_loradrop.plan import Plan, attach_planned_adapters, build_plan
 from ds_loradrop.probe import measure_importance, reduce_recorded
 from ds_loradrop.run_setup import (
+    BASE_EVAL_DIR,
     FINAL_ADAPTER_DIR,
     FULL_MODEL_DIR,
     STAGE1_ADAPTER_DIR,
@@ -78,8 +79,11 @@ class RunSummary:
     num_layers: dict[str, int] = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)
     eval_metrics: dict = field(default_factory=dict)
+    base_eval_metrics: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
     num_truncated: int = 0
+    peak_memory_bytes: list[int] = field(default_factory=list)  # per rank
+    peak_memory_kind: str = ""
 
 
 class _LoadedModel:
@@ -89,6 +93,8 @@ class _LoadedModel:
         self.zero3_loading = ds_engine.zero3_weight_loading(ctx.ds_config)
         self.model = load_causal_lm(ctx.model_path, ctx.dtype, ctx.cfg.model.trust_remote_code)
         self.model.config.use_cache = False
+        if ctx.cfg.train.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.layout: AdapterLayout = {}
         if attach is not None:
             self.layout = inject_lora(self.model, ctx.cfg.lora.target_names)
@@ -98,7 +104,8 @@ class _LoadedModel:
 
 
 def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str, epochs: int, seed: int,
-           evaluate_every: int | None = None, before_forward: Callable[[int, dict], None] | None = None) -> tuple:
+           evaluate_every: int | None = None, before_forward: Callable[[int, dict], None] | None = None,
+           evaluate_base: bool = False) -> tuple:
     train = ctx.cfg.train
     num_steps = count_steps(len(rows), ctx.batch, epochs, train.max_steps, what=f"{name} data")
     engine = ds_engine.build_engine(
@@ -125,6 +132,11 @@ def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str
                              f"this run has {num_steps} steps with seed {seed} (did the configuration change?)")
         start_step = load_checkpoint(engine, ctx.resume_from).step
         logger.info(f"{name}: resumed from {ctx.resume_from} at step {start_step}/{num_steps}")
+    if evaluate_base:
+        if start_step == 0:
+            evaluate_base_model(ctx, engine)
+        else:
+            logger.info(f"{name}: resumed after step 0; the base model's evaluation is the one made before")
 
     saved_steps = set()
 
@@ -172,6 +184,24 @@ def evaluate_run(ctx: RunContext, engine, output_dir: str, step: int) -> dict:
     return metrics
 
 
+def evaluate_base_model(ctx: RunContext, engine) -> dict:
+    """The model before its first step, which is the base model (every adapter's B is zero), evaluated
+    on the same inputs as the trained model, so that the two scores can be read side by side."""
+    metrics = evaluate(engine, ctx.tokenizer, ctx.task, ctx.eval_examples, ctx.eval_split, ctx.cfg.eval,
+                       device=ctx.device, output_dir=os.path.join(ctx.cfg.train.output_dir, BASE_EVAL_DIR),
+                       max_prompt_tokens=ctx.max_prompt_tokens, label="base model")
+    ctx.log.base_evaluation(metrics)
+    return metrics
+
+
+def read_base_evaluation(output_dir: str) -> dict:
+    path = os.path.join(output_dir, BASE_EVAL_DIR, METRICS_NAME)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     """Train LoRA on a stratified sample, measure importance, select on rank 0, broadcast, save."""
     cfg, output_dir = ctx.cfg, ctx.cfg.train.output_dir
@@ -195,7 +225,8 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
 
     with recorder.recording() if recorder is not None else contextlib.nullcontext():
         engine, result = _train(ctx, loaded, sample, name="stage1", epochs=cfg.drop.stage1_epochs,
-                                seed=cfg.train.seed, before_forward=record_last_epoch if recorder else None)
+                                seed=cfg.train.seed, before_forward=record_last_epoch if recorder else None,
+                                evaluate_base=cfg.train.eval_base_model)
 
     probe_start = time.perf_counter()
     if recorder is not None and result.first_step <= record_after:
@@ -265,7 +296,8 @@ def run_stage2(ctx: RunContext, plan: Plan | None) -> tuple[AdapterLayout, int, 
             param.requires_grad_(True)
     engine, result = _train(ctx, loaded, ctx.rows, name="stage2" if plan else "train",
                             epochs=cfg.train.num_train_epochs, seed=cfg.train.seed + 1,
-                            evaluate_every=cfg.train.eval_steps)
+                            evaluate_every=cfg.train.eval_steps,
+                            evaluate_base=cfg.train.eval_base_model and cfg.drop.method != "loradrop")
     output_dir = cfg.train.output_dir
     result.eval_metrics = evaluate_run(ctx, engine, os.path.join(output_dir, "eval"), result.num_steps)
     if cfg.drop.method == "full":
@@ -331,6 +363,8 @@ def train_and_save(ctx: RunContext, start: float) -> RunSummary:
         stages.append(stage1)
     layout, trainable, final = run_stage2(ctx, plan)
     stages.append(final)
+    peak_bytes, peak_kind = ds_engine.peak_memory(ctx.device)
+    peak_per_rank = all_gather_object(peak_bytes)
     summary = RunSummary(
         method=cfg.drop.method,
         world_size=ctx.batch.world_size,
@@ -341,8 +375,11 @@ def train_and_save(ctx: RunContext, start: float) -> RunSummary:
         stages=[{"name": s.name, "num_steps": s.num_steps, "final_loss": s.final_loss, "seconds": s.seconds,
                  "num_target_tokens": s.num_target_tokens} for s in stages],
         eval_metrics=final.eval_metrics,
+        base_eval_metrics=read_base_evaluation(cfg.train.output_dir) if cfg.train.eval_base_model else {},
         wall_seconds=time.perf_counter() - start,
         num_truncated=ctx.num_truncated,
+        peak_memory_bytes=peak_per_rank,
+        peak_memory_kind=peak_kind,
     )
     report(summary)
     if is_rank_zero():
@@ -362,4 +399,15 @@ def report(summary: RunSummary) -> None:
         )
     else:
         logger.info(f"trainable parameters: {summary.method} {summary.trainable_parameters}")
+    logger.info(describe_evaluation(summary.eval_metrics, summary.base_eval_metrics))
+    peaks = ", ".join(f"rank {rank} {value / 2**30:.2f} GiB" for rank, value in enumerate(summary.peak_memory_bytes))
+    logger.info(f"peak memory ({summary.peak_memory_kind}): {peaks}")
     logger.info(f"done in {summary.wall_seconds:.1f}s")
+
+
+def describe_evaluation(trained: dict, base: dict) -> str:
+    """``evaluation (e2e/validation, 200 inputs): bleu 57.91 (base model 5.20) | rouge_l ...``."""
+    names = [name for name, value in trained.items() if name in METRICS and isinstance(value, (int, float))]
+    scores = " | ".join(f"{name} {trained[name]:.2f}" + (f" (base model {base[name]:.2f})" if name in base else "")
+                        for name in names)
+    return f"evaluation ({trained.get('task')}/{trained.get('split')}, {trained.get('num_examples')} inputs): {scores}"

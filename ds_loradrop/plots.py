@@ -12,22 +12,32 @@ from ds_loradrop.plan import Plan
 
 
 def plot_importance(plan: Plan, path: str, title: str = "") -> None:
-    """Bars of normalised importance over layers, one panel per target; retained layers filled,
-    shared layers hatched, dropped layers grey; the threshold's share noted in the legend."""
+    """Bars of normalised importance over layers, one row per target; retained layers filled, shared
+    layers hatched, dropped layers grey; the threshold's share noted in the legend.
+
+    The figure widens with the number of layers (30 for SmolLM2, 32 for Llama-2-7b, 80 for 70B) so
+    every layer keeps a readable bar and tick label."""
     targets = list(plan.targets)
-    figure, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 3.6), squeeze=False)
-    for axis, name in zip(axes[0], targets):
+    num_layers = max(len(plan.targets[name].normalized) for name in targets)
+    width = max(6.0, 1.5 + 0.26 * num_layers)
+    figure, axes = plt.subplots(len(targets), 1, figsize=(width, 2.9 * len(targets)), squeeze=False)
+    for axis, name in zip(axes[:, 0], targets):
         target = plan.targets[name]
         layers = range(len(target.normalized))
         colors = ["tab:blue" if i in target.retained else "white" for i in layers]
         hatches = ["" if i in target.retained else ("//" if i in target.shared else "xx") for i in layers]
-        bars = axis.bar(layers, target.normalized, color=colors, edgecolor="tab:blue")
+        bars = axis.bar(layers, target.normalized, color=colors, edgecolor="tab:blue", width=0.8)
         for bar, hatch in zip(bars, hatches):
             bar.set_hatch(hatch)
-        axis.set_title(f"{name}: {len(target.retained)}/{len(target.normalized)} retained")
+        kept = 100.0 * sum(target.normalized[i] for i in target.retained)
+        axis.set_title(f"{name}: {len(target.retained)}/{len(target.normalized)} layers retained "
+                       f"({kept:.1f}% of the importance)", fontsize=10)
         axis.set_xlabel("layer")
         axis.set_ylabel("normalised importance")
+        axis.set_xlim(-0.7, len(target.normalized) - 0.3)
         axis.set_xticks(list(layers))
+        axis.tick_params(axis="x", labelsize=7 if len(target.normalized) > 16 else 9)
+        axis.grid(axis="y", alpha=0.3)
         handles = [plt.Rectangle((0, 0), 1, 1, color="tab:blue", label="retained")]
         if target.shared:
             handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="tab:blue", hatch="//",
@@ -35,7 +45,8 @@ def plot_importance(plan: Plan, path: str, title: str = "") -> None:
         if target.dropped:
             handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="tab:blue", hatch="xx",
                                          label="dropped"))
-        axis.legend(handles=handles, fontsize=8, title=f"T = {plan.threshold}", title_fontsize=8)
+        axis.legend(handles=handles, fontsize=8, title=f"T = {plan.threshold}", title_fontsize=8,
+                    loc="upper left", bbox_to_anchor=(1.005, 1.0))
     figure.suptitle(title or f"LoRA-drop importance ({plan.selection})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -34,6 +34,7 @@ SUMMARY_NAME = "summary.json"
 STAGE1_ADAPTER_DIR = "stage1_adapter"
 FINAL_ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
+BASE_EVAL_DIR = os.path.join("eval", "base")
 RUN_FILES = (RUN_CONFIG_NAME, SUMMARY_NAME, "plan.json", FINAL_ADAPTER_DIR, STAGE1_ADAPTER_DIR, FULL_MODEL_DIR, "eval",
              "checkpoints", "plots", "tracking.json", DS_CONFIG_NAME)
 
@@ -83,7 +84,7 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
     data_dir = cfg.data.resolved_data_dir()
     task.split_path(data_dir, cfg.data.train_split)
     raw_ds_config = load_ds_config(cfg.train.ds_config)
-    model_config = load_model_config(cfg.model.model, cfg.model.trust_remote_code)
+    model_config = load_model_config(cfg.model.model, cfg.model.trust_remote_code, cfg.model.model_cache_dir)
     world_size, _ = get_world_size_and_rank()
     ds_config, batch = resolve_ds_config(
         raw_ds_config,
@@ -94,6 +95,9 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
     )
     if cfg.drop.method != "full":
         inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
+    if cfg.drop.importance_pass == "last_epoch" and cfg.train.gradient_checkpointing and cfg.drop.method == "loradrop":
+        raise UsageError("--importance_pass last_epoch records the training forwards, which --gradient_checkpointing "
+                         "runs twice (once more in backward); use --importance_pass after_training with it")
     if cfg.drop.importance_pass == "last_epoch" and cfg.lora.lora_dropout > 0:
         raise UsageError("--importance_pass last_epoch needs --lora_dropout 0: the training forwards it records "
                          "see dropped-out adapter inputs")

@@ -19,7 +19,7 @@ TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
 EVALUATE = os.path.join(REPO_ROOT, "launch", "evaluate.py")
 NODE_LAUNCH = os.path.join(REPO_ROOT, "launch", "node_launch.sh")
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-COMMON = ["--max_train_samples", "192", "--sample_ratio", "0.25", "--stage1_epochs", "2", "--threshold", "0.6",
+COMMON = ["--model", "tiny-llama", "--max_train_samples", "192", "--sample_ratio", "0.25", "--stage1_epochs", "2", "--threshold", "0.6",
           "--max_steps", "8", "--learning_rate", "0.003", "--warmup_ratio", "0", "--logging_steps", "5",
           "--gradient_accumulation_steps", "2", "--seed", "3", "--max_eval_samples", "10", "--max_new_tokens", "12",
           "--eval_batch_size", "3"]

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def base_args(e2e_dir, tmp_path):
-    return ["--data_dir", e2e_dir, "--output_dir", str(tmp_path / "out"),
+    return ["--model", "tiny-llama", "--data_dir", e2e_dir, "--output_dir", str(tmp_path / "out"),
             "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"), "--max_train_samples", "64",
             "--sample_ratio", "1.0"]
 
@@ -80,7 +80,7 @@ def test_data_smaller_than_one_global_batch(base_args):
     with pytest.raises(UsageError, match=r"the training set \(64 examples\) is smaller than one global batch of 128"):
         check(base_args + ["--per_device_train_batch_size", "128"])
     with pytest.raises(UsageError, match=r"the stage-1 sample \(6 examples\) is smaller than one global batch of 32"):
-        check(base_args + ["--sample_ratio", "0.1"])
+        check(base_args + ["--sample_ratio", "0.1", "--per_device_train_batch_size", "32"])
 
 
 def test_output_directory_holding_a_run_is_not_overwritten(base_args, tmp_path):
@@ -110,9 +110,10 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
 
     dart_dir = os.path.join(os.path.dirname(e2e_dir), "dart")
     args = ["--task", "dart", "--data_dir", dart_dir, "--train_split", "validation", "--output_dir",
-            str(tmp_path / "out"), "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")]
+            str(tmp_path / "out"), "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+            "--model", "tiny-llama"]
     with pytest.raises(UsageError, match="--eval_split validation is also the training split: pass --max_eval_samples"):
-        check(args)
+        check(args + ["--max_eval_samples", "0"])  # 0 = every input: nothing would be left to train on
     inputs = check(args + ["--max_eval_samples", "40"])
     held_out = {ex.prompt for ex in inputs.eval_examples}
     assert len(inputs.eval_examples) == 40 and len(held_out) == 40

@@ -49,3 +49,34 @@ def test_grouped_and_random_padded_batches_give_the_same_loss():
     alone = _summed_loss(model, rows, [[i] for i in range(len(rows))])
     for batches in (random_batches, grouped):
         torch.testing.assert_close(_summed_loss(model, rows, batches), alone, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_only_from_the_first_target_position_give_the_same_loss_and_gradients():
+    """The trainer asks the model for logits of the trailing positions from the first labelled token on
+    (``logits_to_keep``): the loss and the gradients equal those from logits at every position."""
+    from ds_loradrop.trainer import accepts_logits_to_keep, num_positions_to_score
+
+    model = tiny_llama_model(num_layers=2)
+    assert accepts_logits_to_keep(model)
+    rows = _rows(8, seed=5)
+    for row in rows[:4]:  # long prompts and short ones in one batch
+        row["labels"][: len(row["labels"]) - 2] = [IGNORE_INDEX] * (len(row["labels"]) - 2)
+    batch = collate(rows, pad_token_id=0)
+    labels = batch["labels"]
+    keep = num_positions_to_score(labels)
+    first = min(row["labels"].index(next(t for t in row["labels"] if t != IGNORE_INDEX)) for row in rows)
+    assert keep == labels.shape[1] - (first - 1) < labels.shape[1]
+    losses, grads = [], []
+    for kwargs, scored in (({}, labels), ({"logits_to_keep": keep}, labels[:, labels.shape[1] - keep:])):
+        model.zero_grad()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+        loss = token_loss_sum(logits, scored)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert logits.shape[1] == keep
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for full, kept in zip(*grads):
+        torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+    no_labels = torch.full_like(labels, IGNORE_INDEX)
+    assert num_positions_to_score(no_labels) == labels.shape[1]

@@ -5,7 +5,7 @@ import os
 import pytest
 from conftest import REPO_ROOT
 
-from ds_loradrop.config import TrainConfig
+from ds_loradrop.config import DEFAULT_GRADIENT_ACCUMULATION_STEPS, DEFAULT_MICRO_BATCH_SIZE, TrainConfig
 from ds_loradrop.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from ds_loradrop.errors import UsageError
 
@@ -24,7 +24,8 @@ def test_shipped_configs_resolve_with_defaults():
     for path in paths:
         config, batch = resolve(load_ds_config(path))
         stages[os.path.basename(path)] = zero_stage(config)
-        assert config["train_batch_size"] == batch.global_batch_size == 32 * 1 * 2
+        assert DEFAULT_MICRO_BATCH_SIZE == 4  # the quick start's global batch of 8 on 2 ranks
+        assert config["train_batch_size"] == batch.global_batch_size == 4 * DEFAULT_GRADIENT_ACCUMULATION_STEPS * 2
         assert config["gradient_clipping"] == 1.0
         assert config["bf16"]["enabled"] is False  # CPU: fp32
         assert resolve(load_ds_config(path), native_bf16=True)[0]["bf16"]["enabled"] is True

@@ -14,6 +14,7 @@ from ds_loradrop.lora import (
     named_adapters,
     unique_adapters,
 )
+from ds_loradrop.models import enable_activation_checkpointing
 from ds_loradrop.plan import Plan, TargetPlan, attach_planned_adapters
 
 pytestmark = pytest.mark.unit
@@ -131,3 +132,30 @@ def test_drop_leaves_unretained_layers_without_adapter():
     attach_planned_adapters(layout, plan, r=8, alpha=16, dropout=0.0)
     assert [w.adapter is None for w in layout["q_proj"]] == [False, True, True, False]
     assert sorted(named_adapters(layout)) == ["q_proj.layers.0", "q_proj.layers.3"]
+
+
+def test_non_reentrant_activation_checkpointing_gives_the_same_loss_and_gradients_with_a_shared_adapter():
+    """--gradient_checkpointing recomputes each decoder layer in backward; with one adapter called from
+    several layers (the shared LoRA) loss and gradients must not change."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_llama_model()
+        model.config.use_cache = False
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        layout = inject_lora(model, ["q_proj"])
+        torch.manual_seed(0)
+        attach_planned_adapters(layout, _shared_plan(4, retained=[2]), r=8, alpha=16, dropout=0.0)
+        freeze_all_but_adapters(model)
+        randomize_adapters(model)
+        model.train()
+        assert model.model.gradient_checkpointing is checkpointing
+        loss = model(INPUT, labels=INPUT).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=0, atol=1e-7)
+    assert len(grads_plain) == len(grads_ckpt) == 4  # own adapter of layer 2 + the shared one, A and B each
+    for plain, ckpt in zip(grads_plain, grads_ckpt):
+        assert plain.abs().max() > 0
+        torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-7)

@@ -174,3 +174,20 @@ def test_entry_point_bad_flag_exits_2_with_one_line(args):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and result.stdout == ""
+
+
+def test_grouped_query_attention_shapes_lora_and_activations():
+    """Llama-3-8B: 32 query heads, 8 key/value heads, so v_proj is 4096 -> 1024 while q_proj is 4096 -> 4096."""
+    shape = load_model_shape("llama-3-8b")
+    assert shape.total_params == 8_030_261_248  # the published size of Meta-Llama-3-8B
+    assert shape.kv_width == 8 * 128
+    q_lora, v_lora = 8 * (4096 + 4096), 8 * (4096 + 1024)
+    assert full_lora_parameters(shape, ("q_proj", "v_proj"), 8) == 32 * (q_lora + v_lora) == 3_407_872
+    setup = TrainingSetup(micro_batch_size=1, seq_length=512, dtype="bf16")
+    # per token: 2 bytes x (4h + 2 h_kv + 4I) + 8h fp32 norm inputs; h_kv = 1024, not h = 4096.
+    per_token = 2 * (4 * 4096 + 2 * 1024 + 4 * 14336) + 8 * 4096
+    logits = 4 * 512 * 128256
+    assert activation_bytes(shape, setup, False) == 32 * 512 * per_token + logits
+    seventy = load_model_shape("llama-2-70b")
+    assert seventy.kv_width == 1024 and seventy.num_layers == 80
+    assert full_lora_parameters(seventy, ("v_proj",), 8) == 80 * 8 * (8192 + 1024)

@@ -23,7 +23,7 @@ def setup(tmp_path_factory, e2e_dir):
     env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     store = f"sqlite:///{root / 'mlflow.db'}"
-    args = ["--data_dir", e2e_dir, "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+    args = ["--model", "tiny-llama", "--data_dir", e2e_dir, "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
             "--max_train_samples", "256", "--per_device_train_batch_size", "8", "--max_eval_samples", "4",
             "--max_new_tokens", "6", "--logging_steps", "2", "--mlflow_experiment", "faults"]
     return root, env, store, args
