@@ -141,11 +141,23 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
          "--resume continues the run in --output_dir and --overwrite_output_dir deletes it"),
         (["--importance_pass", "last_epoch", "--lora_dropout", "0.1"],
          "--importance_pass last_epoch needs --lora_dropout 0"),
+        (["--importance_pass", "last_epoch", "--gradient_checkpointing", "true"],
+         "--importance_pass last_epoch records the training forwards, which --gradient_checkpointing runs twice"),
+        (["--max_train_samples", "-1"], "--max_train_samples must be >= 0 (0 = all rows), got -1"),
+        (["--max_eval_samples", "-3"], "--max_eval_samples must be >= 0 (0 = all inputs), got -3"),
     ],
 )
 def test_more_bad_flag_values(base_args, extra, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         check(base_args + extra)
+
+
+def test_zero_train_and_eval_samples_mean_the_whole_split(base_args):
+    everything = check(base_args + ["--max_train_samples", "0", "--max_eval_samples", "0"])
+    assert everything.examples.num_rows == 42_061  # E2E trainset.csv
+    assert len(everything.eval_examples) == 547  # distinct MRs of devset.csv
+    default = check([arg for arg in base_args if arg not in ("--max_train_samples", "64")])
+    assert default.examples.num_rows == 1200 and len(default.eval_examples) == 200  # the quick start's sizes
 
 
 def test_no_training_rows_left_after_filtering(base_args, tmp_path, e2e_dir):

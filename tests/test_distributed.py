@@ -195,10 +195,16 @@ def test_one_run_with_params_metrics_and_artifacts(runs, store, experiment, run_
     assert metrics["lora_parameters"] == summary["lora_parameters"] == 16 * 8 * 256
     assert metrics["eval/bleu"] == pytest.approx(summary["eval_metrics"]["bleu"])
     assert "eval/rouge_l" in metrics
+    assert metrics["base_eval/bleu"] == pytest.approx(summary["base_eval_metrics"]["bleu"])
+    assert summary["base_eval_metrics"]["num_examples"] == summary["eval_metrics"]["num_examples"] == 10
+    assert len(summary["peak_memory_bytes"]) == world_size
+    for rank, peak in enumerate(summary["peak_memory_bytes"]):
+        assert metrics[f"memory/peak_bytes_rank{rank}"] == peak > 2**27
+    assert tags["memory/peak_kind"] == "peak_rss"
     artifacts = set(_artifacts(client, run.info.run_id))
     assert {"plan.json", "run_config.json", "ds_config.json", "summary.json", "adapter/adapter_model.safetensors",
             "adapter/adapter_config.json", "plots/importance.png", "plots/loss.png",
-            "eval/predictions_sample.jsonl", "eval/metrics.json"} <= artifacts
+            "eval/predictions_sample.jsonl", "eval/metrics.json", "eval/base/metrics.json"} <= artifacts
     png = client.download_artifacts(run.info.run_id, "plots/importance.png", str(out[output]) + "_dl")
     with open(png, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -232,6 +238,32 @@ def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
     assert (tmp_path / "comparison.csv").read_text().splitlines()[0].startswith("run,status,method")
     for png in ("metric_vs_parameters.png", "importance_profiles.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_activation_checkpointing_with_the_shared_adapter_under_zero3_changes_nothing(runs, tmp_path, e2e_dir):
+    """The reference 2-rank ZeRO-3 LoRA-drop run again with --gradient_checkpointing (non-reentrant):
+    same losses per stage, same plan and same adapters, shared adapter included."""
+    from launching import COMMON, DEEPSPEED, TRAIN, free_port, job_env, launch
+
+    out, _ = runs
+    checkpointed = str(tmp_path / "checkpointed")
+    log = launch([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--ds_config",
+                  out["zero3_config"], "--per_device_train_batch_size", "2", "--output_dir", checkpointed,
+                  "--data_dir", e2e_dir, *COMMON, "--gradient_checkpointing", "true", "--report_to", "none"],
+                 job_env(tmp_path)).stdout
+    assert "ZeRO stage 3" in log
+    with open(os.path.join(out["zero3_2ranks"], "summary.json")) as handle:
+        reference = json.load(handle)
+    with open(os.path.join(checkpointed, "summary.json")) as handle:
+        summary = json.load(handle)
+    assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
+    for ours, theirs in zip(summary["stages"], reference["stages"]):
+        assert ours["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-6)
+    assert _plan(checkpointed)["targets"]["q_proj"]["retained"] == _plan(out["zero3_2ranks"])["targets"]["q_proj"]["retained"]
+    mine, reference_tensors = _tensors(checkpointed, "adapter"), _tensors(out["zero3_2ranks"], "adapter")
+    assert set(mine) == set(reference_tensors) and any(".shared." in name for name in mine)
+    for name, tensor in mine.items():
+        torch.testing.assert_close(tensor, reference_tensors[name], rtol=0, atol=1e-6, msg=name)
 
 
 # --- export of a trained run ----------------------------------------------------------------------
