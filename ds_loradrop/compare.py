@@ -1,16 +1,24 @@
 """Compare the runs of an MLflow experiment: a table (markdown + CSV), metric vs trainable parameters,
-and the importance profiles side by side. Works against a local store and a tracking server."""
+and the importance profiles side by side; runs that differ only in the seed are also grouped into one
+row with mean ± standard deviation and n. Works against a local store and a tracking server."""
 
 from __future__ import annotations
 
 import csv
 import os
+import statistics
 from dataclasses import dataclass, field
 
 from ds_loradrop.errors import UsageError
 from ds_loradrop.plots import plot_importance_profiles, plot_metric_vs_parameters
 
 EVAL_METRICS = ("bleu", "rouge_l", "accuracy")
+# Parameters that do not change what a run learns: runs differing only in these (and the seed) are
+# repetitions of one configuration.
+NOT_CONFIGURATION = ("train.seed", "train.output_dir", "train.overwrite_output_dir", "train.resume",
+                     "train.save_steps", "train.save_total_limit", "train.logging_steps",
+                     "train.collective_timeout_minutes", "model.model_cache_dir", "model_path")
+NOT_CONFIGURATION_PREFIXES = ("tracking.",)
 
 
 @dataclass
@@ -26,6 +34,14 @@ class RunRow:
     share_of_lora: float | None
     metrics: dict[str, float]
     importance: dict[str, list[float]] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    seed: str = "-"
+
+    @property
+    def configuration(self) -> tuple[tuple[str, str], ...]:
+        """The run's parameters without those that do not change what it learns (seed, paths, tracking)."""
+        return tuple(sorted((key, value) for key, value in self.params.items()
+                            if key not in NOT_CONFIGURATION and not key.startswith(NOT_CONFIGURATION_PREFIXES)))
 
 
 def collect_runs(experiment: str, tracking_uri: str | None) -> list[RunRow]:
@@ -67,6 +83,8 @@ def collect_runs(experiment: str, tracking_uri: str | None) -> list[RunRow]:
             share_of_lora=100.0 * share if share is not None else None,
             metrics={name: metrics[f"eval/{name}"] for name in EVAL_METRICS if f"eval/{name}" in metrics},
             importance=importance,
+            params=dict(params),
+            seed=params.get("train.seed", "-"),
         ))
     return rows
 
@@ -88,27 +106,94 @@ def table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+@dataclass
+class RunGroup:
+    """FINISHED runs of one configuration (differing only in the seed)."""
+
+    label: str
+    rows: list[RunRow]
+
+    @property
+    def first(self) -> RunRow:
+        return self.rows[0]
+
+
+def group_by_configuration(rows: list[RunRow]) -> list[RunGroup]:
+    """FINISHED runs grouped by :attr:`RunRow.configuration`, in order of each group's first run; each group
+    is labelled by the parameters that tell the groups apart (e.g. ``drop.threshold=0.8``)."""
+    groups: dict[tuple, list[RunRow]] = {}
+    for row in rows:
+        if row.status == "FINISHED":
+            groups.setdefault(row.configuration, []).append(row)
+    configurations = [dict(key) for key in groups]
+    varying = sorted({name for config in configurations for name in config
+                      if len({c.get(name) for c in configurations}) > 1})
+    labelled = []
+    for key, members in groups.items():
+        config = dict(key)
+        label = ", ".join(f"{name}={config.get(name, '-')}" for name in varying) or members[0].method
+        labelled.append(RunGroup(label=label, rows=members))
+    return labelled
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` (sample standard deviation) with two decimals; a single value has no spread."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def grouped_table(groups: list[RunGroup]) -> tuple[list[str], list[list[str]]]:
+    """One row per configuration: n, the seeds, kept layers, trainable parameters, metrics as mean ± std."""
+    rows = [row for group in groups for row in group.rows]
+    targets = sorted({t for row in rows for t in row.kept})
+    metric_names = [m for m in EVAL_METRICS if any(m in row.metrics for row in rows)]
+    header = ["configuration", "n", "seeds", "method", "selection", "threshold", *[f"kept {t}" for t in targets],
+              "trainable params", "% of LoRA", *metric_names]
+    body = []
+    for group in groups:
+        first = group.first
+        trainable = [r.trainable_parameters for r in group.rows if r.trainable_parameters is not None]
+        shares = [r.share_of_lora for r in group.rows if r.share_of_lora is not None]
+        kept = {t: sorted({r.kept.get(t, "-") for r in group.rows}) for t in targets}
+        body.append([
+            group.label, str(len(group.rows)), ",".join(r.seed for r in group.rows), first.method, first.selection,
+            first.threshold, *[" / ".join(kept[t]) for t in targets],
+            "-" if not trainable else f"{statistics.mean(trainable):.0f}",
+            "-" if not shares else f"{statistics.mean(shares):.1f}",
+            *[mean_std([r.metrics[m] for r in group.rows if m in r.metrics])
+              if any(m in r.metrics for r in group.rows) else "-" for m in metric_names],
+        ])
+    return header, body
+
+
 def to_markdown(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
 
 
-def compare(experiment: str, tracking_uri: str | None, output_dir: str) -> str:
-    """Write comparison.md, comparison.csv, metric_vs_parameters.png, importance_profiles.png; return
-    the markdown table."""
-    rows = collect_runs(experiment, tracking_uri)
-    if not rows:
-        raise UsageError(f"MLflow experiment {experiment!r} has no runs")
-    header, body = table(rows)
-    os.makedirs(output_dir, exist_ok=True)
+def write_table(header: list[str], body: list[list[str]], output_dir: str, name: str) -> str:
+    """``<name>.md`` and ``<name>.csv`` in ``output_dir``; returns the markdown."""
     markdown = to_markdown(header, body)
-    with open(os.path.join(output_dir, "comparison.md"), "w") as handle:
+    with open(os.path.join(output_dir, f"{name}.md"), "w") as handle:
         handle.write(markdown)
-    with open(os.path.join(output_dir, "comparison.csv"), "w", newline="") as handle:
+    with open(os.path.join(output_dir, f"{name}.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(body)
+    return markdown
+
+
+def compare(experiment: str, tracking_uri: str | None, output_dir: str) -> str:
+    """Write comparison.md/.csv (one row per run), comparison_grouped.md/.csv (one row per configuration,
+    mean ± std over seeds), metric_vs_parameters.png, importance_profiles.png; return both tables."""
+    rows = collect_runs(experiment, tracking_uri)
+    if not rows:
+        raise UsageError(f"MLflow experiment {experiment!r} has no runs")
+    os.makedirs(output_dir, exist_ok=True)
+    markdown = write_table(*table(rows), output_dir, "comparison")
+    grouped = write_table(*grouped_table(group_by_configuration(rows)), output_dir, "comparison_grouped")
     plot_metric_vs_parameters(rows, EVAL_METRICS, os.path.join(output_dir, "metric_vs_parameters.png"))
     plot_importance_profiles(rows, os.path.join(output_dir, "importance_profiles.png"))
-    return markdown
+    return f"{markdown}\nRuns that differ only in the seed (mean ± std over seeds, n = number of seeds):\n\n{grouped}"

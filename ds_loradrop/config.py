@@ -86,8 +86,10 @@ class DataConfig:
             f"({QUICK_START_TRAIN_SAMPLES}) sizes the quick start: enough for SmolLM2-135M to learn E2E."
         },
     )
-    max_seq_length: int = field(
-        default=128, metadata={"help": "Prompt + target tokens per example; longer ones are truncated."}
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Prompt + target tokens per example; longer ones are truncated (default: the task's, "
+                  "which keeps >= 99% of its examples whole: 128 E2E, 256 DART, 768 DialogSum, 512 GSM8K)."},
     )
 
     def __post_init__(self) -> None:
@@ -95,7 +97,7 @@ class DataConfig:
             raise UsageError(f"--max_train_samples must be >= 0 (0 = all rows), got {self.max_train_samples}")
         if self.max_train_samples == 0:
             self.max_train_samples = None
-        if self.max_seq_length < 8:
+        if self.max_seq_length is not None and self.max_seq_length < 8:
             raise UsageError(f"--max_seq_length must be >= 8, got {self.max_seq_length}")
 
     def resolved_data_dir(self) -> str:
@@ -106,8 +108,12 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/r."})
+    lora_r: int | None = field(
+        default=None, metadata={"help": "LoRA rank r (default: the task's: 16 for DialogSum, 8 otherwise, as in the paper)."}
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA alpha; the update is scaled by alpha/r (default: 2 r)."}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input (training only)."})
     lora_targets: str = field(
         default="q_proj,v_proj",
@@ -115,9 +121,9 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.lora_r <= 0:
+        if self.lora_r is not None and self.lora_r <= 0:
             raise UsageError(f"--lora_r must be a positive integer, got {self.lora_r}")
-        if self.lora_alpha <= 0:
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise UsageError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UsageError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -145,6 +151,14 @@ class DropConfig:
         default=0.1, metadata={"help": "Stage 1: share of the training set in the stratified sample, in (0, 1]."}
     )
     stage1_epochs: int = field(default=3, metadata={"help": "Stage 1: epochs over the sample."})
+    stage1_max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stage 1: cap on optimizer steps (default: --max_steps if given, else none). A capped stage "
+            "1 measures importance on under-trained adapters: the log and plan.json say how many of its "
+            "planned steps ran."
+        },
+    )
     threshold: float = field(
         default=0.9,
         metadata={"help": "Keep layers, most important first, until their normalised importance sums to T."},
@@ -152,8 +166,9 @@ class DropConfig:
     selection: Literal["output_norm", "inverse", "random", "last_k"] = field(
         default="output_norm",
         metadata={
-            "help": "Which layers keep their own adapter: output_norm (the paper), inverse (the least "
-            "important), random, last_k; the last three keep as many layers as output_norm would."
+            "help": "Which layers keep their own adapter: output_norm (the paper); inverse (the paper's "
+            "'ΔWx inv': the layers output_norm would retain share one adapter, all others keep their own); "
+            "random or last_k (as many layers as output_norm would keep)."
         },
     )
     low_importance: Literal["share", "drop"] = field(
@@ -165,6 +180,13 @@ class DropConfig:
         metadata={
             "help": "Stage 2 adapters start fresh, or retained layers carry their stage-1 weights (the "
             "shared adapter always starts fresh)."
+        },
+    )
+    plan: str | None = field(
+        default=None,
+        metadata={
+            "help": "A plan.json (from launch/importance.py or another run) to train in stage 2 instead of "
+            "running stage 1; --threshold / --selection are then the plan's."
         },
     )
     importance_pass: Literal["after_training", "last_epoch"] = field(
@@ -183,6 +205,8 @@ class DropConfig:
             raise UsageError(f"--threshold must be in (0, 1], got {self.threshold}")
         if self.stage1_epochs <= 0:
             raise UsageError(f"--stage1_epochs must be > 0, got {self.stage1_epochs}")
+        if self.stage1_max_steps is not None and self.stage1_max_steps <= 0:
+            raise UsageError(f"--stage1_max_steps must be > 0, got {self.stage1_max_steps}")
 
 
 @dataclass
@@ -232,7 +256,9 @@ class TrainConfig:
         metadata={"help": "Build global batches from examples of similar length (less padding)."},
     )
     max_steps: int | None = field(
-        default=None, metadata={"help": "Cap on optimizer steps per stage (for short runs)."}
+        default=None,
+        metadata={"help": "Cap on optimizer steps per stage (for short runs); stage 1 takes --stage1_max_steps "
+                  "instead when that is given."},
     )
     save_steps: int | None = field(
         default=None,
@@ -369,6 +395,23 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        """Fill what defaults to the task's value (sequence length, LoRA rank) and alpha = 2 r."""
+        from ds_loradrop.tasks import get_task
+
+        task = get_task(self.data.task)
+        if self.data.max_seq_length is None:
+            self.data.max_seq_length = task.default_max_seq_length
+        if self.lora.lora_r is None:
+            self.lora.lora_r = task.default_lora_r
+        if self.lora.lora_alpha is None:
+            self.lora.lora_alpha = 2.0 * self.lora.lora_r
+
+    @property
+    def stage1_max_steps(self) -> int | None:
+        """Stage 1's step cap: its own flag, else the general --max_steps."""
+        return self.drop.stage1_max_steps if self.drop.stage1_max_steps is not None else self.train.max_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

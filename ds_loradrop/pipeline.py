@@ -105,9 +105,9 @@ class _LoadedModel:
 
 def _train(ctx: RunContext, loaded: _LoadedModel, rows: list[dict], *, name: str, epochs: int, seed: int,
            evaluate_every: int | None = None, before_forward: Callable[[int, dict], None] | None = None,
-           evaluate_base: bool = False) -> tuple:
+           evaluate_base: bool = False, max_steps: int | None = None) -> tuple:
     train = ctx.cfg.train
-    num_steps = count_steps(len(rows), ctx.batch, epochs, train.max_steps, what=f"{name} data")
+    num_steps = count_steps(len(rows), ctx.batch, epochs, max_steps, what=f"{name} data")
     engine = ds_engine.build_engine(
         loaded.model,
         ctx.ds_config,
@@ -214,7 +214,12 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     )
     recorder = ImportanceRecorder(loaded.layout) if cfg.drop.importance_pass == "last_epoch" else None
     steps_per_epoch = len(sample) // ctx.batch.global_batch_size
-    num_steps = count_steps(len(sample), ctx.batch, cfg.drop.stage1_epochs, cfg.train.max_steps, what="stage1 data")
+    planned_steps = steps_per_epoch * cfg.drop.stage1_epochs
+    num_steps = count_steps(len(sample), ctx.batch, cfg.drop.stage1_epochs, cfg.stage1_max_steps, what="stage1 data")
+    if num_steps < planned_steps:
+        logger.warning(f"stage1: capped at {num_steps} of its {planned_steps} steps ({cfg.drop.stage1_epochs} epochs) "
+                       f"by {'--stage1_max_steps' if cfg.drop.stage1_max_steps is not None else '--max_steps'}: "
+                       f"importance comes from adapters trained on {100 * num_steps / planned_steps:.0f}% of stage 1")
     record_after = max(0, num_steps - steps_per_epoch)  # the steps of the last epoch are recorded
 
     def record_last_epoch(step: int, micro_batch: dict) -> None:
@@ -226,7 +231,7 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     with recorder.recording() if recorder is not None else contextlib.nullcontext():
         engine, result = _train(ctx, loaded, sample, name="stage1", epochs=cfg.drop.stage1_epochs,
                                 seed=cfg.train.seed, before_forward=record_last_epoch if recorder else None,
-                                evaluate_base=cfg.train.eval_base_model)
+                                evaluate_base=cfg.train.eval_base_model, max_steps=cfg.stage1_max_steps)
 
     probe_start = time.perf_counter()
     if recorder is not None and result.first_step <= record_after:
@@ -247,6 +252,7 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
             sums, num_tokens, threshold=cfg.drop.threshold, selection=cfg.drop.selection,
             low_importance=cfg.drop.low_importance, seed=cfg.train.seed, sample_ratio=cfg.drop.sample_ratio,
             num_sampled=len(sample), world_size=ctx.batch.world_size,
+            stage1_steps=num_steps, stage1_planned_steps=planned_steps,
         )
     plan = broadcast_object(plan)
     confirm_same_plan_everywhere(plan)
@@ -258,6 +264,19 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
         ctx.log.plan(plan, output_dir)
     ds_engine.destroy_engine(engine)
     return plan, result
+
+
+def use_given_plan(ctx: RunContext) -> Plan:
+    """``--plan``: stage 1 is skipped; the given plan is this run's plan (copied to its output directory)."""
+    plan = Plan.load(ctx.cfg.drop.plan)
+    confirm_same_plan_everywhere(plan)
+    logger.info(f"stage 1 skipped: training the plan {ctx.cfg.drop.plan} (threshold {plan.threshold}, selection "
+                f"{plan.selection}, {plan.low_importance} low-importance layers)")
+    if is_rank_zero():
+        plan.save(os.path.join(ctx.cfg.train.output_dir, "plan.json"))
+        ctx.log.plan(plan, ctx.cfg.train.output_dir)
+    barrier()
+    return plan
 
 
 def confirm_same_plan_everywhere(plan: Plan) -> None:
@@ -297,7 +316,10 @@ def run_stage2(ctx: RunContext, plan: Plan | None) -> tuple[AdapterLayout, int, 
     engine, result = _train(ctx, loaded, ctx.rows, name="stage2" if plan else "train",
                             epochs=cfg.train.num_train_epochs, seed=cfg.train.seed + 1,
                             evaluate_every=cfg.train.eval_steps,
-                            evaluate_base=cfg.train.eval_base_model and cfg.drop.method != "loradrop")
+                            # the first stage evaluates the base model: stage 2 when there is no stage 1
+                            evaluate_base=cfg.train.eval_base_model and (cfg.drop.method != "loradrop"
+                                                                         or cfg.drop.plan is not None),
+                            max_steps=cfg.train.max_steps)
     output_dir = cfg.train.output_dir
     result.eval_metrics = evaluate_run(ctx, engine, os.path.join(output_dir, "eval"), result.num_steps)
     if cfg.drop.method == "full":
@@ -353,7 +375,9 @@ def train_and_save(ctx: RunContext, start: float) -> RunSummary:
     write_resolved_configs(ctx)
     stages, plan = [], None
     finished_plan = os.path.join(cfg.train.output_dir, STAGE1_ADAPTER_DIR, PLAN_NAME)
-    if cfg.drop.method == "loradrop" and cfg.train.resume is not None and os.path.isfile(finished_plan):
+    if cfg.drop.method == "loradrop" and cfg.drop.plan is not None:
+        plan = use_given_plan(ctx)
+    elif cfg.drop.method == "loradrop" and cfg.train.resume is not None and os.path.isfile(finished_plan):
         # Stage 1 is never rerun: the saved plan keeps the mask fixed across the resume.
         plan = Plan.load(finished_plan)
         confirm_same_plan_everywhere(plan)

@@ -36,6 +36,8 @@ class Plan:
     seed: int
     selection: str
     low_importance: str
+    stage1_steps: int | None = None  # optimizer steps stage 1 ran (None: a plan from before this was kept)
+    stage1_planned_steps: int | None = None  # what its epochs over the sample would take
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +76,8 @@ def build_plan(
     sample_ratio: float,
     num_sampled: int,
     world_size: int,
+    stage1_steps: int | None = None,
+    stage1_planned_steps: int | None = None,
 ) -> Plan:
     """Turn all-reduced importance sums into a plan (pure; run on rank 0)."""
     targets = {}
@@ -101,6 +105,8 @@ def build_plan(
         seed=seed,
         selection=selection,
         low_importance=low_importance,
+        stage1_steps=stage1_steps,
+        stage1_planned_steps=stage1_planned_steps,
     )
 
 

@@ -94,7 +94,9 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
         accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
     )
     if cfg.drop.method != "full":
-        inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
+        layout = inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
+        if cfg.drop.plan is not None:
+            check_given_plan(cfg, layout)
     if cfg.drop.importance_pass == "last_epoch" and cfg.train.gradient_checkpointing and cfg.drop.method == "loradrop":
         raise UsageError("--importance_pass last_epoch records the training forwards, which --gradient_checkpointing "
                          "runs twice (once more in backward); use --importance_pass after_training with it")
@@ -119,23 +121,61 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
                 f"output directory {output_dir!r} already holds a run ({', '.join(existing)}); "
                 f"choose another --output_dir, continue it with --resume auto, or pass --overwrite_output_dir"
             )
-    eval_split = cfg.data.eval_split or task.default_eval_split
-    is_held_out = eval_split == cfg.data.train_split
-    if is_held_out and cfg.eval.max_eval_samples is None:
-        raise UsageError(
-            f"--eval_split {eval_split} is also the training split: pass --max_eval_samples N to hold out "
-            f"the first N inputs for evaluation"
-        )
-    eval_examples = task.load_eval(data_dir, eval_split, cfg.eval.max_eval_samples)
-    held_out = {ex.prompt for ex in eval_examples} if is_held_out else set()
-    examples = task.load_train(data_dir, cfg.data.max_train_samples, cfg.data.train_split, held_out)
+    eval_split, eval_examples = load_eval_examples(cfg, task)
+    examples = load_training_examples(cfg, task, eval_examples)
     # Data smaller than one global batch is refused now, not after files are written.
     count_steps(examples.num_rows, batch, cfg.train.num_train_epochs, cfg.train.max_steps)
     if cfg.drop.method == "loradrop":
         count_steps(max(1, round(cfg.drop.sample_ratio * examples.num_rows)), batch, cfg.drop.stage1_epochs,
-                    cfg.train.max_steps, what="stage-1 sample")
+                    cfg.stage1_max_steps, what="stage-1 sample")
     return CheckedInputs(ds_config=ds_config, batch=batch, examples=examples, eval_split=eval_split,
                          eval_examples=eval_examples)
+
+
+def check_given_plan(cfg: RunConfig, layout) -> None:
+    """``--plan``: a readable plan for these targets and this model's layer counts, used with LoRA-drop."""
+    from ds_loradrop.plan import Plan
+
+    path = cfg.drop.plan
+    if cfg.drop.method != "loradrop":
+        raise UsageError(f"--plan is a LoRA-drop layout; --method {cfg.drop.method} does not use one")
+    if cfg.drop.stage2_init == "carry":
+        raise UsageError("--stage2_init carry needs this run's stage-1 adapter, and --plan skips stage 1")
+    try:
+        plan = Plan.load(path)
+    except OSError as error:
+        raise UsageError(f"--plan {path!r} cannot be read ({error.strerror})") from error
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--plan {path!r} is not a plan.json ({type(error).__name__}: {error})") from error
+    if sorted(plan.targets) != sorted(layout):
+        raise UsageError(f"--plan {path!r} is for targets {sorted(plan.targets)}, this run trains {sorted(layout)}")
+    for name, target in plan.targets.items():
+        if len(target.normalized) != len(layout[name]):
+            raise UsageError(f"--plan {path!r} has {len(target.normalized)} layers of {name!r}, the model has "
+                             f"{len(layout[name])}")
+
+
+def load_eval_examples(cfg: RunConfig, task: Task) -> tuple[str, list[EvalExample]]:
+    """(split, inputs) evaluated by generation; UsageError if evaluating the training split leaves no
+    held-out slice."""
+    eval_split = cfg.data.eval_split or task.default_eval_split
+    if eval_split == cfg.data.train_split and cfg.eval.max_eval_samples is None:
+        raise UsageError(
+            f"--eval_split {eval_split} is also the training split: pass --max_eval_samples N to hold out "
+            f"the first N inputs for evaluation"
+        )
+    return eval_split, task.load_eval(cfg.data.resolved_data_dir(), eval_split, cfg.eval.max_eval_samples)
+
+
+def load_training_examples(cfg: RunConfig, task: Task, eval_examples: list[EvalExample] | None = None):
+    """The training rows (``datasets.Dataset`` of prompt, target, stratum): the first
+    ``--max_train_samples`` of the training split, without the evaluated inputs when both splits are the
+    same (those are loaded here when not given)."""
+    if eval_examples is None:
+        _, eval_examples = load_eval_examples(cfg, task)
+    eval_split = cfg.data.eval_split or task.default_eval_split
+    held_out = {ex.prompt for ex in eval_examples} if eval_split == cfg.data.train_split else set()
+    return task.load_train(cfg.data.resolved_data_dir(), cfg.data.max_train_samples, cfg.data.train_split, held_out)
 
 
 # What a resumed run may not change: the model, the data, the adapters and the LoRA-drop decisions.

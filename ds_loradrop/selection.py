@@ -2,8 +2,13 @@
 
 ``output_norm`` is the paper's rule: per target, take layers from most to least important until the
 sum of their normalised importance reaches the threshold T (ties broken by the lower layer index).
-The ablations of the paper's Table 7 keep the *same number* k of layers, chosen differently:
-``inverse`` the k least important, ``random`` k at random (seeded), ``last_k`` the k last layers.
+The ablations of the paper's Table 7:
+
+- ``inverse`` ("ΔWx inv"): "replace high-importance layers of LoRA with shared LoRA and retain the other
+  LoRA": the layers ``output_norm`` would retain share one adapter, every other layer keeps its own (so
+  it keeps ``n - k`` layers, not k);
+- ``random``: k layers at random (seeded); ``last_k``: the k last layers — the same *number* k of
+  retained layers as ``output_norm``, chosen differently.
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ def select_layers(normalized: list[float], threshold: float, selection: str, see
     if selection == "output_norm":
         return select_by_threshold(normalized, threshold)
     if selection == "inverse":
-        least_first = sorted(range(len(normalized)), key=lambda i: (normalized[i], i))
-        return sorted(least_first[:num_retained])
+        important = set(select_by_threshold(normalized, threshold))
+        return [layer for layer in range(len(normalized)) if layer not in important]
     if selection == "random":
         return sorted(random.Random(seed).sample(range(len(normalized)), num_retained))
     if selection == "last_k":

@@ -143,6 +143,7 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
          "--importance_pass last_epoch needs --lora_dropout 0"),
         (["--importance_pass", "last_epoch", "--gradient_checkpointing", "true"],
          "--importance_pass last_epoch records the training forwards, which --gradient_checkpointing runs twice"),
+        (["--stage1_max_steps", "0"], "--stage1_max_steps must be > 0, got 0"),
         (["--max_train_samples", "-1"], "--max_train_samples must be >= 0 (0 = all rows), got -1"),
         (["--max_eval_samples", "-3"], "--max_eval_samples must be >= 0 (0 = all inputs), got -3"),
     ],
@@ -150,6 +151,12 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
 def test_more_bad_flag_values(base_args, extra, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         check(base_args + extra)
+
+
+def test_stage1_takes_its_own_step_cap_else_max_steps(base_args):
+    assert parse_run_config(base_args).stage1_max_steps is None
+    assert parse_run_config(base_args + ["--max_steps", "5"]).stage1_max_steps == 5
+    assert parse_run_config(base_args + ["--max_steps", "5", "--stage1_max_steps", "9"]).stage1_max_steps == 9
 
 
 def test_zero_train_and_eval_samples_mean_the_whole_split(base_args):
@@ -251,3 +258,12 @@ def test_resume_refuses_missing_partial_foreign_and_mismatched_checkpoints(base_
         check([*resume, "auto"])
     assert check([*resume, "auto", "--lora_targets", "q_proj"]).batch.world_size == 1
     assert sorted(os.listdir(out / "checkpoints")) == ["stage2-step-000004"]  # nothing touched
+
+
+@pytest.mark.parametrize("task, max_seq_length, lora_r", [("e2e", 128, 8), ("dart", 256, 8), ("dialogsum", 768, 16),
+                                                          ("gsm8k", 512, 8)])
+def test_sequence_length_and_rank_default_to_the_tasks_and_flags_win(task, max_seq_length, lora_r):
+    cfg = parse_run_config(["--task", task])
+    assert (cfg.data.max_seq_length, cfg.lora.lora_r, cfg.lora.lora_alpha) == (max_seq_length, lora_r, 2.0 * lora_r)
+    given = parse_run_config(["--task", task, "--max_seq_length", "64", "--lora_r", "4", "--lora_alpha", "32"])
+    assert (given.data.max_seq_length, given.lora.lora_r, given.lora.lora_alpha) == (64, 4, 32.0)

@@ -35,6 +35,8 @@ def test_plan_has_importance_for_every_layer_and_keeps_fewer_layers(runs):
     assert plan["world_size"] == 2 and plan["num_sampled"] == 48 and plan["threshold"] == 0.6
     assert plan["selection"] == "output_norm" and plan["low_importance"] == "share" and plan["seed"] == 3
     assert plan["num_tokens"] > 48 * 10
+    # 48 sampled rows / global batch 8 x 2 epochs = 12 planned steps, capped by --max_steps 8 (said, not silent)
+    assert plan["stage1_steps"] == 8 and plan["stage1_planned_steps"] == 12
     kept = 0
     for target in plan["targets"].values():
         assert len(target["importance"]) == len(target["normalized"]) == 8
@@ -60,6 +62,8 @@ def test_importance_equals_the_one_rank_run(runs):
 
 def test_both_ranks_hold_the_same_mask_and_parameters_are_partitioned(runs):
     _, logs = runs
+    assert "stage1: capped at 8 of its 12 steps (2 epochs) by --max_steps: importance comes from adapters " \
+           "trained on 67% of stage 1" in logs["zero3_2ranks"]
     masks = dict(re.findall(r"rank (\d) holds layer mask ([0-9a-f]{16})", logs["zero3_2ranks"]))
     assert set(masks) == {"0", "1"} and masks["0"] == masks["1"]
     assert re.findall(r"rank 0 holds layer mask ([0-9a-f]{16})", logs["one_rank"]) == [masks["0"]]
@@ -220,7 +224,8 @@ def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
                              "local-exp", "--tracking_uri", out["local_store"], "--output_dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    lines = (tmp_path / "comparison.md").read_text().splitlines()
+    assert result.stdout.startswith("\n".join(lines))
     assert lines[0].startswith("| run | status | method | selection | threshold | kept q_proj | kept v_proj | "
                                "trainable params | % of LoRA | bleu | rouge_l |")
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]}

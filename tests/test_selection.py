@@ -32,10 +32,19 @@ def test_ties_are_broken_by_layer_index_deterministically():
     assert order_by_importance([0.1, 0.4, 0.1, 0.4]) == [1, 3, 0, 2]
 
 
-def test_variants_keep_as_many_layers_as_output_norm():
+def test_inverse_retains_exactly_the_layers_output_norm_would_share():
+    # the paper's "ΔWx inv": the important layers [1, 2, 3, 5] share one adapter, the others keep their own
+    assert select_by_threshold(PROFILE, 0.9) == [1, 2, 3, 5]
+    assert select_layers(PROFILE, 0.9, "inverse", seed=0) == [0, 4]
+    assert select_layers(PROFILE, 0.8, "inverse", seed=0) == [0, 2, 4]
+    assert select_layers(PROFILE, 1.0, "inverse", seed=0) == []  # T = 1: every layer shares
+    plan = build_plan({"q_proj": [5.0, 30.0, 10.0, 25.0, 5.0, 25.0]}, 100.0, threshold=0.9, selection="inverse",
+                      low_importance="share", seed=0, sample_ratio=0.1, num_sampled=3, world_size=1)
+    assert plan.targets["q_proj"].retained == [0, 4] and plan.targets["q_proj"].shared == [1, 2, 3, 5]
+
+
+def test_random_and_last_k_keep_as_many_layers_as_output_norm():
     k = len(select_by_threshold(PROFILE, 0.9))
-    inverse = select_layers(PROFILE, 0.9, "inverse", seed=0)
-    assert len(inverse) == k and set(inverse) == {0, 4, 2, 3}  # least important: 0.05, 0.05, 0.10, 0.25(L3)
     assert select_layers(PROFILE, 0.9, "last_k", seed=0) == [2, 3, 4, 5]
     first = select_layers(PROFILE, 0.9, "random", seed=7)
     assert len(first) == k and first == select_layers(PROFILE, 0.9, "random", seed=7)

@@ -285,7 +285,8 @@ def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
     result = _run([sys.executable, os.path.join(REPO_ROOT, "launch", "compare.py"), "--experiment", "faults",
                    "--tracking_uri", store, "--output_dir", str(tmp_path)], env)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert result.stdout.startswith((tmp_path / "comparison.md").read_text())
+    lines = (tmp_path / "comparison.md").read_text().splitlines()
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
     assert rows["lora"][1:9] == ["FINISHED", "lora", "-", "-", "8/8", "8/8", str(16 * 8 * 256), "100.0"]
     assert rows["failed"][1] == rows["diverged"][1] == "FAILED" and rows["preempted"][1] == "FINISHED"
@@ -298,3 +299,30 @@ def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
     assert rows["full"][2] == "full" and int(rows["full"][7]) == full["trainable_parameters"]
     csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
     assert len(csv_rows) == len(rows) + 1
+    grouped = (tmp_path / "comparison_grouped.md").read_text().splitlines()
+    assert grouped[0].startswith("| configuration | n | seeds | method |") and grouped[0] in result.stdout
+    groups = [[c.strip() for c in line.split("|")[1:-1]] for line in grouped[2:]]
+    assert sum(int(g[1]) for g in groups) == sum(1 for cells in rows.values() if cells[1] == "FINISHED")
+
+
+def test_runs_that_differ_only_in_the_seed_form_one_group_with_mean_std_and_n():
+    from ds_loradrop.compare import RunRow, group_by_configuration, grouped_table
+
+    def row(name, seed, threshold, bleu, status="FINISHED", output_dir=None):
+        params = {"drop.method": "loradrop", "drop.threshold": threshold, "train.seed": seed,
+                  "train.output_dir": output_dir or f"runs/{name}", "tracking.run_name": name}
+        return RunRow(run_name=name, run_id=name, status=status, method="loradrop", selection="output_norm",
+                      threshold=threshold, kept={"q_proj": "4/8"}, trainable_parameters=1000, share_of_lora=50.0,
+                      metrics={"bleu": bleu}, params=params, seed=seed)
+
+    rows = [row("a1", "1", "0.9", 50.0), row("b1", "1", "0.8", 40.0), row("a2", "2", "0.9", 52.0),
+            row("a3", "3", "0.9", 54.0), row("a4", "4", "0.9", 99.0, status="FAILED"), row("b2", "2", "0.8", 41.0)]
+    groups = group_by_configuration(rows)
+    assert [g.label for g in groups] == ["drop.threshold=0.9", "drop.threshold=0.8"]
+    assert [[r.run_name for r in g.rows] for g in groups] == [["a1", "a2", "a3"], ["b1", "b2"]]
+    header, body = grouped_table(groups)
+    assert header[:3] == ["configuration", "n", "seeds"] and header[-1] == "bleu"
+    # mean 52, sample std sqrt(((50-52)^2 + 0 + (54-52)^2) / 2) = 2; the FAILED run is left out
+    assert body[0][1:3] == ["3", "1,2,3"] and body[0][-1] == "52.00 ± 2.00"
+    assert body[1][1] == "2" and body[1][-1] == "40.50 ± 0.71"
+    assert grouped_table(group_by_configuration([rows[0]]))[1][0][-1] == "50.00"  # n = 1: no spread

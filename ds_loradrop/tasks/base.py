@@ -36,6 +36,11 @@ class Task(ABC):
     max_new_tokens: int
     metrics: tuple[str, ...]
     default_eval_split: str = "validation"
+    # Prompt + target + EOS tokens that keep >= 99 % of training examples whole, measured with the
+    # SmolLM2 tokenizer (49,152 pieces; Llama-2's 32,000-piece tokenizer gives similar counts):
+    # E2E 100 % at 128, DART 99.9 % at 256, DialogSum 99.45 % at 768, GSM8K 99.93 % at 512.
+    default_max_seq_length: int = 128
+    default_lora_r: int = 8  # the paper's rank; 16 for summarisation
 
     def split_path(self, data_dir: str, split: str) -> str:
         """The file of ``split`` in ``data_dir``. Raises UsageError saying what is missing."""

@@ -25,6 +25,7 @@ class DartTask(Task):
         for split, published in (("train", "train"), ("validation", "dev"), ("test", "test"))
     }
     max_new_tokens = 64
+    default_max_seq_length = 256
     metrics = ("bleu", "rouge_l")
 
     def missing_split_hint(self, split: str) -> str:

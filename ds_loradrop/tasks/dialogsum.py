@@ -29,6 +29,8 @@ class DialogSumTask(Task):
     split_files: ClassVar[dict[str, tuple[str, ...]]] = {split: (f"dialogsum.{published}.jsonl",)
                    for split, published in (("train", "train"), ("validation", "dev"), ("test", "test"))}
     max_new_tokens = 96
+    default_max_seq_length = 768
+    default_lora_r = 16  # the paper's rank for summarisation
     metrics = ("bleu", "rouge_l")
 
     def read_records(self, path: str) -> list[dict]:

@@ -25,6 +25,7 @@ class Gsm8kTask(Task):
     name = "gsm8k"
     split_files: ClassVar[dict[str, tuple[str, ...]]] = {"train": ("train.jsonl",), "test": ("test.jsonl",)}
     max_new_tokens = 256
+    default_max_seq_length = 512
     metrics = ("accuracy",)
     default_eval_split = "test"
 

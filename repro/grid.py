@@ -1,0 +1,94 @@
+"""The reproduction study's grids: which runs make up each table of the paper, at small scale.
+
+A cell is one configuration of ``launch/train.py``; the study runs it once per seed. A cell whose
+layout comes from another cell's stage 1 (the thresholds and ablations) names that cell in
+``plan_from``: its plan is made by ``launch/importance.py`` from the same seed's ``stage1_adapter/``
+with ``plan_args``, and trained with ``--plan`` (no stage 1 of its own, as the issue asks). A cell that
+is by construction another cell's run (T = 1.0 keeps every layer: plain LoRA) says so in ``same_as``
+and is not run twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str  # "<task>/<variant>", also the results folder
+    table: str  # which table of REPRODUCTION.md it belongs to
+    args: tuple[str, ...] = ()  # flags beyond the grid's common ones
+    plan_from: str | None = None
+    plan_args: tuple[str, ...] = ()
+    same_as: str | None = None
+    label: str = ""
+
+    @property
+    def task(self) -> str:
+        return self.name.split("/")[0]
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    seeds: tuple[int, ...]
+    launcher: tuple[str, ...]  # the command before launch/train.py
+    common: tuple[str, ...]  # flags every run gets
+    task_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    cells: tuple[Cell, ...] = ()
+
+    def cell(self, name: str) -> Cell:
+        for cell in self.cells:
+            if cell.name == name:
+                return cell
+        raise KeyError(name)
+
+
+def _e2e_cells(task: str) -> tuple[Cell, ...]:
+    main = f"{task}/loradrop"
+    return (
+        Cell(f"{task}/full", "main", ("--method", "full", "--learning_rate", "5e-5"), label="Full fine-tuning"),
+        Cell(f"{task}/lora", "main", ("--method", "lora", "--eval_base_model", "true"), label="LoRA"),
+        Cell(main, "main", (), label="LoRA-drop (T = 0.9)"),
+        *[Cell(f"{task}/T{t}", "threshold", plan_from=main, plan_args=("--threshold", t), label=f"T = {t}")
+          for t in ("0.7", "0.8", "0.95")],
+        Cell(f"{task}/T0.9", "threshold", same_as=main, label="T = 0.9"),
+        Cell(f"{task}/T1.0", "threshold", same_as=f"{task}/lora", label="T = 1.0 (every layer: LoRA)"),
+        Cell(f"{task}/drop", "ablation", plan_from=main, plan_args=("--low_importance", "drop"),
+             label="w/o share (drop)"),
+        Cell(f"{task}/inverse", "ablation", plan_from=main, plan_args=("--selection", "inverse"), label="ΔWx inv"),
+        Cell(f"{task}/random", "ablation", plan_from=main, plan_args=("--selection", "random"), label="random"),
+        Cell(f"{task}/last_k", "ablation", plan_from=main, plan_args=("--selection", "last_k"), label="top-k (last k)"),
+    )
+
+
+PAPER = Grid(
+    name="paper",
+    seeds=(1, 2, 3),
+    # ZeRO-2: faster than ZeRO-3 for a model that fits every rank (README, quick start).
+    launcher=("deepspeed", "--num_gpus", "2"),
+    common=("--ds_config", "ds_configs/zero2.json", "--model", "smollm2-135m", "--max_train_samples", "1200",
+            "--max_eval_samples", "0", "--no_eval_base_model", "--save_steps", "50", "--save_total_limit", "1"),
+    task_args={"e2e": ("--task", "e2e")},
+    cells=_e2e_cells("e2e"),
+)
+
+# The grid CI runs: the real CLI on tiny-llama, a few steps, two seeds.
+TINY = Grid(
+    name="tiny",
+    seeds=(1, 2),
+    launcher=(),
+    common=("--ds_config", "ds_configs/zero2.json", "--model", "tiny-llama", "--max_train_samples", "96",
+            "--per_device_train_batch_size", "8", "--sample_ratio", "0.5", "--stage1_epochs", "1",
+            "--max_steps", "3", "--max_eval_samples", "6", "--max_new_tokens", "8", "--no_eval_base_model",
+            "--save_steps", "2"),
+    task_args={"e2e": ("--task", "e2e")},
+    cells=(
+        Cell("e2e/lora", "main", ("--method", "lora"), label="LoRA"),
+        Cell("e2e/loradrop", "main", (), label="LoRA-drop (T = 0.9)"),
+        Cell("e2e/T0.5", "threshold", plan_from="e2e/loradrop", plan_args=("--threshold", "0.5"), label="T = 0.5"),
+        Cell("e2e/T1.0", "threshold", same_as="e2e/lora", label="T = 1.0 (every layer: LoRA)"),
+    ),
+)
+
+GRIDS = {grid.name: grid for grid in (PAPER, TINY)}

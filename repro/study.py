@@ -1,0 +1,212 @@
+"""The reproduction study: run a grid through the real CLI, resumably, and write REPRODUCTION.md.
+
+    python repro/study.py run [--grid paper] [--only e2e/lora e2e/loradrop] [--seeds 1 2 3] [--commit]
+    python repro/study.py report [--grid paper] [--output REPRODUCTION.md]
+    python repro/study.py status [--grid paper]
+
+``run`` goes through the grid's cells seed by seed (a cell's plan source first). A run whose result file
+``repro/results/<grid>/<cell>/seed<N>.json`` exists is skipped; any other run is launched with
+``--resume auto``, so one interrupted by the end of a session continues from its newest checkpoint.
+Each finished run's result (metrics, parameters, kept layers, importance, wall time, the exact command)
+is written at once and, with ``--commit``, committed on its own. Progress goes to
+``study_runs/<grid>/progress.log``; all runs of a grid are one MLflow experiment
+(``study_runs/<grid>/mlflow.db``). ``report`` reads only the committed result files.
+
+Run it in the background (``nohup python repro/study.py run --grid paper --commit &``) and check the
+progress file; it takes hours on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from grid import GRIDS, Cell, Grid
+
+
+@dataclass(frozen=True)
+class StudyDirs:
+    """Where result files (committed) and run directories (not committed) go."""
+
+    results: str = os.path.join(REPO_ROOT, "repro", "results")
+    runs: str = os.path.join(REPO_ROOT, "study_runs")
+
+    def result_path(self, grid: Grid, cell: Cell, seed: int) -> str:
+        return os.path.join(self.results, grid.name, cell.name, f"seed{seed}.json")
+
+    def output_dir(self, grid: Grid, cell: Cell, seed: int) -> str:
+        return os.path.join(self.runs, grid.name, cell.name, f"seed{seed}")
+
+    def grid_runs(self, grid: Grid) -> str:
+        return os.path.join(self.runs, grid.name)
+
+
+def train_command(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str) -> list[str]:
+    """The exact launch/train.py command of one run (relative paths: it runs in the repository root)."""
+    launcher = list(grid.launcher)
+    if launcher and launcher[0] == "deepspeed":
+        launcher[0] = os.path.join(os.path.dirname(python), "deepspeed")
+    else:
+        launcher = [python, *launcher]
+    tracking = ("--mlflow_experiment", f"loradrop-study-{grid.name}", "--mlflow_tracking_uri",
+                f"sqlite:///{os.path.abspath(os.path.join(dirs.grid_runs(grid), 'mlflow.db'))}",
+                "--run_name", f"{cell.name}/seed{seed}")
+    out = dirs.output_dir(grid, cell, seed)
+    plan = ("--plan", os.path.relpath(os.path.join(out, "given_plan", "plan.json"), REPO_ROOT)) if cell.plan_from else ()
+    return [*launcher, "launch/train.py", *grid.common, *grid.task_args.get(cell.task, ()), *cell.args, *plan,
+            "--seed", str(seed), "--output_dir", os.path.relpath(out, REPO_ROOT),
+            "--resume", "auto", *tracking]
+
+
+def plan_command(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str) -> list[str]:
+    source = dirs.output_dir(grid, grid.cell(cell.plan_from), seed)
+    target = os.path.join(dirs.output_dir(grid, cell, seed), "given_plan")
+    return [python, "launch/importance.py", "--run", os.path.relpath(source, REPO_ROOT), *cell.plan_args,
+            "--output_dir", os.path.relpath(target, REPO_ROOT)]
+
+
+def read_json(path: str) -> dict:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def collect_result(out: str, grid: Grid, cell: Cell, seed: int, command: list[str], seconds: float) -> dict:
+    """The small record of a finished run (in ``out``) that the report is built from."""
+    summary = read_json(os.path.join(out, "summary.json"))
+    plan_file = os.path.join(out, "plan.json")
+    plan = read_json(plan_file) if os.path.isfile(plan_file) else None
+    return {
+        "grid": grid.name, "cell": cell.name, "seed": seed, "table": cell.table, "label": cell.label,
+        # the launcher by name (python / deepspeed), not this machine's venv path
+        "command": shlex.join([os.path.basename(command[0]), *command[1:]]), "wall_seconds_launch": round(seconds, 1),
+        "wall_seconds": summary["wall_seconds"], "method": summary["method"],
+        "trainable_parameters": summary["trainable_parameters"], "lora_parameters": summary["lora_parameters"],
+        "retained": summary["retained"], "num_layers": summary["num_layers"],
+        "eval_metrics": summary["eval_metrics"], "base_eval_metrics": summary.get("base_eval_metrics", {}),
+        "stages": summary["stages"], "peak_memory_bytes": summary.get("peak_memory_bytes", []),
+        "normalized_importance": {t: p["normalized"] for t, p in plan["targets"].items()} if plan else None,
+        "plan": {k: plan[k] for k in ("threshold", "selection", "low_importance", "stage1_steps",
+                                      "stage1_planned_steps") if k in plan} if plan else None,
+        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                     text=True, check=False).stdout.strip(),
+    }
+
+
+def ordered_runs(grid: Grid, only: list[str] | None, seeds: list[int]) -> list[tuple[Cell, int]]:
+    """(cell, seed) pairs to run, plan sources before the cells that need them, seed by seed."""
+    wanted = [c for c in grid.cells if c.same_as is None and (not only or c.name in only)]
+    for cell in list(wanted):
+        if cell.plan_from and grid.cell(cell.plan_from) not in wanted:
+            wanted.insert(0, grid.cell(cell.plan_from))
+    wanted.sort(key=lambda c: c.plan_from is not None)  # sources (no plan_from) first, stable otherwise
+    return [(cell, seed) for seed in seeds for cell in wanted]
+
+
+class Progress:
+    def __init__(self, dirs: StudyDirs, grid: Grid):
+        os.makedirs(dirs.grid_runs(grid), exist_ok=True)
+        self.path = os.path.join(dirs.grid_runs(grid), "progress.log")
+
+    def __call__(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        print(line, flush=True)
+        with open(self.path, "a") as handle:
+            handle.write(line + "\n")
+
+
+def run_one(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, progress: Progress,
+            commit: bool) -> None:
+    out = dirs.output_dir(grid, cell, seed)
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "launch.log")
+    if cell.plan_from and not os.path.isfile(os.path.join(out, "given_plan", "plan.json")):
+        command = plan_command(dirs, grid, cell, seed, python)
+        with open(log_path, "a") as log:
+            done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cell.name} seed {seed}: plan command failed ({done.returncode}); see {log_path}")
+    command = train_command(dirs, grid, cell, seed, python)
+    progress(f"start {cell.name} seed {seed}: {shlex.join(command)}")
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{cell.name} seed {seed}: exit status {done.returncode} after {seconds:.0f}s; "
+                           f"see {log_path} (rerunning the study resumes it)")
+    result = collect_result(out, grid, cell, seed, command, seconds)
+    path = dirs.result_path(grid, cell, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = path + ".tmp"
+    with open(staging, "w") as handle:
+        json.dump(result, handle, indent=2)
+    os.replace(staging, path)
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in result["eval_metrics"].items() if k in ("bleu", "rouge_l", "accuracy"))
+    progress(f"done {cell.name} seed {seed} in {seconds:.0f}s: {scores}")
+    if commit:
+        subprocess.run(["git", "add", path], cwd=REPO_ROOT, check=True)
+        subprocess.run(["git", "commit", "-q", "-m", f"study {grid.name}: {cell.name} seed {seed}", "--", path],
+                       cwd=REPO_ROOT, check=True)
+
+
+def run(dirs: StudyDirs, grid: Grid, only: list[str] | None, seeds: list[int], python: str, commit: bool) -> int:
+    progress = Progress(dirs, grid)
+    pending = [(c, s) for c, s in ordered_runs(grid, only, seeds)
+               if not os.path.isfile(dirs.result_path(grid, c, s))]
+    progress(f"grid {grid.name}: {len(pending)} runs to do")
+    for cell, seed in pending:
+        run_one(dirs, grid, cell, seed, python, progress, commit)
+    progress(f"grid {grid.name}: all runs done")
+    return len(pending)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("run", "report", "status"))
+    parser.add_argument("--grid", default="paper", choices=sorted(GRIDS))
+    parser.add_argument("--only", nargs="*", default=None, help="Cells to run (their plan sources come along).")
+    parser.add_argument("--seeds", nargs="*", type=int, default=None, help="Default: the grid's seeds.")
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished run's result file.")
+    parser.add_argument("--output", default=None, help="report: where to write (default REPRODUCTION.md for "
+                        "the paper grid, <runs_dir>/<grid>/REPRODUCTION.md otherwise).")
+    parser.add_argument("--results_dir", default=StudyDirs.results, help="Result files (default repro/results).")
+    parser.add_argument("--runs_dir", default=StudyDirs.runs, help="Run directories (default study_runs).")
+    args = parser.parse_args(argv)
+    grid = GRIDS[args.grid]
+    dirs = StudyDirs(os.path.abspath(args.results_dir), os.path.abspath(args.runs_dir))
+    unknown = [name for name in args.only or [] if name not in {c.name for c in grid.cells}]
+    if unknown:
+        print(f"error: unknown cell(s) {unknown} in grid {grid.name!r}", file=sys.stderr)
+        sys.exit(2)
+    seeds = args.seeds or list(grid.seeds)
+    if args.action == "run":
+        try:
+            run(dirs, grid, args.only, seeds, sys.executable, args.commit)
+        except RuntimeError as error:
+            Progress(dirs, grid)(f"stopped: {error}")
+            sys.exit(1)
+    elif args.action == "status":
+        for cell, seed in ordered_runs(grid, args.only, seeds):
+            state = "done" if os.path.isfile(dirs.result_path(grid, cell, seed)) else (
+                "started" if os.path.isdir(dirs.output_dir(grid, cell, seed)) else "to do")
+            print(f"{cell.name:24s} seed {seed}: {state}")
+    else:
+        from report import write_report
+
+        default = os.path.join(REPO_ROOT, "REPRODUCTION.md") if grid.name == "paper" else os.path.join(
+            dirs.grid_runs(grid), "REPRODUCTION.md")
+        print(write_report(grid, os.path.join(dirs.results, grid.name), args.output or default), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""repro/study.py on the tiny grid (tiny-llama, 3 steps a stage, 2 seeds): every run through the real CLI,
+a plan made from another cell's stage 1, finished runs skipped, an unfinished one resumed, and the report
+with mean ± std over seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+STUDY = os.path.join(REPO_ROOT, "repro", "study.py")
+
+
+def _study(args, env):
+    result = subprocess.run([sys.executable, STUDY, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=1200, check=False)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
+    env = {**os.environ, "DS_LORADROP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "DS_LORADROP_DATA_ROOT": os.path.dirname(e2e_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    dirs = ["--grid", "tiny", "--results_dir", str(tmp_path / "results"), "--runs_dir", str(tmp_path / "runs")]
+    log = _study(["run", *dirs], env)
+    assert "grid tiny: 6 runs to do" in log and "grid tiny: all runs done" in log
+    results = tmp_path / "results" / "tiny" / "e2e"
+    assert sorted(p.name for p in results.iterdir()) == ["T0.5", "lora", "loradrop"]  # T1.0 is lora's runs
+    for seed in (1, 2):
+        lora, drop, half = (_json(results / cell / f"seed{seed}.json") for cell in ("lora", "loradrop", "T0.5"))
+        assert lora["method"] == "lora" and drop["method"] == "loradrop" and lora["seed"] == seed
+        assert f"--seed {seed}" in drop["command"] and "--resume auto" in drop["command"]
+        assert [s["name"] for s in drop["stages"]] == ["stage1", "stage2"]
+        # T = 0.5 from the same seed's stage 1: same importance, fewer kept layers, no stage 1 of its own
+        assert [s["name"] for s in half["stages"]] == ["stage2"] and half["plan"]["threshold"] == 0.5
+        for target, profile in drop["normalized_importance"].items():
+            assert half["normalized_importance"][target] == pytest.approx(profile, rel=1e-4)
+            assert len(half["retained"][target]) <= len(drop["retained"][target])
+        assert half["trainable_parameters"] <= drop["trainable_parameters"] < lora["trainable_parameters"]
+    assert _json(results / "lora" / "seed1.json")["eval_metrics"] != {}
+
+    # finished runs are skipped; a run without a result file continues from its newest checkpoint
+    assert "grid tiny: 0 runs to do" in _study(["run", *dirs], env)
+    before = _json(results / "lora" / "seed2.json")
+    os.remove(results / "lora" / "seed2.json")
+    log = _study(["run", *dirs], env)
+    assert "grid tiny: 1 runs to do" in log and "start e2e/lora seed 2" in log
+    again = _json(results / "lora" / "seed2.json")
+    launch_log = (tmp_path / "runs" / "tiny" / "e2e" / "lora" / "seed2" / "launch.log").read_text()
+    assert "resuming from" in launch_log and "checkpoints/train-step-000003" in launch_log
+    assert again["eval_metrics"]["bleu"] == before["eval_metrics"]["bleu"]
+    assert again["trainable_parameters"] == before["trainable_parameters"]
+
+    report = tmp_path / "REPRODUCTION.md"
+    text = _study(["report", *dirs, "--output", str(report)], env)
+    assert report.read_text() == text
+    assert "| LoRA | 2 |" in text and "| LoRA-drop (T = 0.9) | 2 |" in text and "| T = 0.5 | 2 |" in text
+    assert "| T = 1.0 (every layer: LoRA) (= e2e/lora) | 2 |" in text
+    assert " ± " in text and "reference" in text
+    assert "`e2e/T0.5`: `" in text and "--plan" in text
+    assert (tmp_path / "importance.png").read_bytes()[:4] == b"\x89PNG"
