@@ -213,6 +213,8 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
         ctx, lambda layout: attach_own_adapters(layout, lora.lora_r, lora.lora_alpha, lora.lora_dropout), cfg.train.seed
     )
     recorder = ImportanceRecorder(loaded.layout) if cfg.drop.importance_pass == "last_epoch" else None
+    if recorder is not None:
+        recorder.pause()  # until the last epoch's first training forward (the base-model evaluation comes first)
     steps_per_epoch = len(sample) // ctx.batch.global_batch_size
     planned_steps = steps_per_epoch * cfg.drop.stage1_epochs
     num_steps = count_steps(len(sample), ctx.batch, cfg.drop.stage1_epochs, cfg.stage1_max_steps, what="stage1 data")

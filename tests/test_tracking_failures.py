@@ -23,7 +23,7 @@ def setup(tmp_path_factory, e2e_dir):
     env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     store = f"sqlite:///{root / 'mlflow.db'}"
-    args = ["--model", "tiny-llama", "--data_dir", e2e_dir, "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+    args = ["--data_dir", e2e_dir, "--model", "tiny-llama", "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
             "--max_train_samples", "256", "--per_device_train_batch_size", "8", "--max_eval_samples", "4",
             "--max_new_tokens", "6", "--logging_steps", "2", "--mlflow_experiment", "faults"]
     return root, env, store, args
@@ -270,7 +270,7 @@ def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup):
     # a changed configuration is refused before anything is touched
     refused = _run([sys.executable, TRAIN, *common, "--output_dir", str(out), "--resume", "auto",
                     "--lora_r", "4"], env)
-    assert refused.returncode == 2 and "--resume with a changed configuration (lora.lora_r)" in refused.stderr
+    assert refused.returncode == 2 and "--resume with a changed configuration (lora.lora_r, lora.lora_alpha)" in refused.stderr  # alpha = 2 r
 
 
 def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
