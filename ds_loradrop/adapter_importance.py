@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from ds_loradrop.adapter_io import CONFIG_NAME, WEIGHTS_NAME, attach_saved_adapters
+from ds_loradrop.adapter_io import CONFIG_NAME, WEIGHTS_NAME, attach_saved_adapters, read_config_file
 from ds_loradrop.checkpoint import RUN_CONFIG_NAME
 from ds_loradrop.config import RunConfig
 from ds_loradrop.data import stratified_sample_indices, tokenize_examples
@@ -52,14 +52,8 @@ class SavedAdapter:
 
 def read_saved_adapter(directory: str) -> SavedAdapter:
     """Recognise this project's adapter directory or a plain PEFT LoRA one; UsageError otherwise."""
+    config = read_config_file(directory)
     config_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
-        raise UsageError(f"{directory!r} is not an adapter directory ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
-    try:
-        with open(config_path) as handle:
-            config = json.load(handle)
-    except ValueError as error:
-        raise UsageError(f"{config_path!r} is not valid JSON ({error})") from error
     if "layers" in config and "r" in config:
         return SavedAdapter("ds-loradrop", config["r"], config["lora_alpha"], list(config["layers"]),
                             config.get("base_model"))

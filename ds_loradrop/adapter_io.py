@@ -80,15 +80,23 @@ def copy_into_adapters(layout: AdapterLayout, state: dict[str, torch.Tensor], na
             adapters[name].lora_B.copy_(state[f"{name}.lora_B"])
 
 
-def read_adapter_config(directory: str) -> dict:
+def read_config_file(directory: str) -> dict:
+    """The adapter directory's ``adapter_config.json`` (any writer); UsageError unless it has that file,
+    the weights file and valid JSON."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
         raise UsageError(f"{directory!r} is not an adapter directory ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
     try:
         with open(path) as handle:
-            config = json.load(handle)
+            return json.load(handle)
     except ValueError as error:
         raise UsageError(f"{path!r} is not valid JSON ({error})") from error
+
+
+def read_adapter_config(directory: str) -> dict:
+    """This project's adapter config; UsageError for anything else."""
+    config = read_config_file(directory)
+    path = os.path.join(directory, CONFIG_NAME)
     missing = [key for key in ("r", "lora_alpha", "base_model", "layers") if key not in config]
     if missing:
         raise UsageError(f"{path!r} lacks {missing}: not an adapter written by ds-loradrop")

@@ -103,13 +103,14 @@ def collect_result(out: str, grid: Grid, cell: Cell, seed: int, command: list[st
 
 
 def ordered_runs(grid: Grid, only: list[str] | None, seeds: list[int]) -> list[tuple[Cell, int]]:
-    """(cell, seed) pairs to run, plan sources before the cells that need them, seed by seed."""
+    """(cell, seed) pairs to run: task by task, seed by seed, cells in grid order (where a plan's source
+    comes before the cells that use it), a source that ``only`` leaves out added first."""
     wanted = [c for c in grid.cells if c.same_as is None and (not only or c.name in only)]
     for cell in list(wanted):
         if cell.plan_from and grid.cell(cell.plan_from) not in wanted:
             wanted.insert(0, grid.cell(cell.plan_from))
-    wanted.sort(key=lambda c: c.plan_from is not None)  # sources (no plan_from) first, stable otherwise
-    return [(cell, seed) for seed in seeds for cell in wanted]
+    tasks = list(dict.fromkeys(cell.task for cell in wanted))
+    return [(cell, seed) for task in tasks for seed in seeds for cell in wanted if cell.task == task]
 
 
 class Progress:
