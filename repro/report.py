@@ -80,21 +80,31 @@ def kept(runs: list[dict]) -> str:
     return ", ".join(parts)
 
 
-def table(grid: Grid, name: str, results: dict[str, list[dict]], reference_cell: str) -> list[str]:
-    cells = [c for c in grid.cells if c.table == name]
+def tables(grid: Grid, name: str, results: dict[str, list[dict]]) -> list[str]:
+    """One table per task for the cells of table ``name``, differences against that task's LoRA-drop."""
+    tasks = list(dict.fromkeys(c.task for c in grid.cells if c.table == name))
+    lines = []
+    for task in tasks:
+        cells = [c for c in grid.cells if c.table == name and c.task == task]
+        lines += table(grid, name, task, cells, results, f"{task}/loradrop")
+    return lines
+
+
+def table(grid: Grid, name: str, task: str, cells: list[Cell], results: dict[str, list[dict]],
+          reference_cell: str) -> list[str]:
     if not any(runs_of(grid, c, results) for c in cells):
-        return []
+        return [f"### {TABLE_TITLES[name]}: {task}", "", "Not run yet.", ""]
     metric_names = [m for m in METRICS if any(metric_values(runs_of(grid, c, results), m) for c in cells)]
     reference = results.get(reference_cell, [])
     header = ["cell", "n", "kept layers (mean ± std / total)", "trainable params", "% of LoRA",
               *[f"{m} (mean ± std)" for m in metric_names], *[f"{m} vs LoRA-drop" for m in metric_names[:1]],
               "wall time per run (min)"]
-    lines = [f"### {TABLE_TITLES[name]}", "", PAPER_NOTES[name], "", "| " + " | ".join(header) + " |",
+    lines = [f"### {TABLE_TITLES[name]}: {task}", "", PAPER_NOTES[name], "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for cell in cells:
         runs = runs_of(grid, cell, results)
         if not runs:
-            lines.append(f"| {cell.label} | 0 | not run yet |" + " |" * (len(header) - 3))
+            lines.append("| " + " | ".join([cell.label, "0", "not run yet", *[""] * (len(header) - 3)]) + " |")
             continue
         params = [float(r["trainable_parameters"]) for r in runs]
         share = [100.0 * r["trainable_parameters"] / r["lora_parameters"] for r in runs if r["lora_parameters"]]
@@ -107,7 +117,7 @@ def table(grid: Grid, name: str, results: dict[str, list[dict]], reference_cell:
                fmt([r["wall_seconds"] / 60 for r in runs], 1)]
         lines.append("| " + " | ".join(row) + " |")
     base = [r for c in cells for r in runs_of(grid, c, results) if r.get("base_eval_metrics")]
-    if base:
+    if base and name == "main":
         values = [fmt(metric_values(base[:1], m, base=True)) for m in metric_names]
         lines.append(f"| base model (before training; greedy, seed-independent) | 1 | - | 0 | - | "
                      f"{' | '.join(values)} | - | - |")
@@ -163,8 +173,8 @@ def write_report(grid: Grid, results_dir: str, output: str) -> str:
         "the new runs.",
         "",
     ]
-    for name, reference in (("main", "e2e/loradrop"), ("threshold", "e2e/loradrop"), ("ablation", "e2e/loradrop")):
-        lines += table(grid, name, results, reference)
+    for name in ("main", "threshold", "ablation"):
+        lines += tables(grid, name, results)
     figure = os.path.join(os.path.dirname(os.path.abspath(output)), "repro", "figures", f"importance_{grid.name}.png")
     if grid.name != "paper":
         figure = os.path.join(os.path.dirname(os.path.abspath(output)), "importance.png")
