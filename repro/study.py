@@ -131,6 +131,12 @@ def run_one(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, pro
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "launch.log")
     if cell.plan_from and not os.path.isfile(os.path.join(out, "given_plan", "plan.json")):
+        source = grid.cell(cell.plan_from)
+        if not os.path.isdir(os.path.join(dirs.output_dir(grid, source, seed), "stage1_adapter")):
+            # Run directories are not committed: on another machine the source's stage 1 is rerun
+            # (deterministic: its result file is rewritten with the same numbers).
+            progress(f"{cell.name} seed {seed}: no stage 1 of {source.name} seed {seed} here; running it again")
+            run_one(dirs, grid, source, seed, python, progress, commit)
         command = plan_command(dirs, grid, cell, seed, python)
         with open(log_path, "a") as log:
             done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)

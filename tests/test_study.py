@@ -50,6 +50,7 @@ def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
             assert len(half["retained"][target]) <= len(drop["retained"][target])
         assert half["trainable_parameters"] <= drop["trainable_parameters"] < lora["trainable_parameters"]
     assert _json(results / "lora" / "seed1.json")["eval_metrics"] != {}
+    half_seed1 = _json(results / "T0.5" / "seed1.json")
 
     # finished runs are skipped; a run without a result file continues from its newest checkpoint
     assert "grid tiny: 0 runs to do" in _study(["run", *dirs], env)
@@ -62,6 +63,15 @@ def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
     assert "resuming from" in launch_log and "checkpoints/train-step-000003" in launch_log
     assert again["eval_metrics"]["bleu"] == before["eval_metrics"]["bleu"]
     assert again["trainable_parameters"] == before["trainable_parameters"]
+
+    # on a machine without the run directories a plan cell reruns its source's stage 1 first
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "tiny" / "e2e")
+    os.remove(results / "T0.5" / "seed1.json")
+    log = _study(["run", *dirs, "--only", "e2e/T0.5", "--seeds", "1"], env)
+    assert "no stage 1 of e2e/loradrop seed 1 here; running it again" in log and "done e2e/T0.5 seed 1" in log
+    assert _json(results / "T0.5" / "seed1.json")["retained"] == half_seed1["retained"]
 
     report = tmp_path / "REPRODUCTION.md"
     text = _study(["report", *dirs, "--output", str(report)], env)
