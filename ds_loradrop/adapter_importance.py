@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from ds_loradrop.adapter_io import CONFIG_NAME, WEIGHTS_NAME, attach_saved_adapters, read_config_file
 from ds_loradrop.checkpoint import RUN_CONFIG_NAME
 from ds_loradrop.config import RunConfig
-from ds_loradrop.data import stratified_sample_indices, tokenize_examples
+from ds_loradrop.data import stratified_sample, tokenize_examples
 from ds_loradrop.distributed import get_logger
 from ds_loradrop.errors import UsageError
 from ds_loradrop.lora import AdapterLayout, LoRAAdapter, LoRALinear, inject_lora
@@ -113,9 +113,7 @@ def stage1_sample(cfg: RunConfig, tokenizer) -> list[dict]:
     task = get_task(cfg.data.task)
     examples = load_training_examples(cfg, task)
     tokenized, _ = tokenize_examples(examples, tokenizer, cfg.data.max_seq_length)
-    rows = tokenized.to_list()
-    indices = stratified_sample_indices([row["stratum"] for row in rows], cfg.drop.sample_ratio, cfg.train.seed)
-    return [rows[i] for i in indices]
+    return stratified_sample(tokenized.to_list(), cfg.drop.sample_ratio, cfg.train.seed)
 
 
 def adapter_importance(adapter_dir: str, cfg: RunConfig, *, batch_size: int, model: str | None = None) -> Plan:
@@ -130,7 +128,7 @@ def adapter_importance(adapter_dir: str, cfg: RunConfig, *, batch_size: int, mod
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     sample = stage1_sample(cfg, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_causal_lm(model_path, torch.float32, cfg.model.trust_remote_code).to(device)
+    model = load_causal_lm(model_path, torch.float32, cfg.model.trust_remote_code)
     model.config.use_cache = False
     layout = inject_lora(model, saved.targets)
     if saved.kind == "peft":
@@ -141,7 +139,7 @@ def adapter_importance(adapter_dir: str, cfg: RunConfig, *, batch_size: int, mod
         if missing:
             raise UsageError(f"adapter {adapter_dir!r} has no LoRA on {', '.join(missing[:3])}: the importance needs "
                              f"one on every layer (a stage-1 or plain LoRA adapter)")
-    model.to(device)
+    model.to(device)  # after the adapters are attached: they are created on the CPU
     logger.info(f"importance of {adapter_dir} ({saved.kind}, r={saved.r}) over {len(sample)} sampled rows")
     sums, num_tokens = measure_importance(model, layout, sample, batch_size=batch_size,
                                           pad_token_id=tokenizer.pad_token_id, device=device)

