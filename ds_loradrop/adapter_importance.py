@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from ds_loradrop.adapter_io import CONFIG_NAME, WEIGHTS_NAME, attach_saved_adapters, read_config_file
+from ds_loradrop.adapter_io import (
+    CONFIG_NAME,
+    LORA_FAMILY,
+    WEIGHTS_NAME,
+    adapter_method,
+    attach_saved_adapters,
+    read_config_file,
+)
 from ds_loradrop.checkpoint import RUN_CONFIG_NAME
 from ds_loradrop.config import RunConfig
 from ds_loradrop.data import stratified_sample, tokenize_examples
@@ -55,6 +62,10 @@ def read_saved_adapter(directory: str) -> SavedAdapter:
     config = read_config_file(directory)
     config_path = os.path.join(directory, CONFIG_NAME)
     if "layers" in config and "r" in config:
+        method = adapter_method(config)
+        if method not in (*LORA_FAMILY, "sparse_lora"):
+            raise UsageError(f"{config_path!r} holds {method} adapters; importance is measured on LoRA adapters "
+                             f"(lora, loradrop, sparse_lora runs)")
         return SavedAdapter("ds-loradrop", config["r"], config["lora_alpha"], list(config["layers"]),
                             config.get("base_model"))
     if config.get("peft_type") == "LORA":

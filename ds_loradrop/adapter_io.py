@@ -2,8 +2,12 @@
 
 Layout of an adapter directory::
 
-    adapter_model.safetensors   {target}.layers.{i}.lora_A/B (own) and {target}.shared.lora_A/B (once)
-    adapter_config.json         r, alpha, targets, base model, which layers use which adapter
+    adapter_model.safetensors   {target}.layers.{i}.lora_A/B (own) and {target}.shared.lora_A/B (once);
+                                the other methods' tensors under the same per-layer names (VeRA's d and b,
+                                Tied-LoRA's u and v, a pruned LoRA's masks) and their shared tensors once
+                                (``vera_projection.vera_A/B``, ``{target}.tied.lora_A/B``)
+    adapter_config.json         method, r, alpha (and the method's settings), targets, base model, which
+                                layers use which adapter
     plan.json                   the LoRA-drop plan (when there is one)
 """
 
@@ -20,6 +24,9 @@ from ds_loradrop.engine import gathered_parameters
 from ds_loradrop.errors import UsageError
 from ds_loradrop.lora import AdapterLayout, LoRAAdapter, named_adapters
 from ds_loradrop.plan import Plan
+from ds_loradrop.sparse_lora import SparseLoRAAdapter
+from ds_loradrop.tied_lora import TiedLoRAAdapter, TiedPair, tied_pair_name
+from ds_loradrop.vera import PROJECTION_NAME, VeRAAdapter, VeRAProjection
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -31,8 +38,10 @@ def gather_adapter_state(layout: AdapterLayout) -> dict[str, torch.Tensor]:
     state = {}
     for name, adapter in named_adapters(layout).items():
         with gathered_parameters(adapter.parameters()):
-            state[f"{name}.lora_A"] = adapter.lora_A.detach().cpu().clone().contiguous()
-            state[f"{name}.lora_B"] = adapter.lora_B.detach().cpu().clone().contiguous()
+            tensors = {f"{name}.{key}": value for key, value in adapter.saved_tensors().items()}
+            tensors.update(adapter.shared_tensors())  # the same tensors again for each sharer: kept once
+            for key, value in tensors.items():
+                state[key] = value.detach().cpu().clone().contiguous()
     return state
 
 
@@ -46,16 +55,18 @@ def adapter_usage(layout: AdapterLayout) -> dict[str, list[str | None]]:
 
 
 def save_adapters(
-    layout: AdapterLayout, directory: str, *, r: int, alpha: float, base_model: str, plan: Plan | None
+    layout: AdapterLayout, directory: str, *, settings: dict, base_model: str, plan: Plan | None
 ) -> None:
-    """Gather on every rank, write on rank 0, then wait so other ranks can read the files."""
+    """Gather on every rank, write on rank 0, then wait so other ranks can read the files.
+
+    ``settings``: what rebuilds the adapters besides their tensors: ``method``, ``r`` and the method's own
+    values (``lora_alpha``; VeRA's ``d_initial``, ``projection_seed``; ``sparsity``)."""
     state = gather_adapter_state(layout)
     if is_rank_zero():
         os.makedirs(directory, exist_ok=True)
         save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "ds-loradrop"})
         config = {
-            "r": r,
-            "lora_alpha": alpha,
+            **settings,
             "targets": list(layout),
             "base_model": base_model,
             "layers": adapter_usage(layout),
@@ -97,10 +108,78 @@ def read_adapter_config(directory: str) -> dict:
     """This project's adapter config; UsageError for anything else."""
     config = read_config_file(directory)
     path = os.path.join(directory, CONFIG_NAME)
-    missing = [key for key in ("r", "lora_alpha", "base_model", "layers") if key not in config]
+    required = ("r", "base_model", "layers") + (() if adapter_method(config) == "vera" else ("lora_alpha",))
+    missing = [key for key in required if key not in config]
     if missing:
         raise UsageError(f"{path!r} lacks {missing}: not an adapter written by ds-loradrop")
     return config
+
+
+def adapter_method(config: dict) -> str:
+    """The method an adapter config was written by (files from before methods were recorded: LoRA)."""
+    return config.get("method", "lora")
+
+
+# Methods whose adapters are LoRA's own (A, B per adapter, possibly shared by several layers).
+LORA_FAMILY = ("lora", "loradrop")
+
+
+def _adapter_builder(config: dict, state: dict[str, torch.Tensor], directory: str):
+    """A function (name, wrapper) -> a new adapter of the saved method, its tensors copied in."""
+    method = adapter_method(config)
+
+    def need(*keys: str) -> list[torch.Tensor]:
+        absent = [key for key in keys if key not in state]
+        if absent:
+            raise UsageError(f"adapter weights in {directory!r} lack {absent}, which its config implies")
+        return [state[key] for key in keys]
+
+    if method in LORA_FAMILY or method == "sparse_lora":
+        kind = SparseLoRAAdapter if method == "sparse_lora" else LoRAAdapter
+        keys = ("lora_A", "lora_B", "mask_A", "mask_B") if method == "sparse_lora" else ("lora_A", "lora_B")
+
+        def build_lora(name, wrapper):
+            adapter = kind(wrapper.in_features, wrapper.out_features, config["r"], config["lora_alpha"])
+            adapter.is_shared = name.endswith(".shared")
+            with torch.no_grad():
+                for key, value in zip(keys, need(*[f"{name}.{key}" for key in keys])):
+                    getattr(adapter, key).copy_(value)
+            return adapter
+
+        return build_lora
+    if method == "vera":
+        projection = VeRAProjection(*need(f"{PROJECTION_NAME}.vera_A", f"{PROJECTION_NAME}.vera_B"))
+
+        def build_vera(name, wrapper):
+            adapter = VeRAAdapter(wrapper.in_features, wrapper.out_features, projection, config["d_initial"])
+            with torch.no_grad():
+                d, b = need(f"{name}.vera_lambda_d", f"{name}.vera_lambda_b")
+                adapter.vera_lambda_d.copy_(d)
+                adapter.vera_lambda_b.copy_(b)
+            return adapter
+
+        return build_vera
+    if method == "tied_lora":
+        pairs: dict[str, TiedPair] = {}
+
+        def build_tied(name, wrapper):
+            if wrapper.target not in pairs:
+                lora_A, lora_B = need(f"{tied_pair_name(wrapper.target)}.lora_A", f"{tied_pair_name(wrapper.target)}.lora_B")
+                pair = TiedPair(wrapper.in_features, wrapper.out_features, config["r"])
+                with torch.no_grad():
+                    pair.lora_A.copy_(lora_A)
+                    pair.lora_B.copy_(lora_B)
+                pairs[wrapper.target] = pair
+            adapter = TiedLoRAAdapter(pairs[wrapper.target], wrapper.target, config["lora_alpha"])
+            with torch.no_grad():
+                u, v = need(f"{name}.tied_u", f"{name}.tied_v")
+                adapter.tied_u.copy_(u)
+                adapter.tied_v.copy_(v)
+            return adapter
+
+        return build_tied
+    raise UsageError(f"{os.path.join(directory, CONFIG_NAME)!r} names method {method!r}, which this version "
+                     f"does not know")
 
 
 def attach_saved_adapters(layout: AdapterLayout, directory: str) -> None:
@@ -113,7 +192,8 @@ def attach_saved_adapters(layout: AdapterLayout, directory: str) -> None:
     if sorted(config["layers"]) != sorted(layout):
         raise UsageError(f"adapter targets {sorted(config['layers'])} do not match the model's {sorted(layout)}")
     state = load_adapter_state(directory)
-    built: dict[str, LoRAAdapter] = {}
+    build = _adapter_builder(config, state, directory)
+    built: dict[str, torch.nn.Module] = {}
     for target, names in config["layers"].items():
         wrappers = layout[target]
         if len(names) != len(wrappers):
@@ -123,12 +203,5 @@ def attach_saved_adapters(layout: AdapterLayout, directory: str) -> None:
                 wrapper.adapter = None
                 continue
             if name not in built:
-                if f"{name}.lora_A" not in state or f"{name}.lora_B" not in state:
-                    raise UsageError(f"adapter weights in {directory!r} lack {name!r}, which its config names")
-                adapter = LoRAAdapter(wrapper.in_features, wrapper.out_features, config["r"], config["lora_alpha"])
-                adapter.is_shared = name.endswith(".shared")
-                with torch.no_grad():
-                    adapter.lora_A.copy_(state[f"{name}.lora_A"])
-                    adapter.lora_B.copy_(state[f"{name}.lora_B"])
-                built[name] = adapter
+                built[name] = build(name, wrapper)
             wrapper.adapter = built[name]

@@ -34,6 +34,17 @@ DEFAULT_MICRO_BATCH_SIZE = 4
 DEFAULT_GRADIENT_ACCUMULATION_STEPS = 1
 DEFAULT_MAX_GRAD_NORM = 1.0
 
+# The other baselines, as the LoRA-drop paper runs them (its A.1): VeRA r = 512, Tied-LoRA r = 56,
+# Sparse Adapter at sparsity 0.5 with SNIP (scored on 320 examples, as its reference code does).
+DEFAULT_VERA_R = 512
+DEFAULT_VERA_D_INITIAL = 0.1
+DEFAULT_TIED_LORA_R = 56
+DEFAULT_SPARSITY = 0.5
+DEFAULT_SNIP_EXAMPLES = 320
+# Which method each baseline flag belongs to.
+METHOD_FLAGS = {"vera_r": "vera", "vera_d_initial": "vera", "vera_projection_seed": "vera",
+                "tied_lora_r": "tied_lora", "sparsity": "sparse_lora", "snip_examples": "sparse_lora"}
+
 
 @dataclass
 class ModelConfig:
@@ -119,6 +130,31 @@ class LoraConfig:
         default="q_proj,v_proj",
         metadata={"help": "Comma-separated names of the linear projections that get LoRA."},
     )
+    # The other baselines' settings; each is refused with another --method (defaults: the LoRA-drop paper's).
+    vera_r: int | None = field(
+        default=None, metadata={"help": f"--method vera: rank of the shared frozen pair (default {DEFAULT_VERA_R})."}
+    )
+    vera_d_initial: float | None = field(
+        default=None, metadata={"help": f"--method vera: initial value of every d vector (default {DEFAULT_VERA_D_INITIAL})."}
+    )
+    vera_projection_seed: int | None = field(
+        default=None,
+        metadata={"help": "--method vera: seed of the shared frozen pair (PEFT's projection_prng_key; default 0)."},
+    )
+    tied_lora_r: int | None = field(
+        default=None, metadata={"help": f"--method tied_lora: rank of the tied pair (default {DEFAULT_TIED_LORA_R}); "
+                                "alpha defaults to 2 r."}
+    )
+    sparsity: float | None = field(
+        default=None,
+        metadata={"help": f"--method sparse_lora: share of LoRA's entries pruned by SNIP, in [0, 1) (default "
+                  f"{DEFAULT_SPARSITY})."},
+    )
+    snip_examples: int | None = field(
+        default=None,
+        metadata={"help": f"--method sparse_lora: training examples SNIP scores on (default {DEFAULT_SNIP_EXAMPLES}, "
+                  "the reference code's)."},
+    )
 
     def __post_init__(self) -> None:
         if self.lora_r is not None and self.lora_r <= 0:
@@ -136,16 +172,15 @@ class LoraConfig:
     def target_names(self) -> list[str]:
         return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.lora_r
 
 
 @dataclass
 class DropConfig:
-    method: Literal["loradrop", "lora", "full"] = field(
+    method: Literal["loradrop", "lora", "full", "vera", "tied_lora", "sparse_lora"] = field(
         default="loradrop",
-        metadata={"help": "loradrop (two stages), lora (plain LoRA, no stage 1) or full (full fine-tuning)."},
+        metadata={"help": "loradrop (two stages), lora (plain LoRA, no stage 1), full (full fine-tuning), or the "
+                  "paper's other baselines: vera (VeRA), tied_lora (Tied-LoRA, TL6), sparse_lora (Sparse "
+                  "Adapter: LoRA pruned by SNIP)."},
     )
     sample_ratio: float = field(
         default=0.1, metadata={"help": "Stage 1: share of the training set in the stratified sample, in (0, 1]."}
@@ -403,10 +438,58 @@ class RunConfig:
         task = get_task(self.data.task)
         if self.data.max_seq_length is None:
             self.data.max_seq_length = task.default_max_seq_length
-        if self.lora.lora_r is None:
+        self._check_and_fill_baseline_settings()
+        # VeRA and Tied-LoRA have their own rank (VeRA no alpha): LoRA's stay unset, so that a saved
+        # run_config.json reads back without "--lora_r does not apply" errors.
+        if self.lora.lora_r is None and self.drop.method not in ("vera", "tied_lora"):
             self.lora.lora_r = task.default_lora_r
-        if self.lora.lora_alpha is None:
+        if self.lora.lora_alpha is None and self.drop.method != "vera":
             self.lora.lora_alpha = 2.0 * self.lora.lora_r
+
+    @property
+    def reference_lora_r(self) -> int:
+        """The rank of the plain LoRA a run's parameter count is compared with (the task's for VeRA and
+        Tied-LoRA, which have their own ranks)."""
+        from ds_loradrop.tasks import get_task
+
+        return self.lora.lora_r or get_task(self.data.task).default_lora_r
+
+    def _check_and_fill_baseline_settings(self) -> None:
+        """Refuse a baseline's flag given to another method and out-of-range values; fill the method's defaults."""
+        lora, method = self.lora, self.drop.method
+        for name, owner in METHOD_FLAGS.items():
+            if getattr(lora, name) is not None and owner != method:
+                raise UsageError(f"--{name} is a setting of --method {owner}; this run is --method {method}")
+        if method == "vera":
+            for name in ("lora_r", "lora_alpha"):
+                if getattr(lora, name) is not None:
+                    raise UsageError(f"--{name} does not apply to --method vera (its rank is --vera_r; VeRA has no "
+                                     "alpha scaling)")
+            lora.vera_r = DEFAULT_VERA_R if lora.vera_r is None else lora.vera_r
+            lora.vera_d_initial = DEFAULT_VERA_D_INITIAL if lora.vera_d_initial is None else lora.vera_d_initial
+            lora.vera_projection_seed = lora.vera_projection_seed or 0
+            if lora.vera_r <= 0:
+                raise UsageError(f"--vera_r must be a positive integer, got {lora.vera_r}")
+            if not (math.isfinite(lora.vera_d_initial) and lora.vera_d_initial > 0):
+                raise UsageError(f"--vera_d_initial must be > 0 (d = 0 would leave b without gradient), got "
+                                 f"{lora.vera_d_initial}")
+            if lora.vera_projection_seed < 0:
+                raise UsageError(f"--vera_projection_seed must be >= 0, got {lora.vera_projection_seed}")
+        elif method == "tied_lora":
+            if lora.lora_r is not None:
+                raise UsageError("--lora_r does not apply to --method tied_lora (its rank is --tied_lora_r)")
+            lora.tied_lora_r = DEFAULT_TIED_LORA_R if lora.tied_lora_r is None else lora.tied_lora_r
+            if lora.tied_lora_r <= 0:
+                raise UsageError(f"--tied_lora_r must be a positive integer, got {lora.tied_lora_r}")
+            if lora.lora_alpha is None:
+                lora.lora_alpha = 2.0 * lora.tied_lora_r
+        elif method == "sparse_lora":
+            lora.sparsity = DEFAULT_SPARSITY if lora.sparsity is None else lora.sparsity
+            lora.snip_examples = DEFAULT_SNIP_EXAMPLES if lora.snip_examples is None else lora.snip_examples
+            if not 0.0 <= lora.sparsity < 1.0:
+                raise UsageError(f"--sparsity must be in [0, 1) (the share of LoRA's entries pruned), got {lora.sparsity}")
+            if lora.snip_examples <= 0:
+                raise UsageError(f"--snip_examples must be > 0, got {lora.snip_examples}")
 
     @property
     def stage1_max_steps(self) -> int | None:

@@ -194,11 +194,25 @@ def full_model_fits(model: torch.nn.Module, share: float = 0.5) -> bool:
 
 
 def build_inference_engine(model: torch.nn.Module, ds_config: dict):
-    """A DeepSpeed engine without optimizer (ZeRO-3: partitioned weights and fetch hooks only)."""
+    """A DeepSpeed engine without optimizer (ZeRO-3: partitioned weights and fetch hooks only).
+
+    ZeRO stages 1 and 2 partition only optimizer state and gradients, which an engine without optimizer
+    does not have (DeepSpeed refuses them without one): the weights are whole on every rank, as under stage 0.
+    """
     for param in model.parameters():
         param.requires_grad_(False)
+    if zero_stage(ds_config) in (1, 2):
+        ds_config = {**ds_config, "zero_optimization": {**ds_config["zero_optimization"], "stage": 0}}
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     return engine
+
+
+def module_for_gradients_of_non_parameters(engine) -> torch.nn.Module:
+    """The engine's module, to differentiate with respect to tensors that are not parameters (SNIP's gates)
+    through a plain ``loss.backward()``: ZeRO-3's hooks on the module still gather the frozen weights for
+    forward and backward; the engine's own forward would add output hooks that only ``engine.backward``
+    (which needs an optimizer) may pass."""
+    return engine.module
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

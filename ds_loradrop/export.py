@@ -2,9 +2,11 @@
 
 - ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` that plain ``PeftModel.from_pretrained``
   loads: every layer that uses a shared adapter carries its own copy of it; layers without an adapter
-  (``--low_importance drop``) are left out of ``target_modules`` (exact module names).
-- ``merged``: the base model with ``W + (alpha/r) B A`` folded into each adapted projection, saved as a
-  normal Hugging Face checkpoint (safetensors) with the tokenizer.
+  (``--low_importance drop``) are left out of ``target_modules`` (exact module names). A pruned LoRA
+  (``sparse_lora``) is a LoRA with zeros; VeRA is PEFT's VeRA (the shared pair saved with it). PEFT has no
+  Tied-LoRA: that method exports as ``merged`` or ``loradrop``.
+- ``merged``: the base model with each adapted projection's update folded in (``W + (alpha/r) B A`` for
+  LoRA), saved as a normal Hugging Face checkpoint (safetensors) with the tokenizer.
 - ``loradrop``: the compact form as trained (own adapters, each shared adapter once, the plan).
 
 Only safetensors are read and written.
@@ -22,8 +24,10 @@ from safetensors.torch import save_file
 
 from ds_loradrop.adapter_io import (
     CONFIG_NAME,
+    LORA_FAMILY,
     PLAN_NAME,
     WEIGHTS_NAME,
+    adapter_method,
     attach_saved_adapters,
     read_adapter_config,
 )
@@ -54,10 +58,22 @@ def _module_names(model) -> dict[tuple[str, int], str]:
     return {(m.target, m.layer): name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+# Methods PEFT can express, and the formats that work for every method.
+PEFT_METHODS = (*LORA_FAMILY, "sparse_lora", "vera")
+
+
+def check_format(fmt: str, method: str) -> None:
+    if fmt == "peft" and method not in PEFT_METHODS:
+        raise UsageError(f"--format peft cannot express a {method} adapter (PEFT has no such method); the formats "
+                         f"that work for it are merged and loradrop")
+
+
 def export_peft(adapter_dir: str, output_dir: str) -> None:
-    from peft import LoraConfig
+    from peft import LoraConfig, VeraConfig
 
     model, config = load_adapted_model(adapter_dir)
+    method = adapter_method(config)
+    check_format("peft", method)
     names = _module_names(model)
     state, targets = {}, []
     for (target, layer), name in sorted(names.items(), key=lambda item: item[1]):
@@ -65,11 +81,24 @@ def export_peft(adapter_dir: str, output_dir: str) -> None:
         if wrapper.adapter is None:
             continue
         targets.append(name)
-        state[f"base_model.model.{name}.lora_A.weight"] = wrapper.adapter.lora_A.detach().clone().contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = wrapper.adapter.lora_B.detach().clone().contiguous()
-    peft_config = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=targets,
-                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                             base_model_name_or_path=config["base_model"])
+        tensors = wrapper.adapter.saved_tensors()
+        if method == "vera":
+            for key in ("vera_lambda_b", "vera_lambda_d"):
+                state[f"base_model.model.{name}.{key}"] = tensors[key].detach().clone().contiguous()
+            continue
+        state[f"base_model.model.{name}.lora_A.weight"] = tensors["lora_A"].detach().clone().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = tensors["lora_B"].detach().clone().contiguous()
+    if method == "vera":
+        shared = next(w.adapter for w in (model.get_submodule(n) for n in names.values()) if w.adapter is not None)
+        for key, value in shared.shared_tensors().items():
+            state[f"base_model.{key.rpartition('.')[2]}"] = value.detach().clone().contiguous()
+        peft_config = VeraConfig(r=config["r"], target_modules=targets, projection_prng_key=config["projection_seed"],
+                                 save_projection=True, vera_dropout=0.0, d_initial=config["d_initial"], bias="none",
+                                 task_type="CAUSAL_LM", base_model_name_or_path=config["base_model"])
+    else:
+        peft_config = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=targets,
+                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                                 base_model_name_or_path=config["base_model"])
     os.makedirs(output_dir, exist_ok=True)
     peft_config.save_pretrained(output_dir)
     save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -100,6 +129,7 @@ def export_run(run_dir: str, fmt: str, output_dir: str) -> str:
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; expected one of {list(FORMATS)}")
     adapter_dir = run_adapter_dir(run_dir)
+    check_format(fmt, adapter_method(read_adapter_config(adapter_dir)))
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise UsageError(f"export directory {output_dir!r} is not empty")
     # Written beside the target and renamed into place: a failed export leaves nothing half-written.

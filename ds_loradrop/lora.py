@@ -5,8 +5,17 @@ r)`` zeros, so an adapted model starts out equal to its base. Our own small modu
 LoRA-drop needs (a) one adapter *object* called from several layers and (b) the rank-r activation
 ``A x`` of every layer for the importance measure, and both are plain here.
 
-Adapters are found by type (:class:`LoRAAdapter`), never by parameter-name substrings, and a shared
-adapter is one module: it is counted and saved by identity.
+Adapters are found by where they sit (``LoRALinear.adapter``), never by parameter-name substrings, and
+a shared adapter is one module: it is counted and saved by identity.
+
+Every adapter kind (LoRA here; VeRA, Tied-LoRA and SNIP-pruned LoRA in their own modules) answers the
+same few questions, so that training, saving, merging and counting need no case per method:
+
+- ``forward(x, rank_activation_sink=None)``: the update ``delta(x)`` added to the base output;
+- ``delta_weight()``: the same update as a dense ``(out_features, in_features)`` matrix (unpartitioned);
+- ``saved_tensors()``: its own tensors by name, and ``shared_tensors()``: tensors it shares with other
+  adapters, under names global to the model (saved once);
+- ``num_masked``: trainable entries that are held at zero and not counted as parameters (0 unless pruned).
 """
 
 from __future__ import annotations
@@ -57,9 +66,20 @@ class LoRAAdapter(nn.Module):
         # Same init as PEFT / the LoRA paper's reference code: Kaiming-uniform A, zero B.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    num_masked = 0
+
     @property
     def num_parameters(self) -> int:
         return self.r * (self.in_features + self.out_features)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.lora_B.detach().float() @ self.lora_A.detach().float() * self.scaling
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
 
     def forward(self, x: torch.Tensor, rank_activation_sink: RankActivationSink | None = None) -> torch.Tensor:
         """Args: x (..., in_features). Returns (..., out_features)."""
@@ -77,7 +97,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.target = target
         self.layer = layer
-        self.adapter: LoRAAdapter | None = None
+        self.adapter: nn.Module | None = None  # LoRAAdapter or another adapter kind (see the module doc)
         self.rank_activation_sink: RankActivationSink | None = None
 
     @property
@@ -175,8 +195,10 @@ def unique_adapters(model: nn.Module) -> list[LoRAAdapter]:
 
 
 def count_trainable_parameters(model: nn.Module) -> int:
-    """Trainable parameters, each counted once (a shared adapter counts once)."""
-    return sum(numel_of(p) for p in model.parameters() if p.requires_grad)
+    """Trainable parameters, each counted once (a shared adapter counts once); entries a pruned adapter
+    holds at zero are not parameters."""
+    trained = sum(numel_of(p) for p in model.parameters() if p.requires_grad)
+    return trained - sum(adapter.num_masked for adapter in unique_adapters(model))
 
 
 def count_full_lora_parameters(layout: AdapterLayout, r: int) -> int:
@@ -203,10 +225,8 @@ def named_adapters(layout: AdapterLayout) -> dict[str, LoRAAdapter]:
 
 
 def merged_weight(wrapper: LoRALinear) -> torch.Tensor:
-    """``W + scaling * B A``: the dense weight equivalent to a wrapped layer (unpartitioned only)."""
+    """``W + delta W``: the dense weight equivalent to a wrapped layer (unpartitioned only)."""
     weight = wrapper.base.weight.detach()
     if wrapper.adapter is None:
         return weight.clone()
-    adapter = wrapper.adapter
-    delta = adapter.lora_B.detach().float() @ adapter.lora_A.detach().float() * adapter.scaling
-    return (weight.float() + delta).to(weight.dtype)
+    return (weight.float() + wrapper.adapter.delta_weight()).to(weight.dtype)

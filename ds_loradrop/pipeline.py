@@ -6,7 +6,9 @@
 4. Stage 2: a fresh model where retained layers have their own adapter and the others share one
    adapter per target (or have none), fine-tuned on the whole training set.
 
-``--method lora`` and ``--method full`` skip 1-3 and train every layer's adapter / every weight.
+``--method lora`` and ``--method full`` skip 1-3 and train every layer's adapter / every weight; the
+paper's other baselines (``vera``, ``tied_lora``) skip them too, and ``sparse_lora`` replaces them with a
+SNIP pass that fixes its masks.
 """
 
 from __future__ import annotations
@@ -64,7 +66,20 @@ from ds_loradrop.run_setup import (
     write_json,
     write_resolved_configs,
 )
+from ds_loradrop.snip import measure_saliency, scoring_rows
+from ds_loradrop.sparse_lora import (
+    MASKS_NAME,
+    apply_masks,
+    attach_sparse_adapters,
+    global_keep_masks,
+    load_masks,
+    masks_digest,
+    save_masks,
+    sparse_adapters,
+)
+from ds_loradrop.tied_lora import attach_tied_adapters
 from ds_loradrop.trainer import StageResult, count_steps, train_stage
+from ds_loradrop.vera import attach_vera_adapters
 
 logger = get_logger()
 
@@ -259,8 +274,8 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     confirm_same_plan_everywhere(plan)
     if is_rank_zero():
         plan.save(os.path.join(output_dir, "plan.json"))
-    save_adapters(loaded.layout, os.path.join(output_dir, STAGE1_ADAPTER_DIR), r=lora.lora_r,
-                  alpha=lora.lora_alpha, base_model=ctx.model_path, plan=plan)
+    save_adapters(loaded.layout, os.path.join(output_dir, STAGE1_ADAPTER_DIR), settings=adapter_settings(cfg),
+                  base_model=ctx.model_path, plan=plan)
     if is_rank_zero():
         ctx.log.plan(plan, output_dir)
     ds_engine.destroy_engine(engine)
@@ -282,20 +297,75 @@ def use_given_plan(ctx: RunContext) -> Plan:
 
 def confirm_same_plan_everywhere(plan: Plan) -> None:
     """Every rank reports the digest of its layer mask; any disagreement stops the run."""
-    digest = plan.mask_digest()
+    confirm_same_everywhere("layer mask", plan.mask_digest())
+
+
+def confirm_same_everywhere(what: str, digest: str) -> None:
     _, rank = get_world_size_and_rank()
-    logger.info(f"rank {rank} holds layer mask {digest}", extra={"all_ranks": True})
+    logger.info(f"rank {rank} holds {what} {digest}", extra={"all_ranks": True})
     digests = all_gather_object(digest)
     if len(set(digests)) != 1:
-        raise RuntimeError(f"ranks disagree on the layer mask: {digests}")
+        raise RuntimeError(f"ranks disagree on the {what}: {digests}")
 
 
-def _stage2_attach(ctx: RunContext, plan: Plan | None) -> Callable[[AdapterLayout], None] | None:
+def adapter_settings(cfg: RunConfig) -> dict:
+    """What the adapter files record besides tensors, to rebuild the adapters of this run's method."""
+    lora, method = cfg.lora, cfg.drop.method
+    if method == "vera":
+        return {"method": method, "r": lora.vera_r, "d_initial": lora.vera_d_initial,
+                "projection_seed": lora.vera_projection_seed}
+    if method == "tied_lora":
+        return {"method": method, "r": lora.tied_lora_r, "lora_alpha": lora.lora_alpha}
+    if method == "sparse_lora":
+        return {"method": method, "r": lora.lora_r, "lora_alpha": lora.lora_alpha, "sparsity": lora.sparsity}
+    return {"method": method, "r": lora.lora_r, "lora_alpha": lora.lora_alpha}
+
+
+def run_pruning(ctx: RunContext) -> tuple[dict[str, torch.Tensor], StageResult]:
+    """``--method sparse_lora``: score LoRA's entries with SNIP on a seeded sample, keep the best
+    ``1 - sparsity`` of them (rank 0 ranks, every rank checks it holds the same masks), save the masks."""
+    cfg, start = ctx.cfg, time.perf_counter()
+    indices = scoring_rows(len(ctx.rows), cfg.lora.snip_examples, cfg.train.seed)
+    lora = cfg.lora
+    # The same seed as the training model's adapters: training starts from the A that was scored.
+    loaded = _LoadedModel(
+        ctx, lambda layout: attach_sparse_adapters(layout, lora.lora_r, lora.lora_alpha, lora.lora_dropout),
+        cfg.train.seed + 1)
+    engine = ds_engine.build_inference_engine(loaded.model, ctx.ds_config)
+    scores = measure_saliency(ds_engine.module_for_gradients_of_non_parameters(engine), sparse_adapters(loaded.layout), [ctx.rows[i] for i in indices],
+                              batch_size=ctx.batch.micro_batch_size, pad_token_id=ctx.tokenizer.pad_token_id,
+                              device=ctx.device)
+    ds_engine.destroy_engine(engine)
+    masks = broadcast_object(global_keep_masks(scores, lora.sparsity) if is_rank_zero() else None)
+    confirm_same_everywhere("sparsity masks", masks_digest(masks))
+    kept = sum(int(mask.sum()) for mask in masks.values())
+    total = sum(mask.numel() for mask in masks.values())
+    logger.info(f"SNIP: scored on {len(indices)} examples; kept {kept}/{total} LoRA entries "
+                f"({100 * kept / total:.1f}%) in {time.perf_counter() - start:.1f}s")
+    if is_rank_zero():
+        save_masks(masks, os.path.join(cfg.train.output_dir, MASKS_NAME))
+    barrier()
+    return masks, StageResult("snip", seconds=time.perf_counter() - start)
+
+
+def _stage2_attach(ctx: RunContext, plan: Plan | None,
+                   masks: dict[str, torch.Tensor] | None = None) -> Callable[[AdapterLayout], None] | None:
     lora, method = ctx.cfg.lora, ctx.cfg.drop.method
     if method == "full":
         return None
     if method == "lora":
         return lambda layout: attach_own_adapters(layout, lora.lora_r, lora.lora_alpha, lora.lora_dropout)
+    if method == "vera":
+        return lambda layout: attach_vera_adapters(layout, lora.vera_r, lora.vera_d_initial,
+                                                   lora.vera_projection_seed, lora.lora_dropout)
+    if method == "tied_lora":
+        return lambda layout: attach_tied_adapters(layout, lora.tied_lora_r, lora.lora_alpha, lora.lora_dropout)
+    if method == "sparse_lora":
+        def attach_pruned(layout: AdapterLayout) -> None:
+            attach_sparse_adapters(layout, lora.lora_r, lora.lora_alpha, lora.lora_dropout)
+            apply_masks(layout, masks)
+
+        return attach_pruned
 
     def attach(layout: AdapterLayout) -> None:
         attach_planned_adapters(layout, plan, lora.lora_r, lora.lora_alpha, lora.lora_dropout)
@@ -307,10 +377,11 @@ def _stage2_attach(ctx: RunContext, plan: Plan | None) -> Callable[[AdapterLayou
     return attach
 
 
-def run_stage2(ctx: RunContext, plan: Plan | None) -> tuple[AdapterLayout, int, StageResult]:
+def run_stage2(ctx: RunContext, plan: Plan | None,
+               masks: dict[str, torch.Tensor] | None = None) -> tuple[AdapterLayout, int, StageResult]:
     """The final fine-tuning on the whole training set; returns (layout, trainable parameters, result)."""
     cfg = ctx.cfg
-    loaded = _LoadedModel(ctx, _stage2_attach(ctx, plan), cfg.train.seed + 1)
+    loaded = _LoadedModel(ctx, _stage2_attach(ctx, plan, masks), cfg.train.seed + 1)
     if cfg.drop.method == "full":
         for param in loaded.model.parameters():
             param.requires_grad_(True)
@@ -326,8 +397,8 @@ def run_stage2(ctx: RunContext, plan: Plan | None) -> tuple[AdapterLayout, int, 
     if cfg.drop.method == "full":
         save_full_model(engine, loaded.model, ctx, os.path.join(output_dir, FULL_MODEL_DIR))
     else:
-        save_adapters(loaded.layout, os.path.join(output_dir, FINAL_ADAPTER_DIR), r=cfg.lora.lora_r,
-                      alpha=cfg.lora.lora_alpha, base_model=ctx.model_path, plan=plan)
+        save_adapters(loaded.layout, os.path.join(output_dir, FINAL_ADAPTER_DIR), settings=adapter_settings(cfg),
+                      base_model=ctx.model_path, plan=plan)
     trainable = count_trainable_parameters(loaded.model)
     ds_engine.destroy_engine(engine)
     return loaded.layout, trainable, result
@@ -386,14 +457,23 @@ def train_and_save(ctx: RunContext, start: float) -> RunSummary:
     elif cfg.drop.method == "loradrop":
         plan, stage1 = run_stage1(ctx)
         stages.append(stage1)
-    layout, trainable, final = run_stage2(ctx, plan)
+    masks = None
+    saved_masks = os.path.join(cfg.train.output_dir, MASKS_NAME)
+    if cfg.drop.method == "sparse_lora" and cfg.train.resume is not None and os.path.isfile(saved_masks):
+        masks = load_masks(saved_masks)  # the SNIP pass is never rerun: the masks stay fixed across a resume
+        confirm_same_everywhere("sparsity masks", masks_digest(masks))
+        logger.info(f"SNIP finished before: using its masks ({saved_masks})")
+    elif cfg.drop.method == "sparse_lora":
+        masks, pruning = run_pruning(ctx)
+        stages.append(pruning)
+    layout, trainable, final = run_stage2(ctx, plan, masks)
     stages.append(final)
     peak_bytes, peak_kind = ds_engine.peak_memory(ctx.device)
     peak_per_rank = all_gather_object(peak_bytes)
     summary = RunSummary(
         method=cfg.drop.method,
         world_size=ctx.batch.world_size,
-        lora_parameters=count_full_lora_parameters(layout, cfg.lora.lora_r) if layout else 0,
+        lora_parameters=count_full_lora_parameters(layout, cfg.reference_lora_r) if layout else 0,
         trainable_parameters=trainable,
         retained=plan.layer_mask() if plan else {t: list(range(len(w))) for t, w in layout.items()},
         num_layers={t: len(w) for t, w in layout.items()},

@@ -24,6 +24,7 @@ from ds_loradrop.errors import UsageError
 from ds_loradrop.generation import prompt_token_budget
 from ds_loradrop.lora import inject_lora
 from ds_loradrop.models import build_on_meta, load_model_config, load_tokenizer, resolve_model_path
+from ds_loradrop.sparse_lora import MASKS_NAME
 from ds_loradrop.tasks import EvalExample, Task, get_task
 from ds_loradrop.trainer import count_steps
 
@@ -36,7 +37,7 @@ FINAL_ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
 BASE_EVAL_DIR = os.path.join("eval", "base")
 RUN_FILES = (RUN_CONFIG_NAME, SUMMARY_NAME, "plan.json", FINAL_ADAPTER_DIR, STAGE1_ADAPTER_DIR, FULL_MODEL_DIR, "eval",
-             "checkpoints", "plots", "tracking.json", DS_CONFIG_NAME)
+             "checkpoints", "plots", "tracking.json", DS_CONFIG_NAME, MASKS_NAME)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
     python launch/export.py --run outputs/default --format peft|merged|loradrop [--output_dir DIR]
 
-peft: a plain PEFT LoRA adapter (shared adapters copied into every layer that uses them); merged: the
+peft: a plain PEFT LoRA adapter (shared adapters copied into every layer that uses them; PEFT VeRA for
+--method vera; not for tied_lora, which PEFT lacks); merged: the
 base model with the adapters folded in; loradrop: the compact form with the plan.
 """
 
