@@ -44,6 +44,11 @@ class Grid:
         raise KeyError(name)
 
 
+# VeRA trains only scaling vectors and needs a larger step than LoRA (its paper and PEFT's docs); chosen by
+# a 30-step training-loss probe over 5e-4..2e-1 (repro/results/probes/vera_lr.json), not the evaluation set.
+VERA_LEARNING_RATE = "5e-2"
+
+
 def _e2e_cells(task: str) -> tuple[Cell, ...]:
     main = f"{task}/loradrop"
     # In the order the study runs them: the headline pair first, full fine-tuning (the slowest) last.
@@ -60,6 +65,17 @@ def _e2e_cells(task: str) -> tuple[Cell, ...]:
         Cell(f"{task}/random", "ablation", plan_from=main, plan_args=("--selection", "random"), label="random"),
         Cell(f"{task}/last_k", "ablation", plan_from=main, plan_args=("--selection", "last_k"), label="top-k (last k)"),
         Cell(f"{task}/full", "main", ("--method", "full", "--learning_rate", "5e-5"), label="Full fine-tuning"),
+        *_baseline_cells(task),
+    )
+
+
+def _baseline_cells(task: str) -> tuple[Cell, ...]:
+    """The paper's other baselines (its Table 1), with their defaults (VeRA r = 512, Tied-LoRA r = 56,
+    sparsity 0.5 with SNIP) and the same rows and steps as LoRA."""
+    return (
+        Cell(f"{task}/vera", "main", ("--method", "vera", "--learning_rate", VERA_LEARNING_RATE), label="VeRA (r = 512)"),
+        Cell(f"{task}/tied_lora", "main", ("--method", "tied_lora"), label="Tied-LoRA (TL6, r = 56)"),
+        Cell(f"{task}/sparse_lora", "main", ("--method", "sparse_lora"), label="Sparse Adapter (SNIP, sparsity 0.5)"),
     )
 
 
