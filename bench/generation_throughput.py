@@ -6,7 +6,7 @@
 Measures generated tokens per second of two ways to generate for the same real E2E validation prompts
 with the same model, in one run, one process (a plain Hugging Face model, no DeepSpeed engine):
 
-- ``batched`` (ours): ``ds_loradrop.generation.generate_predictions``, as the evaluation runs it:
+- ``batched`` (ours): ``ds_loradrop.eval.generation.generate_predictions``, as the evaluation runs it:
   prompts sorted by length (longest first), left-padded batches of ``--batch_size``, KV cache, greedy;
 - ``per_example`` (the peer): ``model.generate`` on one unpadded prompt at a time, with the same
   encoded (and clipped) prompts, greedy, the same ``max_new_tokens``, EOS and pad tokens, KV cache.
@@ -33,9 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from ds_loradrop.config import TINY_LLAMA, EvalConfig
-from ds_loradrop.generation import GenerationResult, encode_prompts, generate_predictions, prompt_token_budget
-from ds_loradrop.models import load_causal_lm, load_model_config, load_tokenizer, resolve_model_path
-from ds_loradrop.tasks import EvalExample, get_task
+from ds_loradrop.data.tasks import EvalExample, get_task
+from ds_loradrop.eval.generation import (
+    GenerationResult,
+    encode_prompts,
+    generate_predictions,
+    prompt_token_budget,
+)
+from ds_loradrop.models.loading import load_causal_lm, load_model_config, load_tokenizer, resolve_model_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,12 +48,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=TINY_LLAMA, help=f"{TINY_LLAMA!r} (the preset) or a checkpoint path")
-    parser.add_argument("--model_cache_dir", default=None, help="cache of the tiny-llama preset (default: the usual)")
+    parser.add_argument(
+        "--model", default=TINY_LLAMA, help=f"{TINY_LLAMA!r} (the preset) or a checkpoint path"
+    )
+    parser.add_argument(
+        "--model_cache_dir", default=None, help="cache of the tiny-llama preset (default: the usual)"
+    )
     parser.add_argument("--data_dir", default=os.path.join(REPO_ROOT, "..", "shared", "data", "e2e"))
     parser.add_argument("--num_inputs", type=int, default=128, help="first N distinct validation inputs")
-    parser.add_argument("--batch_size", type=int, default=EvalConfig.eval_batch_size,
-                        help="prompts per generate() call in the batched mode (default: the evaluation's)")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=EvalConfig.eval_batch_size,
+        help="prompts per generate() call in the batched mode (default: the evaluation's)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default: the task's (64 for E2E)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -68,9 +81,17 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def generate_one_by_one(model, tokenizer, examples: list[EvalExample], *, max_new_tokens: int,
-                        device: torch.device, max_prompt_tokens: int) -> GenerationResult:
-    """The peer: ``model.generate`` per prompt (no padding), greedy, counted as generate_predictions counts."""
+def generate_one_by_one(
+    model,
+    tokenizer,
+    examples: list[EvalExample],
+    *,
+    max_new_tokens: int,
+    device: torch.device,
+    max_prompt_tokens: int,
+) -> GenerationResult:
+    """The peer: ``model.generate`` per prompt (no padding), greedy, counted as generate_predictions
+    counts."""
     prompt_ids = encode_prompts(tokenizer, [ex.prompt for ex in examples], max_prompt_tokens)
     pad_token_id = tokenizer.pad_token_id
     model.eval()
@@ -89,7 +110,7 @@ def generate_one_by_one(model, tokenizer, examples: list[EvalExample], *, max_ne
             pad_token_id=pad_token_id,
             use_cache=True,
         )
-        tokens = output[0, input_ids.shape[1]:].cpu()
+        tokens = output[0, input_ids.shape[1] :].cpu()
         kept = tokens[tokens != pad_token_id]
         generated += int(kept.numel())
         predictions.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
@@ -103,8 +124,9 @@ def main(args) -> dict:
     task = get_task("e2e")
     examples = task.load_eval(args.data_dir, "validation", args.num_inputs)
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    model_path = resolve_model_path(args.model, args.model_cache_dir,
-                                    lambda rows: task.training_text(args.data_dir, rows, "train"))
+    model_path = resolve_model_path(
+        args.model, args.model_cache_dir, lambda rows: task.training_text(args.data_dir, rows, "train")
+    )
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, DTYPES[args.dtype])
     device = torch.device(args.device)
@@ -113,64 +135,98 @@ def main(args) -> dict:
     common = {"max_new_tokens": max_new_tokens, "device": device, "max_prompt_tokens": max_prompt_tokens}
 
     def batched(batch: list[EvalExample]) -> GenerationResult:
-        result = generate_predictions(model, tokenizer, batch, batch_size=args.batch_size, num_beams=1,
-                                      synced_gpus=False, **common)
+        result = generate_predictions(
+            model, tokenizer, batch, batch_size=args.batch_size, num_beams=1, synced_gpus=False, **common
+        )
         synchronize(device)
         return result
 
     # Untimed warm-up: one small batch in each mode.
-    batched(examples[:min(len(examples), args.batch_size)])
+    batched(examples[: min(len(examples), args.batch_size)])
     generate_one_by_one(model, tokenizer, examples[:1], **common)
 
-    runs = {"batched": batched(examples), "per_example": generate_one_by_one(model, tokenizer, examples, **common)}
-    differing = [i for i, (a, b) in enumerate(zip(runs["batched"].predictions, runs["per_example"].predictions))
-                 if a != b]
-    prompt_lengths = [len(ids) for ids in encode_prompts(tokenizer, [ex.prompt for ex in examples], max_prompt_tokens)]
+    runs = {
+        "batched": batched(examples),
+        "per_example": generate_one_by_one(model, tokenizer, examples, **common),
+    }
+    differing = [
+        i
+        for i, (a, b) in enumerate(zip(runs["batched"].predictions, runs["per_example"].predictions))
+        if a != b
+    ]
+    prompt_lengths = [
+        len(ids) for ids in encode_prompts(tokenizer, [ex.prompt for ex in examples], max_prompt_tokens)
+    ]
     results = {
         "model": args.model if args.model != TINY_LLAMA else f"{TINY_LLAMA} ({model_path})",
-        "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
-        "num_inputs": len(examples), "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
-        "prompt_tokens_min": min(prompt_lengths), "prompt_tokens_max": max(prompt_lengths),
+        "dtype": args.dtype,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "num_inputs": len(examples),
+        "batch_size": args.batch_size,
+        "max_new_tokens": max_new_tokens,
+        "prompt_tokens_min": min(prompt_lengths),
+        "prompt_tokens_max": max(prompt_lengths),
         "prompt_tokens_mean": sum(prompt_lengths) / len(prompt_lengths),
     }
     for name, run in runs.items():
-        results[name] = {"inputs": len(run.predictions), "generated_tokens": run.num_generated_tokens,
-                         "seconds": run.seconds, "tokens_per_second": run.tokens_per_second}
-    results["batched_over_per_example"] = (results["batched"]["tokens_per_second"]
-                                           / results["per_example"]["tokens_per_second"])
+        results[name] = {
+            "inputs": len(run.predictions),
+            "generated_tokens": run.num_generated_tokens,
+            "seconds": run.seconds,
+            "tokens_per_second": run.tokens_per_second,
+        }
+    results["batched_over_per_example"] = (
+        results["batched"]["tokens_per_second"] / results["per_example"]["tokens_per_second"]
+    )
     results["identical_predictions"] = not differing
     results["num_differing_predictions"] = len(differing)
     results["differing_indices"] = differing
     results["examples_of_differences"] = [
-        {"index": i, "id": examples[i].id, "batched": runs["batched"].predictions[i],
-         "per_example": runs["per_example"].predictions[i]} for i in differing[:3]
+        {
+            "index": i,
+            "id": examples[i].id,
+            "batched": runs["batched"].predictions[i],
+            "per_example": runs["per_example"].predictions[i],
+        }
+        for i in differing[:3]
     ]
     return results
 
 
 def report(results: dict) -> str:
     lines = [
-        (f"model {results['model']}, {results['dtype']} on {results['device']} x {results['threads']} thread(s); "
-         f"{results['num_inputs']} E2E validation inputs ({results['prompt_tokens_min']}-{results['prompt_tokens_max']} "
-         f"prompt tokens, mean {results['prompt_tokens_mean']:.1f}), greedy, max_new_tokens "
-         f"{results['max_new_tokens']}, batch size {results['batch_size']}"),
+        (
+            f"model {results['model']}, {results['dtype']} on {results['device']} x "
+            f"{results['threads']} thread(s); "
+            f"{results['num_inputs']} E2E validation inputs "
+            f"({results['prompt_tokens_min']}-{results['prompt_tokens_max']} "
+            f"prompt tokens, mean {results['prompt_tokens_mean']:.1f}), greedy, max_new_tokens "
+            f"{results['max_new_tokens']}, batch size {results['batch_size']}"
+        ),
         "",
         "| mode | inputs | generated tokens | seconds | tokens/s |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in ("batched", "per_example"):
         r = results[name]
-        lines.append(f"| {name} | {r['inputs']} | {r['generated_tokens']} | {r['seconds']:.2f} | "
-                     f"{r['tokens_per_second']:.0f} |")
+        lines.append(
+            f"| {name} | {r['inputs']} | {r['generated_tokens']} | {r['seconds']:.2f} | "
+            f"{r['tokens_per_second']:.0f} |"
+        )
     lines += [
         "",
         f"batched / per_example (tokens/s): {results['batched_over_per_example']:.2f}x",
-        (f"identical predictions: {results['identical_predictions']} "
-         f"({results['num_differing_predictions']} of {results['num_inputs']} differ)"),
+        (
+            f"identical predictions: {results['identical_predictions']} "
+            f"({results['num_differing_predictions']} of {results['num_inputs']} differ)"
+        ),
     ]
     for diff in results["examples_of_differences"]:
-        lines.append(f"  input {diff['index']} ({diff['id']}): batched {diff['batched']!r} "
-                     f"vs per_example {diff['per_example']!r}")
+        lines.append(
+            f"  input {diff['index']} ({diff['id']}): batched {diff['batched']!r} "
+            f"vs per_example {diff['per_example']!r}"
+        )
     return "\n".join(lines)
 
 

@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch.profiler import ProfilerActivity, profile
 from train_throughput import OursContender, PeerContender, build_model, parse_args, prepare_rows
 
-from ds_loradrop import engine as ds_engine
-from ds_loradrop.lora import attach_own_adapters
+from ds_loradrop.method.placement import attach_own_adapters
+from ds_loradrop.training import engine as ds_engine
 
 
 def main() -> None:
@@ -31,13 +31,19 @@ def main() -> None:
                 peer.train(warmup_rows, 0, args.warmup_steps)
                 peer.train(timed_rows, 0, args.steps)
             else:
-                ours = OursContender(args, model, lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r,
-                                                                                  0.0), pad)
+                ours = OursContender(
+                    args, model, lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0), pad
+                )
                 ours.train(warmup_rows, 0, args.warmup_steps)
                 ours.train(timed_rows, 0, args.steps)
                 ds_engine.destroy_engine(ours.engine)
-        print(f"\n## {name}: top operators by self CPU time ({args.warmup_steps} warm-up + {args.steps} steps)\n")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40))
+        print(
+            f"\n## {name}: top operators by self CPU time ({args.warmup_steps} warm-up + {args.steps} "
+            "steps)\n"
+        )
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40)
+        )
 
 
 if __name__ == "__main__":

@@ -41,17 +41,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from ds_loradrop import engine as ds_engine
-from ds_loradrop.data import IGNORE_INDEX, collate, tokenize_examples
-from ds_loradrop.distributed import all_gather_object, get_world_size_and_rank, is_rank_zero
-from ds_loradrop.ds_config import BatchSettings
-from ds_loradrop.importance import ImportanceRecorder
-from ds_loradrop.lora import attach_own_adapters, freeze_all_but_adapters, inject_lora
-from ds_loradrop.models import TINY_LLAMA, load_tokenizer, resolve_model_path
-from ds_loradrop.plan import attach_planned_adapters, build_plan
-from ds_loradrop.probe import measure_importance
-from ds_loradrop.tasks import get_task
-from ds_loradrop.trainer import train_stage
+from ds_loradrop.data.batching import IGNORE_INDEX, collate, tokenize_examples
+from ds_loradrop.data.tasks import get_task
+from ds_loradrop.method.importance import ImportanceRecorder
+from ds_loradrop.method.placement import (
+    attach_own_adapters,
+    attach_planned_adapters,
+    freeze_all_but_adapters,
+    inject_lora,
+)
+from ds_loradrop.method.plan import build_plan
+from ds_loradrop.method.probe import measure_importance
+from ds_loradrop.models.loading import TINY_LLAMA, load_tokenizer, resolve_model_path
+from ds_loradrop.training import engine as ds_engine
+from ds_loradrop.training.distributed import all_gather_object, get_world_size_and_rank, is_rank_zero
+from ds_loradrop.training.ds_config import BatchSettings
+from ds_loradrop.training.loop import train_stage
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MAX_SEQ_LENGTH = {"e2e": 128, "dart": 128, "dialogsum": 384, "gsm8k": 384}
@@ -65,9 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--global_batch_size", type=int, default=16)
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per contender")
-    parser.add_argument("--chunk_steps", type=int, default=2,
-                        help="contenders alternate every this many timed steps (small: drifts of a shared "
-                        "machine hit them alike)")
+    parser.add_argument(
+        "--chunk_steps",
+        type=int,
+        default=2,
+        help="contenders alternate every this many timed steps (small: drifts of a shared "
+        "machine hit them alike)",
+    )
     parser.add_argument("--max_seq_length", type=int, default=None)
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--intermediate_size", type=int, default=1792)
@@ -87,9 +96,15 @@ def build_model(args, vocab_size: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_heads,
-        max_position_embeddings=1024, use_cache=False, attn_implementation="sdpa",
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_heads,
+        max_position_embeddings=1024,
+        use_cache=False,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(args.seed)
     return LlamaForCausalLM(config)
@@ -158,8 +173,10 @@ def chunk_ratios(numerator: ChunkTimings, denominator: ChunkTimings) -> list[flo
 
 
 def median_and_range(values: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
-    return (f"median of {len(values)} chunks {statistics.median(values) * scale:{fmt}}, "
-            f"range {min(values) * scale:{fmt}}-{max(values) * scale:{fmt}}")
+    return (
+        f"median of {len(values)} chunks {statistics.median(values) * scale:{fmt}}, "
+        f"range {min(values) * scale:{fmt}}-{max(values) * scale:{fmt}}"
+    )
 
 
 def minor_page_faults() -> int:
@@ -177,11 +194,20 @@ class PeerContender:
         from peft import LoraConfig, get_peft_model
 
         world_size, self.rank = get_world_size_and_rank()
-        self.model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                      target_modules=TARGETS, task_type="CAUSAL_LM"))
+        self.model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.lora_r,
+                lora_alpha=2 * args.lora_r,
+                lora_dropout=0.0,
+                target_modules=TARGETS,
+                task_type="CAUSAL_LM",
+            ),
+        )
         self.trained = torch.nn.parallel.DistributedDataParallel(self.model) if world_size > 1 else self.model
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
-                                           lr=args.learning_rate)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate
+        )
         self.args, self.pad_token_id = args, pad_token_id
         self.per_rank = args.global_batch_size // world_size
         self.timings = ChunkTimings()
@@ -195,11 +221,12 @@ class PeerContender:
         faults_before, num_target_tokens = minor_page_faults(), 0
         start = time.perf_counter()
         for step in range(first_step, last_step):
-            global_batch = order[step * size:(step + 1) * size]
-            mine = global_batch[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            global_batch = order[step * size : (step + 1) * size]
+            mine = global_batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
             batch = collate([rows[i] for i in mine], self.pad_token_id)
-            loss = self.trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                labels=batch["labels"]).loss
+            loss = self.trained(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
@@ -207,22 +234,34 @@ class PeerContender:
             if timed:
                 num_target_tokens += target_tokens([rows[i] for i in global_batch])
         if timed:
-            self.timings.record(time.perf_counter() - start, num_target_tokens, last_step - first_step,
-                                minor_page_faults() - faults_before)
+            self.timings.record(
+                time.perf_counter() - start,
+                num_target_tokens,
+                last_step - first_step,
+                minor_page_faults() - faults_before,
+            )
 
 
 def _batch_settings(args) -> BatchSettings:
     world_size, _ = get_world_size_and_rank()
-    return BatchSettings(micro_batch_size=args.global_batch_size // world_size, gradient_accumulation_steps=1,
-                         world_size=world_size, max_grad_norm=1.0)
+    return BatchSettings(
+        micro_batch_size=args.global_batch_size // world_size,
+        gradient_accumulation_steps=1,
+        world_size=world_size,
+        max_grad_norm=1.0,
+    )
 
 
 def _ds_config(batch: BatchSettings) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": batch.micro_batch_size, "gradient_accumulation_steps": 1,
-        "train_batch_size": batch.global_batch_size, "gradient_clipping": batch.max_grad_norm,
-        "zero_optimization": {"stage": 2 if batch.world_size > 1 else 0}, "bf16": {"enabled": False},
-        "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": batch.global_batch_size,
+        "gradient_clipping": batch.max_grad_norm,
+        "zero_optimization": {"stage": 2 if batch.world_size > 1 else 0},
+        "bf16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
     }
 
 
@@ -236,10 +275,21 @@ class OursContender:
         freeze_all_but_adapters(model)
         self.batch = _batch_settings(args)
         self.engine = ds_engine.build_engine(
-            model, _ds_config(self.batch), learning_rate=args.learning_rate, weight_decay=0.0,
-            lr_scheduler="constant_with_warmup", num_warmup_steps=0, num_training_steps=args.warmup_steps + args.steps)
-        self.common = {"name": "bench", "seed": args.seed, "pad_token_id": pad_token_id, "logging_steps": 10**9,
-                       "device": ds_engine.local_device()}
+            model,
+            _ds_config(self.batch),
+            learning_rate=args.learning_rate,
+            weight_decay=0.0,
+            lr_scheduler="constant_with_warmup",
+            num_warmup_steps=0,
+            num_training_steps=args.warmup_steps + args.steps,
+        )
+        self.common = {
+            "name": "bench",
+            "seed": args.seed,
+            "pad_token_id": pad_token_id,
+            "logging_steps": 10**9,
+            "device": ds_engine.local_device(),
+        }
         self.timings = ChunkTimings()
         # --importance_pass last_epoch: the importance recorder watches every training forward
         self.recorder = ImportanceRecorder(self.layout) if record_importance else None
@@ -250,11 +300,23 @@ class OursContender:
         faults_before = minor_page_faults()
         with recorder.recording() if recorder is not None else contextlib.nullcontext():
             result = train_stage(
-                self.engine, rows, self.batch, num_steps=last_step, start_step=first_step, **self.common,
-                before_forward=None if recorder is None else lambda _, mb: recorder.set_token_mask(mb["attention_mask"]))
+                self.engine,
+                rows,
+                self.batch,
+                num_steps=last_step,
+                start_step=first_step,
+                **self.common,
+                before_forward=None
+                if recorder is None
+                else lambda _, mb: recorder.set_token_mask(mb["attention_mask"]),
+            )
         if timed:
-            self.timings.record(result.seconds, result.num_target_tokens, last_step - first_step,
-                                minor_page_faults() - faults_before)
+            self.timings.record(
+                result.seconds,
+                result.num_target_tokens,
+                last_step - first_step,
+                minor_page_faults() - faults_before,
+            )
 
 
 def prepare_rows(args) -> tuple[object, list[dict], list[dict]]:
@@ -264,11 +326,15 @@ def prepare_rows(args) -> tuple[object, list[dict], list[dict]]:
     data_dir = args.data_dir or os.path.join(REPO_ROOT, "..", "shared", "data", args.task)
     e2e_dir = os.path.join(REPO_ROOT, "..", "shared", "data", "e2e")
     # The preset as training builds it (on rank 0, shared with every rank): only its tokenizer is used.
-    preset = resolve_model_path(TINY_LLAMA, None, lambda max_rows: get_task("e2e").training_text(e2e_dir, max_rows))
+    preset = resolve_model_path(
+        TINY_LLAMA, None, lambda max_rows: get_task("e2e").training_text(e2e_dir, max_rows)
+    )
     tokenizer = load_tokenizer(preset)
     num_timed, num_warmup = args.steps * args.global_batch_size, args.warmup_steps * args.global_batch_size
     examples = task.load_train(data_dir, num_timed + num_warmup)
-    tokenized, _ = tokenize_examples(examples, tokenizer, args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH[args.task])
+    tokenized, _ = tokenize_examples(
+        examples, tokenizer, args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH[args.task]
+    )
     rows = tokenized.to_list()
     return tokenizer, rows[num_timed:], rows[:num_timed]
 
@@ -280,14 +346,21 @@ def main(args) -> dict:
     pad_token_id = tokenizer.pad_token_id
     max_seq_length = args.max_seq_length or DEFAULT_MAX_SEQ_LENGTH[args.task]
 
-    results = {"task": args.task, "world_size": world_size, "threads_per_rank": torch.get_num_threads(),
-               "global_batch_size": args.global_batch_size, "steps": args.steps, "max_seq_length": max_seq_length}
+    results = {
+        "task": args.task,
+        "world_size": world_size,
+        "threads_per_rank": torch.get_num_threads(),
+        "global_batch_size": args.global_batch_size,
+        "steps": args.steps,
+        "max_seq_length": max_seq_length,
+    }
     peak_before = matmul_peak(torch.float32)
 
     model = build_model(args, len(tokenizer))
     matmul_params = non_embedding_matmul_parameters(model)
     results["non_embedding_parameters"] = sum(
-        p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+        p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name
+    )
     initial = {name: value.clone() for name, value in model.state_dict().items()}
 
     # Every contender starts from the same weights, warms up untimed, then all are timed in alternating
@@ -300,21 +373,46 @@ def main(args) -> dict:
 
     peer = PeerContender(args, fresh_model(), pad_token_id)
     peer.train(warmup_rows, 0, args.warmup_steps, timed=False)
-    lora = OursContender(args, fresh_model(), lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
-                         pad_token_id)
+    lora = OursContender(
+        args,
+        fresh_model(),
+        lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
+        pad_token_id,
+    )
     lora.train(warmup_rows, 0, args.warmup_steps, timed=False)
-    sums, num_tokens = measure_importance(lora.engine, lora.layout, warmup_rows,
-                                          batch_size=lora.batch.micro_batch_size, pad_token_id=pad_token_id,
-                                          device=ds_engine.local_device())
-    plan = build_plan(sums, num_tokens, threshold=0.9, selection="output_norm", low_importance="share", seed=args.seed,
-                      sample_ratio=1.0, num_sampled=len(warmup_rows), world_size=world_size)
+    sums, num_tokens = measure_importance(
+        lora.engine,
+        lora.layout,
+        warmup_rows,
+        batch_size=lora.batch.micro_batch_size,
+        pad_token_id=pad_token_id,
+        device=ds_engine.local_device(),
+    )
+    plan = build_plan(
+        sums,
+        num_tokens,
+        threshold=0.9,
+        selection="output_norm",
+        low_importance="share",
+        seed=args.seed,
+        sample_ratio=1.0,
+        num_sampled=len(warmup_rows),
+        world_size=world_size,
+    )
     loradrop = OursContender(
-        args, fresh_model(), lambda lay: attach_planned_adapters(lay, plan, args.lora_r, 2 * args.lora_r, 0.0),
-        pad_token_id)
+        args,
+        fresh_model(),
+        lambda lay: attach_planned_adapters(lay, plan, args.lora_r, 2 * args.lora_r, 0.0),
+        pad_token_id,
+    )
     loradrop.train(warmup_rows, 0, args.warmup_steps, timed=False)
-    recording = OursContender(args, fresh_model(),
-                              lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0), pad_token_id,
-                              record_importance=True)
+    recording = OursContender(
+        args,
+        fresh_model(),
+        lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
+        pad_token_id,
+        record_importance=True,
+    )
     recording.train(warmup_rows, 0, args.warmup_steps, timed=False)
     named = {"peer": peer, "ours": lora, "ours_loradrop": loradrop, "ours_recording_importance": recording}
     for first in range(0, args.steps, args.chunk_steps):
@@ -324,21 +422,32 @@ def main(args) -> dict:
 
     # The importance pass over the timed rows against a 3-epoch stage 1 over them.
     start = time.perf_counter()
-    measure_importance(lora.engine, lora.layout, timed_rows, batch_size=lora.batch.micro_batch_size,
-                       pad_token_id=pad_token_id, device=ds_engine.local_device())
+    measure_importance(
+        lora.engine,
+        lora.layout,
+        timed_rows,
+        batch_size=lora.batch.micro_batch_size,
+        pad_token_id=pad_token_id,
+        device=ds_engine.local_device(),
+    )
     importance_seconds = max(all_gather_object(time.perf_counter() - start))
     results["importance_seconds"] = importance_seconds
-    results["importance_share_of_stage1"] = importance_seconds / (3 * timings["ours"].seconds + importance_seconds)
+    results["importance_share_of_stage1"] = importance_seconds / (
+        3 * timings["ours"].seconds + importance_seconds
+    )
     # last_epoch: the recorder runs during the last of 3 epochs; its cost is the extra time of that epoch
     ours_seconds = timings["ours"].seconds
-    results["recording_share_of_stage1"] = (timings["ours_recording_importance"].seconds - ours_seconds) / (3 * ours_seconds)
+    results["recording_share_of_stage1"] = (timings["ours_recording_importance"].seconds - ours_seconds) / (
+        3 * ours_seconds
+    )
     # Per-chunk ratios: the contenders ran the same steps back to back, so a burst of the shared machine
     # hits one chunk's ratio, and their median ignores it.
     results["chunk_ratios"] = {
         "ours_over_peer": chunk_ratios(timings["peer"], timings["ours"]),
         "loradrop_over_lora_step_time": chunk_ratios(timings["ours_loradrop"], timings["ours"]),
-        "recording_share_of_stage1": [(r - 1) / 3 for r in chunk_ratios(timings["ours_recording_importance"],
-                                                                          timings["ours"])],
+        "recording_share_of_stage1": [
+            (r - 1) / 3 for r in chunk_ratios(timings["ours_recording_importance"], timings["ours"])
+        ],
     }
     for contender in (lora, loradrop, recording):
         ds_engine.destroy_engine(contender.engine)
@@ -360,8 +469,12 @@ def main(args) -> dict:
             "flop_utilization": flops / timing.seconds / (peak * world_size),
             "minor_page_faults_per_step": timing.page_faults / timing.steps,
         }
-    results["ours_over_peer"] = results["ours"]["target_tokens_per_second"] / results["peer"]["target_tokens_per_second"]
-    results["loradrop_over_lora_step_time"] = results["ours_loradrop"]["step_seconds"] / results["ours"]["step_seconds"]
+    results["ours_over_peer"] = (
+        results["ours"]["target_tokens_per_second"] / results["peer"]["target_tokens_per_second"]
+    )
+    results["loradrop_over_lora_step_time"] = (
+        results["ours_loradrop"]["step_seconds"] / results["ours"]["step_seconds"]
+    )
     rss = all_gather_object(results["peak_rss_gib"])
     results["peak_rss_gib_per_rank"] = rss
     return results
@@ -370,30 +483,51 @@ def main(args) -> dict:
 def report(results: dict) -> str:
     chunks = results["chunk_ratios"]
     lines = [
-        (f"task {results['task']}, {results['world_size']} rank(s) x {results['threads_per_rank']} thread(s), "
-        f"global batch {results['global_batch_size']}, {results['steps']} timed steps, "
-        f"{results['non_embedding_parameters'] / 1e6:.1f}M non-embedding parameters, fp32"),
+        (
+            f"task {results['task']}, {results['world_size']} rank(s) x {results['threads_per_rank']} "
+            "thread(s), "
+            f"global batch {results['global_batch_size']}, {results['steps']} timed steps, "
+            f"{results['non_embedding_parameters'] / 1e6:.1f}M non-embedding parameters, fp32"
+        ),
         "",
-        "| contender | step s | target tokens/s | real tokens/s | FLOP utilisation | minor page faults / step |",
+        (
+            "| contender | step s | target tokens/s | real tokens/s | FLOP utilisation | minor page "
+            "faults / step |"
+        ),
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name in ("peer", "ours", "ours_loradrop", "ours_recording_importance"):
         r = results[name]
-        lines.append(f"| {name} | {r['step_seconds']:.3f} | {r['target_tokens_per_second']:.0f} | "
-                     f"{r['real_tokens_per_second']:.0f} | {100 * r['flop_utilization']:.1f}% | "
-                     f"{r['minor_page_faults_per_step']:,.0f} |")
+        lines.append(
+            f"| {name} | {r['step_seconds']:.3f} | {r['target_tokens_per_second']:.0f} | "
+            f"{r['real_tokens_per_second']:.0f} | {100 * r['flop_utilization']:.1f}% | "
+            f"{r['minor_page_faults_per_step']:,.0f} |"
+        )
     lines += [
         "",
-        (f"ours / peer (target tokens/s): {results['ours_over_peer']:.2f}x "
-         f"({median_and_range(chunks['ours_over_peer'])})"),
-        (f"LoRA-drop / LoRA stage-2 step time: {results['loradrop_over_lora_step_time']:.3f} "
-         f"({median_and_range(chunks['loradrop_over_lora_step_time'], fmt='.3f')}; retained {results['retained']})"),
-        (f"importance pass: {results['importance_seconds']:.2f} s = {100 * results['importance_share_of_stage1']:.1f}% "
-        f"of a 3-epoch stage 1 over the same rows"),
-        (f"importance recorded during the last epoch (--importance_pass last_epoch): "
-         f"{100 * results['recording_share_of_stage1']:+.1f}% of a 3-epoch stage 1 "
-         f"({median_and_range(chunks['recording_share_of_stage1'], scale=100, fmt='+.1f')} %)"),
-        f"matmul peak: {results['matmul_peak_gflops_per_rank']:.1f} GFLOP/s per rank (fp32, best square matmul before and after)",
+        (
+            f"ours / peer (target tokens/s): {results['ours_over_peer']:.2f}x "
+            f"({median_and_range(chunks['ours_over_peer'])})"
+        ),
+        (
+            f"LoRA-drop / LoRA stage-2 step time: {results['loradrop_over_lora_step_time']:.3f} "
+            f"({median_and_range(chunks['loradrop_over_lora_step_time'], fmt='.3f')}; retained "
+            f"{results['retained']})"
+        ),
+        (
+            f"importance pass: {results['importance_seconds']:.2f} s = "
+            f"{100 * results['importance_share_of_stage1']:.1f}% "
+            f"of a 3-epoch stage 1 over the same rows"
+        ),
+        (
+            f"importance recorded during the last epoch (--importance_pass last_epoch): "
+            f"{100 * results['recording_share_of_stage1']:+.1f}% of a 3-epoch stage 1 "
+            f"({median_and_range(chunks['recording_share_of_stage1'], scale=100, fmt='+.1f')} %)"
+        ),
+        (
+            f"matmul peak: {results['matmul_peak_gflops_per_rank']:.1f} GFLOP/s per rank (fp32, best "
+            "square matmul before and after)"
+        ),
         f"peak RSS per rank: {', '.join(f'{v:.2f}' for v in results['peak_rss_gib_per_rank'])} GiB",
     ]
     return "\n".join(lines)

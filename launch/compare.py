@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_loradrop.cli import run_main
-from ds_loradrop.compare import compare
+from ds_loradrop.recipes.cli import run_main
+from ds_loradrop.tracking.compare import compare
 
 
 def main() -> None:

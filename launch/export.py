@@ -13,8 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_loradrop.cli import run_main
-from ds_loradrop.export import FORMATS, export_run
+from ds_loradrop.recipes.cli import run_main
+from ds_loradrop.recipes.export import FORMATS, export_run
 
 
 def main() -> None:

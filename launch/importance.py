@@ -16,25 +16,40 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_loradrop.cli import run_main
+from ds_loradrop.recipes.cli import run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="A training run's output directory.")
-    parser.add_argument("--adapter", default=None,
-                        help="Adapter directory (default with --run: its stage1_adapter/).")
-    parser.add_argument("--output_dir", required=True, help="Where plan.json and plots/ go (must not hold a plan).")
+    parser.add_argument(
+        "--adapter", default=None, help="Adapter directory (default with --run: its stage1_adapter/)."
+    )
+    parser.add_argument(
+        "--output_dir", required=True, help="Where plan.json and plots/ go (must not hold a plan)."
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="Rows per forward.")
     parser.add_argument("--model", default=None, help="Base model (default: the adapter's base model).")
     parser.add_argument("--model_cache_dir", default=None, help="Cache of the presets.")
-    parser.add_argument("--task", default=None, help="e2e, dart, dialogsum or gsm8k (default: the run's, else e2e).")
-    parser.add_argument("--data_dir", default=None, help="The task's files (default: the run's, else the usual).")
+    parser.add_argument(
+        "--task", default=None, help="e2e, dart, dialogsum or gsm8k (default: the run's, else e2e)."
+    )
+    parser.add_argument(
+        "--data_dir", default=None, help="The task's files (default: the run's, else the usual)."
+    )
     parser.add_argument("--train_split", default=None, help="Split the stage-1 sample is drawn from.")
-    parser.add_argument("--max_train_samples", type=int, default=None, help="First N training rows (0 = all).")
-    parser.add_argument("--max_seq_length", type=int, default=None, help="Tokens per row (default: the task's).")
-    parser.add_argument("--sample_ratio", type=float, default=None, help="Stratified sample ratio (default 0.1).")
-    parser.add_argument("--seed", type=int, default=None, help="Seed of the sample (default: the run's, else 42).")
+    parser.add_argument(
+        "--max_train_samples", type=int, default=None, help="First N training rows (0 = all)."
+    )
+    parser.add_argument(
+        "--max_seq_length", type=int, default=None, help="Tokens per row (default: the task's)."
+    )
+    parser.add_argument(
+        "--sample_ratio", type=float, default=None, help="Stratified sample ratio (default 0.1)."
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="Seed of the sample (default: the run's, else 42)."
+    )
     parser.add_argument("--threshold", type=float, default=None, help="T (default: the run's, else 0.9).")
     parser.add_argument("--selection", default=None, help="output_norm, inverse, random or last_k.")
     parser.add_argument("--low_importance", default=None, help="share or drop.")
@@ -42,10 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main() -> None:
-    from ds_loradrop.adapter_importance import adapter_importance, run_config_for
     from ds_loradrop.errors import UsageError
-    from ds_loradrop.experiment_log import PLOTS_DIR
-    from ds_loradrop.plots import plot_importance
+    from ds_loradrop.recipes.importance import adapter_importance, run_config_for
+    from ds_loradrop.tracking.experiment_log import PLOTS_DIR
+    from ds_loradrop.tracking.plots import plot_importance
 
     args = parse_args()
     if args.run is None and args.adapter is None:

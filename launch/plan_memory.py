@@ -1,9 +1,10 @@
-"""Plan the per-GPU and per-node CPU memory of a LoRA-drop run under ZeRO-2 / ZeRO-3, with and without offload.
+"""Plan the per-GPU and per-node CPU memory of a LoRA-drop run under ZeRO-2 / ZeRO-3, with and without
+offload.
 
     python launch/plan_memory.py --model llama-2-7b|MODEL_DIR|config.json --gpus 1 2 8 16 [--json]
 
-Formulas: ds_loradrop/memory_plan.py. The "full fine-tuning (DeepSpeed estimator)" rows are DeepSpeed's
-own model-states estimate, which assumes every parameter is trained.
+Formulas: ds_loradrop/training/memory_plan.py. The "full fine-tuning (DeepSpeed estimator)" rows are
+DeepSpeed's own model-states estimate, which assumes every parameter is trained.
 """
 
 import argparse
@@ -16,9 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ds_loradrop.cli import run_main
 from ds_loradrop.errors import UsageError
-from ds_loradrop.memory_plan import (
+from ds_loradrop.recipes.cli import run_main
+from ds_loradrop.training.memory_plan import (
     DTYPE_BYTES,
     MemoryEstimate,
     ModelShape,
@@ -59,8 +60,13 @@ def deepspeed_model_states(
         )
     else:
         cpu, gpu, _largest_layer_memory = estimate_zero3_model_states_mem_needs(
-            shape.total_params, shape.largest_module_params, per_node, nodes,
-            cpu_offload=offload_optimizer, cpu_offload_params=offload_param, zero_init=True,
+            shape.total_params,
+            shape.largest_module_params,
+            per_node,
+            nodes,
+            cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_param,
+            zero_init=True,
         )
     return gpu, cpu
 
@@ -99,18 +105,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus_per_node", type=positive_int, default=8)
     parser.add_argument("--lora_r", type=int, default=8, help="LoRA rank r.")
     parser.add_argument("--lora_targets", default="q_proj,v_proj", help="Comma-separated projection names.")
-    parser.add_argument("--retained_fraction", type=float, default=0.5,
-                        help="Share of the full LoRA parameters LoRA-drop keeps (the paper: about half).")
+    parser.add_argument(
+        "--retained_fraction",
+        type=float,
+        default=0.5,
+        help="Share of the full LoRA parameters LoRA-drop keeps (the paper: about half).",
+    )
     parser.add_argument("--micro_batch_size", type=int, default=4, help="Sequences per GPU per step.")
     parser.add_argument("--seq_length", type=int, default=512, help="Tokens per sequence.")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="Training dtype.")
-    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"),
-                        help="eager keeps the s x s attention probabilities; sdpa/flash does not.")
+    parser.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=("sdpa", "eager"),
+        help="eager keeps the s x s attention probabilities; sdpa/flash does not.",
+    )
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a Markdown table.")
     args = parser.parse_args(argv)
     targets = tuple(name.strip() for name in args.lora_targets.split(",") if name.strip())
-    setup = TrainingSetup(args.lora_r, targets, args.retained_fraction, args.micro_batch_size,
-                          args.seq_length, args.dtype, args.attention)
+    setup = TrainingSetup(
+        args.lora_r,
+        targets,
+        args.retained_fraction,
+        args.micro_batch_size,
+        args.seq_length,
+        args.dtype,
+        args.attention,
+    )
     for gpus in args.gpus:
         node_layout(gpus, args.gpus_per_node)  # reject a bad GPU count before the slow model build
     shape = load_model_shape(args.model)
@@ -126,13 +147,24 @@ def main(argv: list[str] | None = None) -> None:
         "trainable_params": trainable_parameters(shape, setup),
     }
     if args.json:
-        print(json.dumps({"model": args.model, **counts, "setup": dataclasses.asdict(setup),
-                          "estimates": [e.as_dict() for e in estimates]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    **counts,
+                    "setup": dataclasses.asdict(setup),
+                    "estimates": [e.as_dict() for e in estimates],
+                },
+                indent=2,
+            )
+        )
         return
-    print(f"{args.model}: {counts['total_params']:,} parameters; LoRA {counts['full_lora_params']:,}, "
-          f"LoRA-drop trains {counts['trainable_params']:,} ({setup.retained_fraction:g} retained); "
-          f"micro-batch {setup.micro_batch_size} x {setup.seq_length} tokens, {setup.dtype}, "
-          f"{args.gpus_per_node} GPUs per node\n")
+    print(
+        f"{args.model}: {counts['total_params']:,} parameters; LoRA {counts['full_lora_params']:,}, "
+        f"LoRA-drop trains {counts['trainable_params']:,} ({setup.retained_fraction:g} retained); "
+        f"micro-batch {setup.micro_batch_size} x {setup.seq_length} tokens, {setup.dtype}, "
+        f"{args.gpus_per_node} GPUs per node\n"
+    )
     print(markdown_table(estimates))
 
 

@@ -55,16 +55,39 @@ def _e2e_cells(task: str) -> tuple[Cell, ...]:
     return (
         Cell(f"{task}/lora", "main", ("--method", "lora", "--eval_base_model", "true"), label="LoRA"),
         Cell(main, "main", (), label="LoRA-drop (T = 0.9)"),
-        *[Cell(f"{task}/T{t}", "threshold", plan_from=main, plan_args=("--threshold", t), label=f"T = {t}")
-          for t in ("0.7", "0.8", "0.95")],
+        *[
+            Cell(f"{task}/T{t}", "threshold", plan_from=main, plan_args=("--threshold", t), label=f"T = {t}")
+            for t in ("0.7", "0.8", "0.95")
+        ],
         Cell(f"{task}/T0.9", "threshold", same_as=main, label="T = 0.9"),
         Cell(f"{task}/T1.0", "threshold", same_as=f"{task}/lora", label="T = 1.0 (every layer: LoRA)"),
-        Cell(f"{task}/drop", "ablation", plan_from=main, plan_args=("--low_importance", "drop"),
-             label="w/o share (drop)"),
-        Cell(f"{task}/inverse", "ablation", plan_from=main, plan_args=("--selection", "inverse"), label="ΔWx inv"),
-        Cell(f"{task}/random", "ablation", plan_from=main, plan_args=("--selection", "random"), label="random"),
-        Cell(f"{task}/last_k", "ablation", plan_from=main, plan_args=("--selection", "last_k"), label="top-k (last k)"),
-        Cell(f"{task}/full", "main", ("--method", "full", "--learning_rate", "5e-5"), label="Full fine-tuning"),
+        Cell(
+            f"{task}/drop",
+            "ablation",
+            plan_from=main,
+            plan_args=("--low_importance", "drop"),
+            label="w/o share (drop)",
+        ),
+        Cell(
+            f"{task}/inverse",
+            "ablation",
+            plan_from=main,
+            plan_args=("--selection", "inverse"),
+            label="ΔWx inv",
+        ),
+        Cell(
+            f"{task}/random", "ablation", plan_from=main, plan_args=("--selection", "random"), label="random"
+        ),
+        Cell(
+            f"{task}/last_k",
+            "ablation",
+            plan_from=main,
+            plan_args=("--selection", "last_k"),
+            label="top-k (last k)",
+        ),
+        Cell(
+            f"{task}/full", "main", ("--method", "full", "--learning_rate", "5e-5"), label="Full fine-tuning"
+        ),
         *_baseline_cells(task),
     )
 
@@ -73,15 +96,27 @@ def _baseline_cells(task: str) -> tuple[Cell, ...]:
     """The paper's other baselines (its Table 1), with their defaults (VeRA r = 512, Tied-LoRA r = 56,
     sparsity 0.5 with SNIP) and the same rows and steps as LoRA."""
     return (
-        Cell(f"{task}/vera", "main", ("--method", "vera", "--learning_rate", VERA_LEARNING_RATE), label="VeRA (r = 512)"),
+        Cell(
+            f"{task}/vera",
+            "main",
+            ("--method", "vera", "--learning_rate", VERA_LEARNING_RATE),
+            label="VeRA (r = 512)",
+        ),
         Cell(f"{task}/tied_lora", "main", ("--method", "tied_lora"), label="Tied-LoRA (TL6, r = 56)"),
-        Cell(f"{task}/sparse_lora", "main", ("--method", "sparse_lora"), label="Sparse Adapter (SNIP, sparsity 0.5)"),
+        Cell(
+            f"{task}/sparse_lora",
+            "main",
+            ("--method", "sparse_lora"),
+            label="Sparse Adapter (SNIP, sparsity 0.5)",
+        ),
     )
 
 
 def _main_cells(task: str) -> tuple[Cell, ...]:
-    return (Cell(f"{task}/lora", "main", ("--method", "lora", "--eval_base_model", "true"), label="LoRA"),
-            Cell(f"{task}/loradrop", "main", (), label="LoRA-drop (T = 0.9)"))
+    return (
+        Cell(f"{task}/lora", "main", ("--method", "lora", "--eval_base_model", "true"), label="LoRA"),
+        Cell(f"{task}/loradrop", "main", (), label="LoRA-drop (T = 0.9)"),
+    )
 
 
 PAPER = Grid(
@@ -89,8 +124,21 @@ PAPER = Grid(
     seeds=(1, 2, 3),
     # ZeRO-2: faster than ZeRO-3 for a model that fits every rank (README, quick start).
     launcher=("deepspeed", "--num_gpus", "2"),
-    common=("--ds_config", "ds_configs/zero2.json", "--model", "smollm2-135m", "--max_train_samples", "1200",
-            "--max_eval_samples", "0", "--no_eval_base_model", "--save_steps", "50", "--save_total_limit", "1"),
+    common=(
+        "--ds_config",
+        "ds_configs/zero2.json",
+        "--model",
+        "smollm2-135m",
+        "--max_train_samples",
+        "1200",
+        "--max_eval_samples",
+        "0",
+        "--no_eval_base_model",
+        "--save_steps",
+        "50",
+        "--save_total_limit",
+        "1",
+    ),
     task_args={
         "e2e": ("--task", "e2e"),
         # DialogSum rows are about 4x longer than E2E's (median 235 tokens): 600 rows keep a run near 25
@@ -107,15 +155,40 @@ TINY = Grid(
     name="tiny",
     seeds=(1, 2),
     launcher=(),
-    common=("--ds_config", "ds_configs/zero2.json", "--model", "tiny-llama", "--max_train_samples", "96",
-            "--per_device_train_batch_size", "8", "--sample_ratio", "0.5", "--stage1_epochs", "1",
-            "--max_steps", "3", "--max_eval_samples", "6", "--max_new_tokens", "8", "--no_eval_base_model",
-            "--save_steps", "2"),
+    common=(
+        "--ds_config",
+        "ds_configs/zero2.json",
+        "--model",
+        "tiny-llama",
+        "--max_train_samples",
+        "96",
+        "--per_device_train_batch_size",
+        "8",
+        "--sample_ratio",
+        "0.5",
+        "--stage1_epochs",
+        "1",
+        "--max_steps",
+        "3",
+        "--max_eval_samples",
+        "6",
+        "--max_new_tokens",
+        "8",
+        "--no_eval_base_model",
+        "--save_steps",
+        "2",
+    ),
     task_args={"e2e": ("--task", "e2e")},
     cells=(
         Cell("e2e/lora", "main", ("--method", "lora"), label="LoRA"),
         Cell("e2e/loradrop", "main", (), label="LoRA-drop (T = 0.9)"),
-        Cell("e2e/T0.5", "threshold", plan_from="e2e/loradrop", plan_args=("--threshold", "0.5"), label="T = 0.5"),
+        Cell(
+            "e2e/T0.5",
+            "threshold",
+            plan_from="e2e/loradrop",
+            plan_args=("--threshold", "0.5"),
+            label="T = 0.5",
+        ),
         Cell("e2e/T1.0", "threshold", same_as="e2e/lora", label="T = 1.0 (every layer: LoRA)"),
     ),
 )

@@ -17,14 +17,20 @@ from grid import Cell, Grid
 
 METRICS = ("bleu", "rouge_l", "accuracy")
 PAPER_NOTES = {
-    "main": "Paper (Llama2-7b): E2E BLEU LoRA 53.70 (4.2M) vs LoRA-drop 53.49 (2.1M); DialogSum ROUGE-L 41.12 "
-            "(8.4M) vs 40.96 (5.2M).",
+    "main": (
+        "Paper (Llama2-7b): E2E BLEU LoRA 53.70 (4.2M) vs LoRA-drop 53.49 (2.1M); DialogSum ROUGE-L "
+        "41.12 (8.4M) vs 40.96 (5.2M)."
+    ),
     "threshold": "Paper (Table 6): T = 0.9 keeps about half of the layers; the metric stops rising above it.",
-    "ablation": "Paper (Table 7): sharing beats dropping; output-norm selection beats ΔWx inv, random and top-k.",
+    "ablation": (
+        "Paper (Table 7): sharing beats dropping; output-norm selection beats ΔWx inv, random and top-k."
+    ),
 }
-TABLE_TITLES = {"main": "Full fine-tuning, LoRA, LoRA-drop (the paper's Tables 2 and 5)",
-                "threshold": "The threshold T (the paper's Table 6)",
-                "ablation": "Selection and sharing ablations at T = 0.9 (the paper's Table 7)"}
+TABLE_TITLES = {
+    "main": "Full fine-tuning, LoRA, LoRA-drop (the paper's Tables 2 and 5)",
+    "threshold": "The threshold T (the paper's Table 6)",
+    "ablation": "Selection and sharing ablations at T = 0.9 (the paper's Table 7)",
+}
 
 
 def load_results(results_dir: str) -> dict[str, list[dict]]:
@@ -90,37 +96,66 @@ def tables(grid: Grid, name: str, results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def table(grid: Grid, name: str, task: str, cells: list[Cell], results: dict[str, list[dict]],
-          reference_cell: str) -> list[str]:
+def table(
+    grid: Grid, name: str, task: str, cells: list[Cell], results: dict[str, list[dict]], reference_cell: str
+) -> list[str]:
     if not any(runs_of(grid, c, results) for c in cells):
         return [f"### {TABLE_TITLES[name]}: {task}", "", "Not run yet.", ""]
     metric_names = [m for m in METRICS if any(metric_values(runs_of(grid, c, results), m) for c in cells)]
     reference = results.get(reference_cell, [])
-    header = ["cell", "n", "kept layers (mean ± std / total)", "trainable params", "% of LoRA",
-              *[f"{m} (mean ± std)" for m in metric_names], *[f"{m} vs LoRA-drop" for m in metric_names[:1]],
-              "wall time per run (min)"]
-    lines = [f"### {TABLE_TITLES[name]}: {task}", "", PAPER_NOTES[name], "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
+    header = [
+        "cell",
+        "n",
+        "kept layers (mean ± std / total)",
+        "trainable params",
+        "% of LoRA",
+        *[f"{m} (mean ± std)" for m in metric_names],
+        *[f"{m} vs LoRA-drop" for m in metric_names[:1]],
+        "wall time per run (min)",
+    ]
+    lines = [
+        f"### {TABLE_TITLES[name]}: {task}",
+        "",
+        PAPER_NOTES[name],
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for cell in cells:
         runs = runs_of(grid, cell, results)
         if not runs:
-            lines.append("| " + " | ".join([cell.label, "0", "not run yet", *[""] * (len(header) - 3)]) + " |")
+            lines.append(
+                "| " + " | ".join([cell.label, "0", "not run yet", *[""] * (len(header) - 3)]) + " |"
+            )
             continue
         params = [float(r["trainable_parameters"]) for r in runs]
-        share = [100.0 * r["trainable_parameters"] / r["lora_parameters"] for r in runs if r["lora_parameters"]]
+        share = [
+            100.0 * r["trainable_parameters"] / r["lora_parameters"] for r in runs if r["lora_parameters"]
+        ]
         label = cell.label + (f" (= {cell.same_as})" if cell.same_as else "")
-        row = [label, str(len(runs)), kept(runs) if runs[0]["method"] != "full" else "all weights",
-               fmt(params, 0), fmt(share, 1) if share else "-",
-               *[fmt(metric_values(runs, m)) for m in metric_names],
-               *[difference(metric_values(runs, m), metric_values(reference, m))
-                 if (cell.same_as or cell.name) != reference_cell else "reference" for m in metric_names[:1]],
-               fmt([r["wall_seconds"] / 60 for r in runs], 1)]
+        row = [
+            label,
+            str(len(runs)),
+            kept(runs) if runs[0]["method"] != "full" else "all weights",
+            fmt(params, 0),
+            fmt(share, 1) if share else "-",
+            *[fmt(metric_values(runs, m)) for m in metric_names],
+            *[
+                difference(metric_values(runs, m), metric_values(reference, m))
+                if (cell.same_as or cell.name) != reference_cell
+                else "reference"
+                for m in metric_names[:1]
+            ],
+            fmt([r["wall_seconds"] / 60 for r in runs], 1),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     base = [r for c in cells for r in runs_of(grid, c, results) if r.get("base_eval_metrics")]
     if base and name == "main":
         values = [fmt(metric_values(base[:1], m, base=True)) for m in metric_names]
-        lines.append(f"| base model (before training; greedy, seed-independent) | 1 | - | 0 | - | "
-                     f"{' | '.join(values)} | - | - |")
+        lines.append(
+            f"| base model (before training; greedy, seed-independent) | 1 | - | 0 | - | "
+            f"{' | '.join(values)} | - | - |"
+        )
     return lines + [""]
 
 
@@ -135,15 +170,24 @@ def importance_figure(grid: Grid, results: dict[str, list[dict]], cell_name: str
     if not runs:
         return False
     targets = sorted(runs[0]["normalized_importance"])
-    figure, axes = plt.subplots(len(targets), 1, figsize=(max(6.0, 1.5 + 0.26 * len(
-        runs[0]["normalized_importance"][targets[0]])), 2.8 * len(targets)), squeeze=False)
+    figure, axes = plt.subplots(
+        len(targets),
+        1,
+        figsize=(
+            max(6.0, 1.5 + 0.26 * len(runs[0]["normalized_importance"][targets[0]])),
+            2.8 * len(targets),
+        ),
+        squeeze=False,
+    )
     for axis, target in zip(axes[:, 0], targets):
         profiles = [r["normalized_importance"][target] for r in runs]
         layers = range(len(profiles[0]))
         means = [statistics.mean(p[i] for p in profiles) for i in layers]
         stds = [statistics.stdev(p[i] for p in profiles) if len(profiles) > 1 else 0.0 for i in layers]
         axis.bar(layers, means, yerr=stds, color="tab:blue", capsize=2)
-        axis.set_title(f"{cell_name}: {target}, normalised importance, mean ± std over {len(runs)} seeds", fontsize=10)
+        axis.set_title(
+            f"{cell_name}: {target}, normalised importance, mean ± std over {len(runs)} seeds", fontsize=10
+        )
         axis.set_xlabel("layer")
         axis.set_xticks(list(layers))
         axis.tick_params(axis="x", labelsize=7)
@@ -161,12 +205,17 @@ def write_report(grid: Grid, results_dir: str, output: str) -> str:
     lines = [
         "# Reproduction of LoRA-drop at small scale",
         "",
-        (f"Generated by `python repro/study.py report --grid {grid.name}` from the {total_runs} committed result "
-        f"files in `{os.path.relpath(results_dir, os.path.dirname(os.path.abspath(output)))}` "
-        f"({total_minutes:.0f} minutes of training and evaluation in all). Seeds planned per cell: "
-        f"{', '.join(map(str, grid.seeds))}. Values are mean ± sample standard deviation over the seeds that "
-        "finished (n); a difference to LoRA-drop is the difference of means ± its standard error, marked ** "
-        "where it exceeds two standard errors (larger than the seed-to-seed spread)."),
+        (
+            f"Generated by `python repro/study.py report --grid {grid.name}` from the {total_runs} "
+            "committed result "
+            f"files in `{os.path.relpath(results_dir, os.path.dirname(os.path.abspath(output)))}` "
+            f"({total_minutes:.0f} minutes of training and evaluation in all). Seeds planned per cell: "
+            f"{', '.join(map(str, grid.seeds))}. Values are mean ± sample standard deviation over the "
+            "seeds that "
+            "finished (n); a difference to LoRA-drop is the difference of means ± its standard "
+            "error, marked ** "
+            "where it exceeds two standard errors (larger than the seed-to-seed spread)."
+        ),
         "",
         "Run or extend it: `python repro/study.py run --grid " + grid.name + " --commit` (finished runs are "
         "skipped, an interrupted one resumes); add a cell to `repro/grid.py` and the same command runs only "
@@ -175,15 +224,28 @@ def write_report(grid: Grid, results_dir: str, output: str) -> str:
     ]
     for name in ("main", "threshold", "ablation"):
         lines += tables(grid, name, results)
-    figure = os.path.join(os.path.dirname(os.path.abspath(output)), "repro", "figures", f"importance_{grid.name}.png")
+    figure = os.path.join(
+        os.path.dirname(os.path.abspath(output)), "repro", "figures", f"importance_{grid.name}.png"
+    )
     if grid.name != "paper":
         figure = os.path.join(os.path.dirname(os.path.abspath(output)), "importance.png")
     main_cell = next((c.name for c in grid.cells if c.name.endswith("/loradrop")), None)
     if main_cell and importance_figure(grid, results, main_cell, figure):
-        lines += ["### Importance profile (the paper's Figure 10)", "",
-                  f"![importance]({os.path.relpath(figure, os.path.dirname(os.path.abspath(output)))})", ""]
-    lines += ["### Exact commands", "", ("Each run is the cell's command with `--seed N`; cells with a plan first "
-              "run `launch/importance.py` on the same seed's LoRA-drop run."), ""]
+        lines += [
+            "### Importance profile (the paper's Figure 10)",
+            "",
+            f"![importance]({os.path.relpath(figure, os.path.dirname(os.path.abspath(output)))})",
+            "",
+        ]
+    lines += [
+        "### Exact commands",
+        "",
+        (
+            "Each run is the cell's command with `--seed N`; cells with a plan first "
+            "run `launch/importance.py` on the same seed's LoRA-drop run."
+        ),
+        "",
+    ]
     for cell in grid.cells:
         runs = results.get(cell.name, [])
         if runs:

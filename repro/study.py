@@ -58,21 +58,49 @@ def train_command(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: st
         launcher[0] = os.path.join(os.path.dirname(python), "deepspeed")
     else:
         launcher = [python, *launcher]
-    tracking = ("--mlflow_experiment", f"loradrop-study-{grid.name}", "--mlflow_tracking_uri",
-                f"sqlite:///{os.path.abspath(os.path.join(dirs.grid_runs(grid), 'mlflow.db'))}",
-                "--run_name", f"{cell.name}/seed{seed}")
+    tracking = (
+        "--mlflow_experiment",
+        f"loradrop-study-{grid.name}",
+        "--mlflow_tracking_uri",
+        f"sqlite:///{os.path.abspath(os.path.join(dirs.grid_runs(grid), 'mlflow.db'))}",
+        "--run_name",
+        f"{cell.name}/seed{seed}",
+    )
     out = dirs.output_dir(grid, cell, seed)
-    plan = ("--plan", os.path.relpath(os.path.join(out, "given_plan", "plan.json"), REPO_ROOT)) if cell.plan_from else ()
-    return [*launcher, "launch/train.py", *grid.common, *grid.task_args.get(cell.task, ()), *cell.args, *plan,
-            "--seed", str(seed), "--output_dir", os.path.relpath(out, REPO_ROOT),
-            "--resume", "auto", *tracking]
+    plan = (
+        ("--plan", os.path.relpath(os.path.join(out, "given_plan", "plan.json"), REPO_ROOT))
+        if cell.plan_from
+        else ()
+    )
+    return [
+        *launcher,
+        "launch/train.py",
+        *grid.common,
+        *grid.task_args.get(cell.task, ()),
+        *cell.args,
+        *plan,
+        "--seed",
+        str(seed),
+        "--output_dir",
+        os.path.relpath(out, REPO_ROOT),
+        "--resume",
+        "auto",
+        *tracking,
+    ]
 
 
 def plan_command(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str) -> list[str]:
     source = dirs.output_dir(grid, grid.cell(cell.plan_from), seed)
     target = os.path.join(dirs.output_dir(grid, cell, seed), "given_plan")
-    return [python, "launch/importance.py", "--run", os.path.relpath(source, REPO_ROOT), *cell.plan_args,
-            "--output_dir", os.path.relpath(target, REPO_ROOT)]
+    return [
+        python,
+        "launch/importance.py",
+        "--run",
+        os.path.relpath(source, REPO_ROOT),
+        *cell.plan_args,
+        "--output_dir",
+        os.path.relpath(target, REPO_ROOT),
+    ]
 
 
 def read_json(path: str) -> dict:
@@ -86,19 +114,35 @@ def collect_result(out: str, grid: Grid, cell: Cell, seed: int, command: list[st
     plan_file = os.path.join(out, "plan.json")
     plan = read_json(plan_file) if os.path.isfile(plan_file) else None
     return {
-        "grid": grid.name, "cell": cell.name, "seed": seed, "table": cell.table, "label": cell.label,
+        "grid": grid.name,
+        "cell": cell.name,
+        "seed": seed,
+        "table": cell.table,
+        "label": cell.label,
         # the launcher by name (python / deepspeed), not this machine's venv path
-        "command": shlex.join([os.path.basename(command[0]), *command[1:]]), "wall_seconds_launch": round(seconds, 1),
-        "wall_seconds": summary["wall_seconds"], "method": summary["method"],
-        "trainable_parameters": summary["trainable_parameters"], "lora_parameters": summary["lora_parameters"],
-        "retained": summary["retained"], "num_layers": summary["num_layers"],
-        "eval_metrics": summary["eval_metrics"], "base_eval_metrics": summary.get("base_eval_metrics", {}),
-        "stages": summary["stages"], "peak_memory_bytes": summary.get("peak_memory_bytes", []),
+        "command": shlex.join([os.path.basename(command[0]), *command[1:]]),
+        "wall_seconds_launch": round(seconds, 1),
+        "wall_seconds": summary["wall_seconds"],
+        "method": summary["method"],
+        "trainable_parameters": summary["trainable_parameters"],
+        "lora_parameters": summary["lora_parameters"],
+        "retained": summary["retained"],
+        "num_layers": summary["num_layers"],
+        "eval_metrics": summary["eval_metrics"],
+        "base_eval_metrics": summary.get("base_eval_metrics", {}),
+        "stages": summary["stages"],
+        "peak_memory_bytes": summary.get("peak_memory_bytes", []),
         "normalized_importance": {t: p["normalized"] for t, p in plan["targets"].items()} if plan else None,
-        "plan": {k: plan[k] for k in ("threshold", "selection", "low_importance", "stage1_steps",
-                                      "stage1_planned_steps") if k in plan} if plan else None,
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                     text=True, check=False).stdout.strip(),
+        "plan": {
+            k: plan[k]
+            for k in ("threshold", "selection", "low_importance", "stage1_steps", "stage1_planned_steps")
+            if k in plan
+        }
+        if plan
+        else None,
+        "git_commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip(),
     }
 
 
@@ -125,8 +169,9 @@ class Progress:
             handle.write(line + "\n")
 
 
-def run_one(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, progress: Progress,
-            commit: bool) -> None:
+def run_one(
+    dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, progress: Progress, commit: bool
+) -> None:
     out = dirs.output_dir(grid, cell, seed)
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "launch.log")
@@ -135,13 +180,17 @@ def run_one(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, pro
         if not os.path.isdir(os.path.join(dirs.output_dir(grid, source, seed), "stage1_adapter")):
             # Run directories are not committed: on another machine the source's stage 1 is rerun
             # (deterministic: its result file is rewritten with the same numbers).
-            progress(f"{cell.name} seed {seed}: no stage 1 of {source.name} seed {seed} here; running it again")
+            progress(
+                f"{cell.name} seed {seed}: no stage 1 of {source.name} seed {seed} here; running it again"
+            )
             run_one(dirs, grid, source, seed, python, progress, commit)
         command = plan_command(dirs, grid, cell, seed, python)
         with open(log_path, "a") as log:
             done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"{cell.name} seed {seed}: plan command failed ({done.returncode}); see {log_path}")
+            raise RuntimeError(
+                f"{cell.name} seed {seed}: plan command failed ({done.returncode}); see {log_path}"
+            )
     command = train_command(dirs, grid, cell, seed, python)
     progress(f"start {cell.name} seed {seed}: {shlex.join(command)}")
     start = time.perf_counter()
@@ -149,8 +198,10 @@ def run_one(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, pro
         done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"{cell.name} seed {seed}: exit status {done.returncode} after {seconds:.0f}s; "
-                           f"see {log_path} (rerunning the study resumes it)")
+        raise RuntimeError(
+            f"{cell.name} seed {seed}: exit status {done.returncode} after {seconds:.0f}s; "
+            f"see {log_path} (rerunning the study resumes it)"
+        )
     result = collect_result(out, grid, cell, seed, command, seconds)
     path = dirs.result_path(grid, cell, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -158,18 +209,26 @@ def run_one(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, pro
     with open(staging, "w") as handle:
         json.dump(result, handle, indent=2)
     os.replace(staging, path)
-    scores = ", ".join(f"{k} {v:.2f}" for k, v in result["eval_metrics"].items() if k in ("bleu", "rouge_l", "accuracy"))
+    scores = ", ".join(
+        f"{k} {v:.2f}" for k, v in result["eval_metrics"].items() if k in ("bleu", "rouge_l", "accuracy")
+    )
     progress(f"done {cell.name} seed {seed} in {seconds:.0f}s: {scores}")
     if commit:
         subprocess.run(["git", "add", path], cwd=REPO_ROOT, check=True)
-        subprocess.run(["git", "commit", "-q", "-m", f"study {grid.name}: {cell.name} seed {seed}", "--", path],
-                       cwd=REPO_ROOT, check=True)
+        subprocess.run(
+            ["git", "commit", "-q", "-m", f"study {grid.name}: {cell.name} seed {seed}", "--", path],
+            cwd=REPO_ROOT,
+            check=True,
+        )
 
 
-def run(dirs: StudyDirs, grid: Grid, only: list[str] | None, seeds: list[int], python: str, commit: bool) -> int:
+def run(
+    dirs: StudyDirs, grid: Grid, only: list[str] | None, seeds: list[int], python: str, commit: bool
+) -> int:
     progress = Progress(dirs, grid)
-    pending = [(c, s) for c, s in ordered_runs(grid, only, seeds)
-               if not os.path.isfile(dirs.result_path(grid, c, s))]
+    pending = [
+        (c, s) for c, s in ordered_runs(grid, only, seeds) if not os.path.isfile(dirs.result_path(grid, c, s))
+    ]
     progress(f"grid {grid.name}: {len(pending)} runs to do")
     for cell, seed in pending:
         run_one(dirs, grid, cell, seed, python, progress, commit)
@@ -181,12 +240,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("run", "report", "status"))
     parser.add_argument("--grid", default="paper", choices=sorted(GRIDS))
-    parser.add_argument("--only", nargs="*", default=None, help="Cells to run (their plan sources come along).")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="Cells to run (their plan sources come along)."
+    )
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="Default: the grid's seeds.")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run's result file.")
-    parser.add_argument("--output", default=None, help="report: where to write (default REPRODUCTION.md for "
-                        "the paper grid, <runs_dir>/<grid>/REPRODUCTION.md otherwise).")
-    parser.add_argument("--results_dir", default=StudyDirs.results, help="Result files (default repro/results).")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="report: where to write (default REPRODUCTION.md for "
+        "the paper grid, <runs_dir>/<grid>/REPRODUCTION.md otherwise).",
+    )
+    parser.add_argument(
+        "--results_dir", default=StudyDirs.results, help="Result files (default repro/results)."
+    )
     parser.add_argument("--runs_dir", default=StudyDirs.runs, help="Run directories (default study_runs).")
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
@@ -204,14 +271,20 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
     elif args.action == "status":
         for cell, seed in ordered_runs(grid, args.only, seeds):
-            state = "done" if os.path.isfile(dirs.result_path(grid, cell, seed)) else (
-                "started" if os.path.isdir(dirs.output_dir(grid, cell, seed)) else "to do")
+            state = (
+                "done"
+                if os.path.isfile(dirs.result_path(grid, cell, seed))
+                else ("started" if os.path.isdir(dirs.output_dir(grid, cell, seed)) else "to do")
+            )
             print(f"{cell.name:24s} seed {seed}: {state}")
     else:
         from report import write_report
 
-        default = os.path.join(REPO_ROOT, "REPRODUCTION.md") if grid.name == "paper" else os.path.join(
-            dirs.grid_runs(grid), "REPRODUCTION.md")
+        default = (
+            os.path.join(REPO_ROOT, "REPRODUCTION.md")
+            if grid.name == "paper"
+            else os.path.join(dirs.grid_runs(grid), "REPRODUCTION.md")
+        )
         print(write_report(grid, os.path.join(dirs.results, grid.name), args.output or default), end="")
 
 

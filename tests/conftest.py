@@ -32,8 +32,13 @@ def tiny_llama_model(num_layers: int = 4, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
@@ -41,7 +46,7 @@ def tiny_llama_model(num_layers: int = 4, seed: int = 0):
 
 def randomize_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
     """Non-zero B so adapters change the output (B is zero at init)."""
-    from ds_loradrop.lora import unique_adapters
+    from ds_loradrop.method.placement import unique_adapters
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -66,9 +71,20 @@ def mlflow_server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
-    command = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
-               "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
     with open(root / "server.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
@@ -82,7 +98,9 @@ def mlflow_server(tmp_path_factory):
                 except OSError:
                     pass
                 if process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
+                    )
                 time.sleep(0.5)
             yield url
         finally:
@@ -108,32 +126,123 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
     zero3, zero2 = write_ds_config(root / "zero3.json", 3), write_ds_config(root / "zero2.json", 2)
     local_store = f"sqlite:///{root / 'local_mlflow.db'}"
     tracking = {
-        "zero3_2ranks": ["--mlflow_tracking_uri", mlflow_server, "--mlflow_experiment", "server-exp",
-                         "--run_name", "zero3-2ranks"],
-        "one_rank": ["--mlflow_tracking_uri", local_store, "--mlflow_experiment", "local-exp", "--run_name", "one-rank"],
-        "zero2_torchrun": ["--mlflow_tracking_uri", local_store, "--mlflow_experiment", "local-exp",
-                           "--run_name", "zero2-torchrun"],
+        "zero3_2ranks": [
+            "--mlflow_tracking_uri",
+            mlflow_server,
+            "--mlflow_experiment",
+            "server-exp",
+            "--run_name",
+            "zero3-2ranks",
+        ],
+        "one_rank": [
+            "--mlflow_tracking_uri",
+            local_store,
+            "--mlflow_experiment",
+            "local-exp",
+            "--run_name",
+            "one-rank",
+        ],
+        "zero2_torchrun": [
+            "--mlflow_tracking_uri",
+            local_store,
+            "--mlflow_experiment",
+            "local-exp",
+            "--run_name",
+            "zero2-torchrun",
+        ],
     }
     data = ["--data_dir", e2e_dir]
     out = {name: str(root / name) for name in ("zero3_2ranks", "one_rank", "zero2_torchrun", "synced_eval")}
     logs = {
-        "zero3_2ranks": launch([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
-                                "--ds_config", zero3, "--per_device_train_batch_size", "2",
-                                "--output_dir", out["zero3_2ranks"], *data, *COMMON, *tracking["zero3_2ranks"]],
-                               env).stdout,
-        "one_rank": launch([sys.executable, TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "4",
-                            "--output_dir", out["one_rank"], *data, *COMMON, *tracking["one_rank"]], env).stdout,
-        "zero2_torchrun": launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                  "--master_port", str(free_port()), TRAIN, "--ds_config", zero2,
-                                  "--per_device_train_batch_size", "2", "--output_dir", out["zero2_torchrun"],
-                                  *data, *COMMON, *tracking["zero2_torchrun"]], env).stdout,
+        "zero3_2ranks": launch(
+            [
+                DEEPSPEED,
+                "--num_gpus",
+                "2",
+                "--master_port",
+                str(free_port()),
+                TRAIN,
+                "--ds_config",
+                zero3,
+                "--per_device_train_batch_size",
+                "2",
+                "--output_dir",
+                out["zero3_2ranks"],
+                *data,
+                *COMMON,
+                *tracking["zero3_2ranks"],
+            ],
+            env,
+        ).stdout,
+        "one_rank": launch(
+            [
+                sys.executable,
+                TRAIN,
+                "--ds_config",
+                zero3,
+                "--per_device_train_batch_size",
+                "4",
+                "--output_dir",
+                out["one_rank"],
+                *data,
+                *COMMON,
+                *tracking["one_rank"],
+            ],
+            env,
+        ).stdout,
+        "zero2_torchrun": launch(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                TRAIN,
+                "--ds_config",
+                zero2,
+                "--per_device_train_batch_size",
+                "2",
+                "--output_dir",
+                out["zero2_torchrun"],
+                *data,
+                *COMMON,
+                *tracking["zero2_torchrun"],
+            ],
+            env,
+        ).stdout,
     }
-    logs["synced_eval"] = launch([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), EVALUATE,
-                                  "--ds_config", zero3, "--task", "e2e", "--split", "validation", *data,
-                                  "--adapter", os.path.join(out["zero3_2ranks"], "adapter"),
-                                  "--output_dir", out["synced_eval"], "--eval_generation", "synced",
-                                  "--max_eval_samples", "10", "--max_new_tokens", "12", "--eval_batch_size", "3"],
-                                 env).stdout
+    logs["synced_eval"] = launch(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            EVALUATE,
+            "--ds_config",
+            zero3,
+            "--task",
+            "e2e",
+            "--split",
+            "validation",
+            *data,
+            "--adapter",
+            os.path.join(out["zero3_2ranks"], "adapter"),
+            "--output_dir",
+            out["synced_eval"],
+            "--eval_generation",
+            "synced",
+            "--max_eval_samples",
+            "10",
+            "--max_new_tokens",
+            "12",
+            "--eval_batch_size",
+            "3",
+        ],
+        env,
+    ).stdout
     out["local_store"] = local_store
     out["server"] = mlflow_server
     out["zero3_config"] = zero3

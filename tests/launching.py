@@ -19,10 +19,36 @@ TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
 EVALUATE = os.path.join(REPO_ROOT, "launch", "evaluate.py")
 NODE_LAUNCH = os.path.join(REPO_ROOT, "launch", "node_launch.sh")
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-COMMON = ["--model", "tiny-llama", "--max_train_samples", "192", "--sample_ratio", "0.25", "--stage1_epochs", "2", "--threshold", "0.6",
-          "--max_steps", "8", "--learning_rate", "0.003", "--warmup_ratio", "0", "--logging_steps", "5",
-          "--gradient_accumulation_steps", "2", "--seed", "3", "--max_eval_samples", "10", "--max_new_tokens", "12",
-          "--eval_batch_size", "3"]
+COMMON = [
+    "--model",
+    "tiny-llama",
+    "--max_train_samples",
+    "192",
+    "--sample_ratio",
+    "0.25",
+    "--stage1_epochs",
+    "2",
+    "--threshold",
+    "0.6",
+    "--max_steps",
+    "8",
+    "--learning_rate",
+    "0.003",
+    "--warmup_ratio",
+    "0",
+    "--logging_steps",
+    "5",
+    "--gradient_accumulation_steps",
+    "2",
+    "--seed",
+    "3",
+    "--max_eval_samples",
+    "10",
+    "--max_new_tokens",
+    "12",
+    "--eval_batch_size",
+    "3",
+]
 
 
 def free_port() -> int:
@@ -33,20 +59,28 @@ def free_port() -> int:
 
 def write_ds_config(path, stage: int) -> str:
     config = {
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False},
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0} if stage == 3
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": False},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}
+        if stage == 3
         else {"stage": stage},
-        "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
     }
     path.write_text(json.dumps(config))
     return str(path)
 
 
 def launch(command, env, timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                            check=False)
-    assert result.returncode == 0, f"{command}\nSTDOUT\n{result.stdout[-6000:]}\nSTDERR\n{result.stderr[-6000:]}"
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, (
+        f"{command}\nSTDOUT\n{result.stdout[-6000:]}\nSTDERR\n{result.stderr[-6000:]}"
+    )
     return result
 
 

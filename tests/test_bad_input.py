@@ -11,18 +11,29 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from ds_loradrop.cli import parse_run_config
 from ds_loradrop.errors import UsageError
-from ds_loradrop.run_setup import check_inputs
+from ds_loradrop.recipes.checks import check_inputs
+from ds_loradrop.recipes.cli import parse_run_config
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
 def base_args(e2e_dir, tmp_path):
-    return ["--model", "tiny-llama", "--data_dir", e2e_dir, "--output_dir", str(tmp_path / "out"),
-            "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"), "--max_train_samples", "64",
-            "--sample_ratio", "1.0"]
+    return [
+        "--model",
+        "tiny-llama",
+        "--data_dir",
+        e2e_dir,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--ds_config",
+        os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+        "--max_train_samples",
+        "64",
+        "--sample_ratio",
+        "1.0",
+    ]
 
 
 def check(argv):
@@ -38,8 +49,14 @@ def check(argv):
         (["--sample_ratio", "1.01"], r"--sample_ratio must be in \(0, 1\], got 1.01"),
         (["--lora_r", "0"], "--lora_r must be a positive integer, got 0"),
         (["--lora_r", "-4"], "--lora_r must be a positive integer, got -4"),
-        (["--lora_targets", "q_proj,qkv_proj"], "LoRA target 'qkv_proj' matches no nn.Linear module of LlamaForCausalLM"),
-        (["--task", "webnlg"], r"unknown task 'webnlg'; known tasks: \['dart', 'dialogsum', 'e2e', 'gsm8k'\]"),
+        (
+            ["--lora_targets", "q_proj,qkv_proj"],
+            "LoRA target 'qkv_proj' matches no nn.Linear module of LlamaForCausalLM",
+        ),
+        (
+            ["--task", "webnlg"],
+            r"unknown task 'webnlg'; known tasks: \['dart', 'dialogsum', 'e2e', 'gsm8k'\]",
+        ),
         (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be > 0"),
     ],
@@ -71,15 +88,21 @@ def test_bad_ds_config_and_batch_conflict(base_args, tmp_path):
         check(base_args + ["--ds_config", str(broken)])
     fixed = tmp_path / "fixed.json"
     fixed.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}))
-    with pytest.raises(UsageError, match="--per_device_train_batch_size 16 conflicts with train_micro_batch_size_per_gpu = 4"):
+    with pytest.raises(
+        UsageError, match="--per_device_train_batch_size 16 conflicts with train_micro_batch_size_per_gpu = 4"
+    ):
         check(base_args + ["--ds_config", str(fixed), "--per_device_train_batch_size", "16"])
     assert check(base_args + ["--ds_config", str(fixed)]).batch.micro_batch_size == 4
 
 
 def test_data_smaller_than_one_global_batch(base_args):
-    with pytest.raises(UsageError, match=r"the training set \(64 examples\) is smaller than one global batch of 128"):
+    with pytest.raises(
+        UsageError, match=r"the training set \(64 examples\) is smaller than one global batch of 128"
+    ):
         check(base_args + ["--per_device_train_batch_size", "128"])
-    with pytest.raises(UsageError, match=r"the stage-1 sample \(6 examples\) is smaller than one global batch of 32"):
+    with pytest.raises(
+        UsageError, match=r"the stage-1 sample \(6 examples\) is smaller than one global batch of 32"
+    ):
         check(base_args + ["--sample_ratio", "0.1", "--per_device_train_batch_size", "32"])
 
 
@@ -94,10 +117,17 @@ def test_output_directory_holding_a_run_is_not_overwritten(base_args, tmp_path):
 
 
 def test_entry_point_prints_one_line_and_writes_nothing(base_args, tmp_path):
-    for extra, message in ((["--threshold", "1.5"], "--threshold must be in (0, 1]"),
-                           (["--lora_targets", "nope"], "LoRA target 'nope' matches no nn.Linear")):
-        result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "launch", "train.py"), *base_args, *extra],
-                                capture_output=True, text=True, timeout=300, check=False)
+    for extra, message in (
+        (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
+        (["--lora_targets", "nope"], "LoRA target 'nope' matches no nn.Linear"),
+    ):
+        result = subprocess.run(
+            [sys.executable, os.path.join(REPO_ROOT, "launch", "train.py"), *base_args, *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert result.returncode == 2, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
@@ -109,23 +139,59 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
     import os
 
     dart_dir = os.path.join(os.path.dirname(e2e_dir), "dart")
-    args = ["--task", "dart", "--data_dir", dart_dir, "--train_split", "validation", "--output_dir",
-            str(tmp_path / "out"), "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
-            "--model", "tiny-llama"]
-    with pytest.raises(UsageError, match="--eval_split validation is also the training split: pass --max_eval_samples"):
+    args = [
+        "--task",
+        "dart",
+        "--data_dir",
+        dart_dir,
+        "--train_split",
+        "validation",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--ds_config",
+        os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+        "--model",
+        "tiny-llama",
+    ]
+    with pytest.raises(
+        UsageError, match="--eval_split validation is also the training split: pass --max_eval_samples"
+    ):
         check(args + ["--max_eval_samples", "0"])  # 0 = every input: nothing would be left to train on
     inputs = check(args + ["--max_eval_samples", "40"])
     held_out = {ex.prompt for ex in inputs.eval_examples}
     assert len(inputs.eval_examples) == 40 and len(held_out) == 40
     assert not held_out & set(inputs.examples["prompt"])
-    everything = check(args + ["--max_eval_samples", "40", "--eval_split", "validation", "--task", "dart",
-                               "--train_split", "validation", "--max_train_samples", "100000"])
+    everything = check(
+        args
+        + [
+            "--max_eval_samples",
+            "40",
+            "--eval_split",
+            "validation",
+            "--task",
+            "dart",
+            "--train_split",
+            "validation",
+            "--max_train_samples",
+            "100000",
+        ]
+    )
     assert everything.examples.num_rows < 6980
     with pytest.raises(UsageError, match="train file .*dart-v1.1.1-full-train.json.* only the dev split"):
         check(args[:4] + args[6:])
     with pytest.raises(UsageError, match="GSM8K has train and test only"):
-        check(["--task", "gsm8k", "--data_dir", os.path.join(os.path.dirname(e2e_dir), "gsm8k"),
-               "--eval_split", "validation", "--output_dir", str(tmp_path / "out")])
+        check(
+            [
+                "--task",
+                "gsm8k",
+                "--data_dir",
+                os.path.join(os.path.dirname(e2e_dir), "gsm8k"),
+                "--eval_split",
+                "validation",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
 
 
 @pytest.mark.parametrize(
@@ -137,12 +203,21 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
         (["--save_steps", "0"], "--save_steps must be > 0, got 0"),
         (["--save_total_limit", "-1"], "--save_total_limit must be > 0, got -1"),
         (["--max_seq_length", "4"], "--max_seq_length must be >= 8, got 4"),
-        (["--resume", "auto", "--overwrite_output_dir", "true"],
-         "--resume continues the run in --output_dir and --overwrite_output_dir deletes it"),
-        (["--importance_pass", "last_epoch", "--lora_dropout", "0.1"],
-         "--importance_pass last_epoch needs --lora_dropout 0"),
-        (["--importance_pass", "last_epoch", "--gradient_checkpointing", "true"],
-         "--importance_pass last_epoch records the training forwards, which --gradient_checkpointing runs twice"),
+        (
+            ["--resume", "auto", "--overwrite_output_dir", "true"],
+            "--resume continues the run in --output_dir and --overwrite_output_dir deletes it",
+        ),
+        (
+            ["--importance_pass", "last_epoch", "--lora_dropout", "0.1"],
+            "--importance_pass last_epoch needs --lora_dropout 0",
+        ),
+        (
+            ["--importance_pass", "last_epoch", "--gradient_checkpointing", "true"],
+            (
+                "--importance_pass last_epoch records the training forwards, which "
+                "--gradient_checkpointing runs twice"
+            ),
+        ),
         (["--stage1_max_steps", "0"], "--stage1_max_steps must be > 0, got 0"),
         (["--max_train_samples", "-1"], "--max_train_samples must be >= 0 (0 = all rows), got -1"),
         (["--max_eval_samples", "-3"], "--max_eval_samples must be >= 0 (0 = all inputs), got -3"),
@@ -178,22 +253,27 @@ def test_no_training_rows_left_after_filtering(base_args, tmp_path, e2e_dir):
     (empty / "trainset.csv").write_text('mr,ref\n"name[A]",A is a pub.\n"name[B]",B is a pub.\n')
     (empty / "devset.csv").write_text('mr,ref\n"name[A]",A is a pub.\n"name[B]",B is a pub.\n')
     with pytest.raises(UsageError, match="no training rows in the validation split"):
-        check(base_args + ["--data_dir", str(empty), "--train_split", "validation", "--max_eval_samples", "2"])
+        check(
+            base_args + ["--data_dir", str(empty), "--train_split", "validation", "--max_eval_samples", "2"]
+        )
 
 
 def test_model_with_pickled_weights_only_is_refused(tmp_path):
-    from ds_loradrop.models import load_causal_lm
+    from ds_loradrop.models.loading import load_causal_lm
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(UsageError, match=r"has only pickled weights \(pytorch_model.bin\); ds-loradrop loads "
-                                         r"safetensors only"):
+    with pytest.raises(
+        UsageError,
+        match=r"has only pickled weights \(pytorch_model.bin\); ds-loradrop loads "
+        r"safetensors only",
+    ):
         load_causal_lm(str(tmp_path), torch.float32)
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, e2e_dir):
-    from ds_loradrop.models import TinyLlamaSpec, ensure_tiny_llama, load_tokenizer
-    from ds_loradrop.tasks import get_task
+    from ds_loradrop.data.tasks import get_task
+    from ds_loradrop.models.loading import TinyLlamaSpec, ensure_tiny_llama, load_tokenizer
 
     spec = TinyLlamaSpec(vocab_size=512, tokenizer_rows=300)
     path = ensure_tiny_llama(get_task("e2e").training_text(e2e_dir, spec.tokenizer_rows), str(tmp_path), spec)
@@ -233,8 +313,11 @@ def test_resume_refuses_missing_partial_foreign_and_mismatched_checkpoints(base_
     other_tool = tmp_path / "other_tool" / "global_step10"
     other_tool.mkdir(parents=True)
     (other_tool / "latest").write_text("global_step10")
-    with pytest.raises(UsageError, match="not a complete ds-loradrop checkpoint: no trainer_state.json \\(a DeepSpeed "
-                                         "checkpoint of another tool\\?\\)"):
+    with pytest.raises(
+        UsageError,
+        match="not a complete ds-loradrop checkpoint: no trainer_state.json \\(a DeepSpeed "
+        "checkpoint of another tool\\?\\)",
+    ):
         check([*resume, str(other_tool)])
 
     foreign = _checkpoint(tmp_path / "other_run")
@@ -260,10 +343,18 @@ def test_resume_refuses_missing_partial_foreign_and_mismatched_checkpoints(base_
     assert sorted(os.listdir(out / "checkpoints")) == ["stage2-step-000004"]  # nothing touched
 
 
-@pytest.mark.parametrize("task, max_seq_length, lora_r", [("e2e", 128, 8), ("dart", 256, 8), ("dialogsum", 768, 16),
-                                                          ("gsm8k", 512, 8)])
+@pytest.mark.parametrize(
+    "task, max_seq_length, lora_r",
+    [("e2e", 128, 8), ("dart", 256, 8), ("dialogsum", 768, 16), ("gsm8k", 512, 8)],
+)
 def test_sequence_length_and_rank_default_to_the_tasks_and_flags_win(task, max_seq_length, lora_r):
     cfg = parse_run_config(["--task", task])
-    assert (cfg.data.max_seq_length, cfg.lora.lora_r, cfg.lora.lora_alpha) == (max_seq_length, lora_r, 2.0 * lora_r)
-    given = parse_run_config(["--task", task, "--max_seq_length", "64", "--lora_r", "4", "--lora_alpha", "32"])
+    assert (cfg.data.max_seq_length, cfg.lora.lora_r, cfg.lora.lora_alpha) == (
+        max_seq_length,
+        lora_r,
+        2.0 * lora_r,
+    )
+    given = parse_run_config(
+        ["--task", task, "--max_seq_length", "64", "--lora_r", "4", "--lora_alpha", "32"]
+    )
     assert (given.data.max_seq_length, given.lora.lora_r, given.lora.lora_alpha) == (64, 4, 32.0)

@@ -11,19 +11,24 @@ import pytest
 import torch
 from conftest import REPO_ROOT, tiny_llama_model
 
-from ds_loradrop.cli import parse_run_config
 from ds_loradrop.errors import UsageError
-from ds_loradrop.lora import count_trainable_parameters, freeze_all_but_adapters, inject_lora, merged_weight
-from ds_loradrop.snip import measure_saliency, scoring_rows
-from ds_loradrop.sparse_lora import (
+from ds_loradrop.method.placement import (
+    count_trainable_parameters,
+    freeze_all_but_adapters,
+    inject_lora,
+    merged_weight,
+)
+from ds_loradrop.method.snip import measure_saliency, scoring_rows
+from ds_loradrop.method.sparse_lora import (
     apply_masks,
     attach_sparse_adapters,
     global_keep_masks,
     masks_digest,
     sparse_adapters,
 )
-from ds_loradrop.tied_lora import attach_tied_adapters
-from ds_loradrop.vera import attach_vera_adapters
+from ds_loradrop.method.tied_lora import attach_tied_adapters
+from ds_loradrop.method.vera import attach_vera_adapters
+from ds_loradrop.recipes.cli import parse_run_config
 
 pytestmark = pytest.mark.unit
 
@@ -32,8 +37,15 @@ def gqa_llama(num_layers: int = 3, seed: int = 0):
     """Like SmolLM2: v_proj narrower than q_proj (grouped-query attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
@@ -53,8 +65,10 @@ def test_vera_equals_peft_vera_with_the_same_vectors():
     with torch.no_grad():
         base = ours(IDS).logits
         assert torch.equal(base, gqa_llama()(IDS).logits)  # b = 0: starts equal to the base model
-    peft_model = get_peft_model(gqa_llama(), VeraConfig(r=16, target_modules=["q_proj", "v_proj"],
-                                                        projection_prng_key=7, d_initial=0.1))
+    peft_model = get_peft_model(
+        gqa_llama(),
+        VeraConfig(r=16, target_modules=["q_proj", "v_proj"], projection_prng_key=7, d_initial=0.1),
+    )
     peft_state = peft_model.state_dict()
     assert torch.equal(peft_state["base_model.vera_A.default"], layout["q_proj"][0].adapter.projection.vera_A)
     assert torch.equal(peft_state["base_model.vera_B.default"], layout["v_proj"][2].adapter.projection.vera_B)
@@ -65,8 +79,12 @@ def test_vera_equals_peft_vera_with_the_same_vectors():
                 wrapper.adapter.vera_lambda_b.copy_(torch.randn(wrapper.out_features, generator=generator))
                 wrapper.adapter.vera_lambda_d.copy_(torch.randn(16, generator=generator))
                 prefix = f"base_model.model.model.layers.{wrapper.layer}.self_attn.{target}"
-                peft_model.get_parameter(f"{prefix}.vera_lambda_b.default").copy_(wrapper.adapter.vera_lambda_b)
-                peft_model.get_parameter(f"{prefix}.vera_lambda_d.default").copy_(wrapper.adapter.vera_lambda_d)
+                peft_model.get_parameter(f"{prefix}.vera_lambda_b.default").copy_(
+                    wrapper.adapter.vera_lambda_b
+                )
+                peft_model.get_parameter(f"{prefix}.vera_lambda_d.default").copy_(
+                    wrapper.adapter.vera_lambda_d
+                )
         theirs, mine = peft_model(IDS).logits, ours(IDS).logits
     assert (mine - base).abs().max() > 1e-3
     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
@@ -81,7 +99,9 @@ def test_vera_counts_only_its_vectors_and_shares_one_frozen_pair():
     assert count_trainable_parameters(model) == 3 * (16 + 32) + 3 * (16 + 16)
     assert {id(w.adapter.projection) for ws in layout.values() for w in ws} == {id(projection)}
     assert tuple(projection.vera_A.shape) == (16, 32) and tuple(projection.vera_B.shape) == (32, 16)
-    assert not any(p.requires_grad for p in projection.parameters()) and "vera_A" not in str(model.state_dict().keys())
+    assert not any(p.requires_grad for p in projection.parameters()) and "vera_A" not in str(
+        model.state_dict().keys()
+    )
 
 
 # --- Tied-LoRA -------------------------------------------------------------------------------------------
@@ -158,21 +178,30 @@ def test_snip_scores_are_weight_times_gradient_summed_over_examples():
     """|sum_examples dL/dm| for the gate m on each entry equals |w * dL/dw| computed directly."""
     model, layout = _sparse_model()
     rows = _rows()
-    scores = measure_saliency(model, sparse_adapters(layout), rows, batch_size=4, pad_token_id=0,
-                              device=torch.device("cpu"))
+    scores = measure_saliency(
+        model, sparse_adapters(layout), rows, batch_size=4, pad_token_id=0, device=torch.device("cpu")
+    )
     reference_model, reference_layout = _sparse_model()
     adapters = sparse_adapters(reference_layout)
-    from ds_loradrop.data import collate
-    from ds_loradrop.trainer import token_loss_sum
+    from ds_loradrop.data.batching import collate
+    from ds_loradrop.training.loop import token_loss_sum
 
     for row in rows:  # one example at a time: the sum over examples does not depend on batching
         batch = collate([row], 0)
         token_loss_sum(reference_model(input_ids=batch["input_ids"]).logits, batch["labels"]).backward()
     for name, adapter in adapters.items():
-        torch.testing.assert_close(scores[f"{name}.mask_A"], (adapter.lora_A * adapter.lora_A.grad).abs().double(),
-                                   rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(scores[f"{name}.mask_B"], (adapter.lora_B * adapter.lora_B.grad).abs().double(),
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            scores[f"{name}.mask_A"],
+            (adapter.lora_A * adapter.lora_A.grad).abs().double(),
+            rtol=1e-4,
+            atol=1e-7,
+        )
+        torch.testing.assert_close(
+            scores[f"{name}.mask_B"],
+            (adapter.lora_B * adapter.lora_B.grad).abs().double(),
+            rtol=1e-4,
+            atol=1e-7,
+        )
     assert all(float(s.max()) > 0 for s in scores.values())
     assert all(adapter.saliency_gates is None for adapter in sparse_adapters(layout).values())
 
@@ -180,8 +209,9 @@ def test_snip_scores_are_weight_times_gradient_summed_over_examples():
 def test_pruned_lora_starts_at_the_base_model_keeps_its_zeros_and_counts_kept_entries():
     model, layout = _sparse_model()
     base = tiny_llama_model(num_layers=2)
-    scores = measure_saliency(model, sparse_adapters(layout), _rows(), batch_size=4, pad_token_id=0,
-                              device=torch.device("cpu"))
+    scores = measure_saliency(
+        model, sparse_adapters(layout), _rows(), batch_size=4, pad_token_id=0, device=torch.device("cpu")
+    )
     masks = global_keep_masks(scores, sparsity=0.5)
     fresh, fresh_layout = _sparse_model()
     scored_A = {name: a.lora_A.detach().clone() for name, a in sparse_adapters(fresh_layout).items()}
@@ -190,10 +220,14 @@ def test_pruned_lora_starts_at_the_base_model_keeps_its_zeros_and_counts_kept_en
     lora_entries = 4 * 4 * (32 + 32)
     assert count_trainable_parameters(fresh) == lora_entries // 2
     with torch.no_grad():
-        torch.testing.assert_close(fresh(IDS[:, :8] % 64).logits, base(IDS[:, :8] % 64).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            fresh(IDS[:, :8] % 64).logits, base(IDS[:, :8] % 64).logits, rtol=0, atol=0
+        )
     for name, adapter in sparse_adapters(fresh_layout).items():  # training starts from the scored A
         torch.testing.assert_close(adapter.lora_A, scored_A[name] * masks[f"{name}.mask_A"])
-    optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(
+        [p for p in fresh.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
     fresh.train()
     for _ in range(3):
         fresh(IDS, labels=IDS).loss.backward()
@@ -210,7 +244,9 @@ def test_pruned_lora_starts_at_the_base_model_keeps_its_zeros_and_counts_kept_en
 def test_scoring_rows_are_a_seeded_subset():
     assert scoring_rows(1000, 320, seed=3) == scoring_rows(1000, 320, seed=3)
     assert scoring_rows(1000, 320, seed=3) != scoring_rows(1000, 320, seed=4)
-    assert len(set(scoring_rows(1000, 320, seed=3))) == 320 and scoring_rows(50, 320, seed=3) == list(range(50))
+    assert len(set(scoring_rows(1000, 320, seed=3))) == 320 and scoring_rows(50, 320, seed=3) == list(
+        range(50)
+    )
 
 
 # --- flags ---------------------------------------------------------------------------------------------
@@ -218,8 +254,18 @@ def test_scoring_rows_are_a_seeded_subset():
 
 @pytest.fixture
 def base_args(e2e_dir, tmp_path):
-    return ["--model", "tiny-llama", "--data_dir", e2e_dir, "--output_dir", str(tmp_path / "out"),
-            "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"), "--max_train_samples", "64"]
+    return [
+        "--model",
+        "tiny-llama",
+        "--data_dir",
+        e2e_dir,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--ds_config",
+        os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+        "--max_train_samples",
+        "64",
+    ]
 
 
 def test_method_defaults_are_the_papers(base_args):
@@ -237,25 +283,39 @@ def test_method_defaults_are_the_papers(base_args):
     "extra, message",
     [
         (["--vera_r", "64"], "--vera_r is a setting of --method vera; this run is --method loradrop"),
-        (["--method", "lora", "--sparsity", "0.3"],
-         "--sparsity is a setting of --method sparse_lora; this run is --method lora"),
+        (
+            ["--method", "lora", "--sparsity", "0.3"],
+            "--sparsity is a setting of --method sparse_lora; this run is --method lora",
+        ),
         (["--method", "vera", "--tied_lora_r", "8"], "--tied_lora_r is a setting of --method tied_lora"),
-        (["--method", "tied_lora", "--snip_examples", "10"], "--snip_examples is a setting of --method sparse_lora"),
-        (["--method", "vera", "--lora_r", "16"], "--lora_r does not apply to --method vera (its rank is --vera_r"),
+        (
+            ["--method", "tied_lora", "--snip_examples", "10"],
+            "--snip_examples is a setting of --method sparse_lora",
+        ),
+        (
+            ["--method", "vera", "--lora_r", "16"],
+            "--lora_r does not apply to --method vera (its rank is --vera_r",
+        ),
         (["--method", "vera", "--lora_alpha", "16"], "--lora_alpha does not apply to --method vera"),
         (["--method", "tied_lora", "--lora_r", "16"], "--lora_r does not apply to --method tied_lora"),
         (["--method", "vera", "--vera_r", "0"], "--vera_r must be a positive integer, got 0"),
         (["--method", "vera", "--vera_d_initial", "0"], "--vera_d_initial must be > 0"),
         (["--method", "vera", "--vera_projection_seed", "-1"], "--vera_projection_seed must be >= 0, got -1"),
-        (["--method", "tied_lora", "--tied_lora_r", "-2"], "--tied_lora_r must be a positive integer, got -2"),
+        (
+            ["--method", "tied_lora", "--tied_lora_r", "-2"],
+            "--tied_lora_r must be a positive integer, got -2",
+        ),
         (["--method", "sparse_lora", "--sparsity", "1.0"], "--sparsity must be in [0, 1)"),
         (["--method", "sparse_lora", "--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
         (["--method", "sparse_lora", "--snip_examples", "0"], "--snip_examples must be > 0, got 0"),
-        (["--method", "vera", "--plan", "plan.json"], "--plan is a LoRA-drop layout; --method vera does not use one"),
+        (
+            ["--method", "vera", "--plan", "plan.json"],
+            "--plan is a LoRA-drop layout; --method vera does not use one",
+        ),
     ],
 )
 def test_bad_baseline_flags(base_args, extra, message):
-    from ds_loradrop.run_setup import check_inputs
+    from ds_loradrop.recipes.checks import check_inputs
 
     with pytest.raises(UsageError, match=re.escape(message)):
         check_inputs(parse_run_config(base_args + extra))

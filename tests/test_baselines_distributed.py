@@ -39,20 +39,61 @@ def baseline_runs(tmp_path_factory, e2e_dir):
     store = f"sqlite:///{root / 'mlflow.db'}"
     out, logs = {}, {}
     for method, settings in METHODS.items():
-        common = ["--data_dir", e2e_dir, *COMMON, "--method", method, *settings, "--save_steps", "4",
-                  "--mlflow_tracking_uri", store, "--mlflow_experiment", "baselines"]
+        common = [
+            "--data_dir",
+            e2e_dir,
+            *COMMON,
+            "--method",
+            method,
+            *settings,
+            "--save_steps",
+            "4",
+            "--mlflow_tracking_uri",
+            store,
+            "--mlflow_experiment",
+            "baselines",
+        ]
         one, two = str(root / f"{method}_one_rank"), str(root / f"{method}_zero3_2ranks")
-        logs[(method, "one_rank")] = launch([sys.executable, TRAIN, "--ds_config", zero2, "--per_device_train_batch_size",
-                                             "4", "--output_dir", one, "--run_name", f"{method}-one-rank", *common],
-                                            env).stdout
-        two_ranks = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--ds_config", zero3,
-                     "--per_device_train_batch_size", "2", "--output_dir", two, "--run_name", f"{method}-2ranks",
-                     *common]
+        logs[(method, "one_rank")] = launch(
+            [
+                sys.executable,
+                TRAIN,
+                "--ds_config",
+                zero2,
+                "--per_device_train_batch_size",
+                "4",
+                "--output_dir",
+                one,
+                "--run_name",
+                f"{method}-one-rank",
+                *common,
+            ],
+            env,
+        ).stdout
+        two_ranks = [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            TRAIN,
+            "--ds_config",
+            zero3,
+            "--per_device_train_batch_size",
+            "2",
+            "--output_dir",
+            two,
+            "--run_name",
+            f"{method}-2ranks",
+            *common,
+        ]
         logs[(method, "zero3_2ranks")] = launch(two_ranks, env).stdout
         # Keep what a job killed after step 4 leaves (its step-4 checkpoint, and for sparse_lora the masks),
         # then continue it: the resumed run must end where the uninterrupted ones did.
         resumed = str(root / f"{method}_resumed")
-        shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("*step-000008", "adapter", "summary.json", "eval"))
+        shutil.copytree(
+            two, resumed, ignore=shutil.ignore_patterns("*step-000008", "adapter", "summary.json", "eval")
+        )
         two_ranks[two_ranks.index(two)] = resumed
         two_ranks[two_ranks.index(f"{method}-2ranks")] = f"{method}-resumed"
         logs[(method, "resumed")] = launch(two_ranks + ["--resume", "auto"], env).stdout
@@ -78,14 +119,21 @@ def test_two_ranks_zero3_and_the_resumed_run_equal_one_rank(baseline_runs, metho
         assert sorted(candidate) == sorted(reference)
         for key, value in reference.items():
             # ZeRO-2 on one rank against ZeRO-3 on two: the ZeRO-2 tolerance of test_distributed.py
-            torch.testing.assert_close(candidate[key], value, rtol=5e-5, atol=5e-5, msg=f"{method} {other} {key}")
+            torch.testing.assert_close(
+                candidate[key], value, rtol=5e-5, atol=5e-5, msg=f"{method} {other} {key}"
+            )
     assert re.search(r"resumed from .*step-000004 at step 4/8", logs[(method, "resumed")])
-    lines = re.findall(r"\[ds_loradrop rank(\d)\] train: \d+ trainable parameters; ZeRO stage 3: (\d+)/(\d+) tensors "
-                       r"partitioned", logs[(method, "zero3_2ranks")])
+    lines = re.findall(
+        r"\[ds_loradrop rank(\d)\] train: \d+ trainable parameters; ZeRO stage 3: (\d+)/(\d+) tensors "
+        r"partitioned",
+        logs[(method, "zero3_2ranks")],
+    )
     assert sorted(rank for rank, *_ in lines) == ["0", "1"]
     assert all(int(partitioned) == int(total) > 50 for _, partitioned, total in lines)
     trained = _summary(out[method]["one_rank"])
-    assert trained["eval_metrics"]["num_examples"] == 10 and trained["base_eval_metrics"]["num_examples"] == 10
+    assert (
+        trained["eval_metrics"]["num_examples"] == 10 and trained["base_eval_metrics"]["num_examples"] == 10
+    )
     assert trained["method"] == method and trained["lora_parameters"] == 16 * 8 * (128 + 128)
 
 
@@ -96,12 +144,19 @@ def test_each_method_learns_and_is_counted_as_its_paper_counts(baseline_runs):
     assert _summary(out["vera"]["one_rank"])["trainable_parameters"] == 16 * (32 + 128)
     assert tensors["vera"]["vera_projection.vera_A"].shape == (32, 128)
     assert len([k for k in tensors["vera"] if k.startswith("vera_projection.")]) == 2
-    assert all(tensors["vera"][f"{t}.layers.{i}.vera_lambda_b"].abs().max() > 0 for t in ("q_proj", "v_proj")
-               for i in range(8))
+    assert all(
+        tensors["vera"][f"{t}.layers.{i}.vera_lambda_b"].abs().max() > 0
+        for t in ("q_proj", "v_proj")
+        for i in range(8)
+    )
     # Tied-LoRA: one pair per target (16 x (128 + 128)), u and v per layer
     assert _summary(out["tied_lora"]["one_rank"])["trainable_parameters"] == 2 * 16 * 256 + 16 * (16 + 128)
     assert sorted(k for k in tensors["tied_lora"] if ".tied." in k) == [
-        "q_proj.tied.lora_A", "q_proj.tied.lora_B", "v_proj.tied.lora_A", "v_proj.tied.lora_B"]
+        "q_proj.tied.lora_A",
+        "q_proj.tied.lora_B",
+        "v_proj.tied.lora_A",
+        "v_proj.tied.lora_B",
+    ]
     assert tensors["tied_lora"]["q_proj.tied.lora_B"].abs().max() > 0
     # SNIP: half of LoRA's entries, the same masks on every launcher, pruned entries stay zero
     sparse = out["sparse_lora"]
@@ -114,16 +169,21 @@ def test_each_method_learns_and_is_counted_as_its_paper_counts(baseline_runs):
         mask = weights[key.replace("lora_", "mask_")]
         assert torch.all(weights[key][~mask] == 0) and weights[key][mask].abs().max() > 0
     assert "SNIP finished before: using its masks" in logs[("sparse_lora", "resumed")]
-    assert "trainable parameters: LoRA 32768 | sparse_lora 16384 (50.0% of LoRA)" in logs[("sparse_lora", "one_rank")]
+    assert (
+        "trainable parameters: LoRA 32768 | sparse_lora 16384 (50.0% of LoRA)"
+        in logs[("sparse_lora", "one_rank")]
+    )
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_exports_give_the_trained_models_logits_or_name_the_formats_that_work(baseline_runs, method, tmp_path):
+def test_exports_give_the_trained_models_logits_or_name_the_formats_that_work(
+    baseline_runs, method, tmp_path
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from ds_loradrop.errors import UsageError
-    from ds_loradrop.export import export_run, load_adapted_model
+    from ds_loradrop.recipes.export import export_run, load_adapted_model
 
     out, _, _ = baseline_runs
     run = out[method]["one_rank"]
@@ -131,7 +191,9 @@ def test_exports_give_the_trained_models_logits_or_name_the_formats_that_work(ba
     ids = torch.randint(4, 500, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = trained(ids).logits
-        base_logits = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)(
+            ids
+        ).logits
     assert (reference - base_logits).abs().max() > 1e-4
     formats = ("merged", "loradrop") + (() if method == "tied_lora" else ("peft",))
     models = {}
@@ -146,23 +208,45 @@ def test_exports_give_the_trained_models_logits_or_name_the_formats_that_work(ba
             models[fmt] = load_adapted_model(exported)[0]
     for fmt, model in models.items():
         with torch.no_grad():
-            torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5, msg=f"{method} {fmt}")
+            torch.testing.assert_close(
+                model(ids).logits, reference, rtol=1e-5, atol=1e-5, msg=f"{method} {fmt}"
+            )
     if method == "tied_lora":
-        with pytest.raises(UsageError, match=re.escape("--format peft cannot express a tied_lora adapter (PEFT has "
-                                                       "no such method); the formats that work for it are merged "
-                                                       "and loradrop")):
+        with pytest.raises(
+            UsageError,
+            match=re.escape(
+                "--format peft cannot express a tied_lora adapter (PEFT has "
+                "no such method); the formats that work for it are merged "
+                "and loradrop"
+            ),
+        ):
             export_run(run, "peft", str(tmp_path / "peft"))
         assert not (tmp_path / "peft").exists()
 
 
 def test_compare_puts_every_method_in_one_table(baseline_runs, tmp_path):
     out, _, store = baseline_runs
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "launch", "compare.py"), "--experiment",
-                             "baselines", "--tracking_uri", store, "--output_dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "launch", "compare.py"),
+            "--experiment",
+            "baselines",
+            "--tracking_uri",
+            store,
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
-            for line in (tmp_path / "comparison.md").read_text().splitlines()[2:]}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+        for line in (tmp_path / "comparison.md").read_text().splitlines()[2:]
+    }
     for method in METHODS:
         row = rows[f"{method}-one-rank"]
         assert row[1:3] == ["FINISHED", method]
@@ -172,12 +256,27 @@ def test_compare_puts_every_method_in_one_table(baseline_runs, tmp_path):
 
 def test_importance_tool_refuses_adapters_without_lora_pairs(baseline_runs, tmp_path):
     out, _, _ = baseline_runs
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "launch", "importance.py"), "--run",
-                             out["vera"]["one_rank"], "--adapter", os.path.join(out["vera"]["one_rank"], "adapter"),
-                             "--output_dir", str(tmp_path / "plan")],
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "launch", "importance.py"),
+            "--run",
+            out["vera"]["one_rank"],
+            "--adapter",
+            os.path.join(out["vera"]["one_rank"], "adapter"),
+            "--output_dir",
+            str(tmp_path / "plan"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2 and not (tmp_path / "plan").exists()
-    assert "holds vera adapters; importance is measured on LoRA adapters" in result.stderr.strip().splitlines()[-1]
+    assert (
+        "holds vera adapters; importance is measured on LoRA adapters"
+        in result.stderr.strip().splitlines()[-1]
+    )
 
 
 def test_offline_evaluation_under_zero2_rebuilds_the_saved_adapters(baseline_runs, tmp_path, e2e_dir):
@@ -188,10 +287,31 @@ def test_offline_evaluation_under_zero2_rebuilds_the_saved_adapters(baseline_run
 
     out, _, _ = baseline_runs
     run = out["tied_lora"]["one_rank"]
-    launch([sys.executable, EVALUATE, "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero2.json"), "--task",
-            "e2e", "--split", "validation", "--data_dir", e2e_dir, "--adapter", os.path.join(run, "adapter"),
-            "--output_dir", str(tmp_path / "eval"), "--max_eval_samples", "10", "--max_new_tokens", "12",
-            "--eval_batch_size", "3"], job_env(tmp_path))
+    launch(
+        [
+            sys.executable,
+            EVALUATE,
+            "--ds_config",
+            os.path.join(REPO_ROOT, "ds_configs", "zero2.json"),
+            "--task",
+            "e2e",
+            "--split",
+            "validation",
+            "--data_dir",
+            e2e_dir,
+            "--adapter",
+            os.path.join(run, "adapter"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--max_eval_samples",
+            "10",
+            "--max_new_tokens",
+            "12",
+            "--eval_batch_size",
+            "3",
+        ],
+        job_env(tmp_path),
+    )
 
     def predictions(directory):
         with open(os.path.join(directory, "predictions.jsonl")) as handle:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_llama_model
 
-from ds_loradrop.data import IGNORE_INDEX, collate, global_batches
-from ds_loradrop.trainer import token_loss_sum
+from ds_loradrop.data.batching import IGNORE_INDEX, collate, global_batches
+from ds_loradrop.training.loop import token_loss_sum
 
 pytestmark = pytest.mark.unit
 
@@ -39,11 +39,15 @@ def test_grouped_and_random_padded_batches_give_the_same_loss():
     rows = _rows(48)
     order = list(range(len(rows)))
     random.Random(1).shuffle(order)
-    random_batches = [order[i:i + 8] for i in range(0, len(order), 8)]
-    grouped = global_batches([len(row["input_ids"]) for row in rows], 8, seed=3, epoch=0, group_by_length=True)
+    random_batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+    grouped = global_batches(
+        [len(row["input_ids"]) for row in rows], 8, seed=3, epoch=0, group_by_length=True
+    )
     assert sorted(i for batch in grouped for i in batch) == list(range(len(rows)))
-    padding = {name: sum(max(len(rows[i]["input_ids"]) for i in b) * len(b) for b in batches)
-               for name, batches in (("random", random_batches), ("grouped", grouped))}
+    padding = {
+        name: sum(max(len(rows[i]["input_ids"]) for i in b) * len(b) for b in batches)
+        for name, batches in (("random", random_batches), ("grouped", grouped))
+    }
     assert padding["grouped"] < padding["random"]  # the change does spend less compute
 
     alone = _summed_loss(model, rows, [[i] for i in range(len(rows))])
@@ -54,7 +58,7 @@ def test_grouped_and_random_padded_batches_give_the_same_loss():
 def test_logits_only_from_the_first_target_position_give_the_same_loss_and_gradients():
     """The trainer asks the model for logits of the trailing positions from the first labelled token on
     (``logits_to_keep``): the loss and the gradients equal those from logits at every position."""
-    from ds_loradrop.trainer import accepts_logits_to_keep, num_positions_to_score
+    from ds_loradrop.training.loop import accepts_logits_to_keep, num_positions_to_score
 
     model = tiny_llama_model(num_layers=2)
     assert accepts_logits_to_keep(model)
@@ -67,7 +71,7 @@ def test_logits_only_from_the_first_target_position_give_the_same_loss_and_gradi
     first = min(row["labels"].index(next(t for t in row["labels"] if t != IGNORE_INDEX)) for row in rows)
     assert keep == labels.shape[1] - (first - 1) < labels.shape[1]
     losses, grads = [], []
-    for kwargs, scored in (({}, labels), ({"logits_to_keep": keep}, labels[:, labels.shape[1] - keep:])):
+    for kwargs, scored in (({}, labels), ({"logits_to_keep": keep}, labels[:, labels.shape[1] - keep :])):
         model.zero_grad()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
         loss = token_loss_sum(logits, scored)

@@ -15,19 +15,50 @@ pytestmark = pytest.mark.bench
 
 def test_generation_benchmark_runs(tmp_path, e2e_dir):
     out = tmp_path / "generation.json"
-    command = [sys.executable, os.path.join(REPO_ROOT, "bench", "generation_throughput.py"), "--data_dir", e2e_dir,
-               "--num_inputs", "6", "--batch_size", "3", "--max_new_tokens", "4", "--threads", "1",
-               "--device", "cpu", "--json", str(out)]
-    result = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=600, check=False)
+    command = [
+        sys.executable,
+        os.path.join(REPO_ROOT, "bench", "generation_throughput.py"),
+        "--data_dir",
+        e2e_dir,
+        "--num_inputs",
+        "6",
+        "--batch_size",
+        "3",
+        "--max_new_tokens",
+        "4",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, f"STDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
     assert "| mode | inputs | generated tokens | seconds | tokens/s |" in result.stdout
     assert "| batched | 6 |" in result.stdout and "| per_example | 6 |" in result.stdout
     assert "batched / per_example (tokens/s): " in result.stdout
     assert "identical predictions: " in result.stdout
     numbers = json.loads(out.read_text())
-    for key in ("batched", "per_example", "batched_over_per_example", "identical_predictions",
-                "num_differing_predictions", "num_inputs", "batch_size", "max_new_tokens", "threads"):
+    for key in (
+        "batched",
+        "per_example",
+        "batched_over_per_example",
+        "identical_predictions",
+        "num_differing_predictions",
+        "num_inputs",
+        "batch_size",
+        "max_new_tokens",
+        "threads",
+    ):
         assert key in numbers, key
     for mode in ("batched", "per_example"):
         assert set(numbers[mode]) == {"inputs", "generated_tokens", "seconds", "tokens_per_second"}
@@ -39,14 +70,42 @@ def test_generation_benchmark_runs(tmp_path, e2e_dir):
 
 def test_training_benchmark_runs_on_two_ranks(tmp_path, e2e_dir):
     out = tmp_path / "train.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), os.path.join(REPO_ROOT, "bench", "train_throughput.py"), "--data_dir", e2e_dir,
-               "--steps", "2", "--chunk_steps", "1", "--warmup_steps", "1", "--global_batch_size", "4", "--hidden_size", "64",
-               "--intermediate_size", "128", "--num_layers", "2", "--num_heads", "2", "--json", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        os.path.join(REPO_ROOT, "bench", "train_throughput.py"),
+        "--data_dir",
+        e2e_dir,
+        "--steps",
+        "2",
+        "--chunk_steps",
+        "1",
+        "--warmup_steps",
+        "1",
+        "--global_batch_size",
+        "4",
+        "--hidden_size",
+        "64",
+        "--intermediate_size",
+        "128",
+        "--num_layers",
+        "2",
+        "--num_heads",
+        "2",
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, f"STDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
-    assert ("| contender | step s | target tokens/s | real tokens/s | FLOP utilisation | minor page faults / step |"
-            in result.stdout)
+    assert (
+        "| contender | step s | target tokens/s | real tokens/s | FLOP utilisation | minor page "
+        "faults / step |" in result.stdout
+    )
     assert "ours / peer (target tokens/s): " in result.stdout
     numbers = json.loads(out.read_text())
     assert numbers["world_size"] == 2 and len(numbers["peak_rss_gib_per_rank"]) == 2
@@ -55,15 +114,36 @@ def test_training_benchmark_runs_on_two_ranks(tmp_path, e2e_dir):
         assert numbers[name]["minor_page_faults_per_step"] >= 0
     # 2 timed steps, alternating every step: 2 chunks
     assert len(numbers["chunk_ratios"]["recording_share_of_stage1"]) == 2
-    assert len(numbers["chunk_ratios"]["ours_over_peer"]) == 2 and min(numbers["chunk_ratios"]["ours_over_peer"]) > 0
+    assert (
+        len(numbers["chunk_ratios"]["ours_over_peer"]) == 2
+        and min(numbers["chunk_ratios"]["ours_over_peer"]) > 0
+    )
     assert numbers["ours"]["target_tokens_per_second"] * numbers["ours"]["seconds"] == pytest.approx(
-        numbers["peer"]["target_tokens_per_second"] * numbers["peer"]["seconds"])  # the same useful tokens
+        numbers["peer"]["target_tokens_per_second"] * numbers["peer"]["seconds"]
+    )  # the same useful tokens
 
 
 def test_training_profile_runs(tmp_path, e2e_dir):
-    command = [sys.executable, os.path.join(REPO_ROOT, "bench", "profile_train_step.py"), "--data_dir", e2e_dir,
-               "--steps", "1", "--warmup_steps", "1", "--global_batch_size", "2", "--hidden_size", "64",
-               "--intermediate_size", "128", "--num_layers", "2", "--num_heads", "2"]
+    command = [
+        sys.executable,
+        os.path.join(REPO_ROOT, "bench", "profile_train_step.py"),
+        "--data_dir",
+        e2e_dir,
+        "--steps",
+        "1",
+        "--warmup_steps",
+        "1",
+        "--global_batch_size",
+        "2",
+        "--hidden_size",
+        "64",
+        "--intermediate_size",
+        "128",
+        "--num_layers",
+        "2",
+        "--num_heads",
+        "2",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "## peer: top operators" in result.stdout and "## ours: top operators" in result.stdout

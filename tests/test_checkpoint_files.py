@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from ds_loradrop.checkpoint import STATE_NAME, checkpoint_name, latest_checkpoint, list_complete
+from ds_loradrop.training.checkpoint import STATE_NAME, checkpoint_name, latest_checkpoint, list_complete
 
 pytestmark = pytest.mark.unit
 
@@ -25,4 +25,7 @@ def test_newest_complete_checkpoint_orders_by_stage_then_step(tmp_path):
     _make(tmp_path, checkpoint_name("stage2", 16), complete=False)  # no trainer state: incomplete
     assert latest_checkpoint(str(tmp_path)) == newest
     assert [os.path.basename(p) for p in list_complete(str(tmp_path))] == [
-        "stage1-step-000030", "stage2-step-000004", "stage2-step-000012"]
+        "stage1-step-000030",
+        "stage2-step-000004",
+        "stage2-step-000012",
+    ]

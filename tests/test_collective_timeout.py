@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     """
     import datetime, sys, time
     import torch, torch.distributed as dist
-    from ds_loradrop.engine import init_distributed
+    from ds_loradrop.training.engine import init_distributed
 
     init_distributed(datetime.timedelta(seconds=5))
     if dist.get_rank() == 1:
@@ -32,10 +32,25 @@ SCRIPT = textwrap.dedent(
 
 
 def test_a_silent_peer_fails_the_collective_after_the_timeout():
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, "-c", SCRIPT], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO_ROOT,
+        "WORLD_SIZE": "2",
+        "LOCAL_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     try:
         started = time.time()
         output, _ = ranks[0].communicate(timeout=240)

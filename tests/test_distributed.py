@@ -35,7 +35,8 @@ def test_plan_has_importance_for_every_layer_and_keeps_fewer_layers(runs):
     assert plan["world_size"] == 2 and plan["num_sampled"] == 48 and plan["threshold"] == 0.6
     assert plan["selection"] == "output_norm" and plan["low_importance"] == "share" and plan["seed"] == 3
     assert plan["num_tokens"] > 48 * 10
-    # 48 sampled rows / global batch 8 x 2 epochs = 12 planned steps, capped by --max_steps 8 (said, not silent)
+    # 48 sampled rows / global batch 8 x 2 epochs = 12 planned steps, capped by --max_steps 8 (said, not
+    # silent)
     assert plan["stage1_steps"] == 8 and plan["stage1_planned_steps"] == 12
     kept = 0
     for target in plan["targets"].values():
@@ -56,20 +57,27 @@ def test_importance_equals_the_one_rank_run(runs):
     two, one = _plan(out["zero3_2ranks"]), _plan(out["one_rank"])
     assert two["num_tokens"] == one["num_tokens"]
     for name in ("q_proj", "v_proj"):
-        assert two["targets"][name]["importance"] == pytest.approx(one["targets"][name]["importance"], rel=1e-5)
+        assert two["targets"][name]["importance"] == pytest.approx(
+            one["targets"][name]["importance"], rel=1e-5
+        )
         assert two["targets"][name]["retained"] == one["targets"][name]["retained"]
 
 
 def test_both_ranks_hold_the_same_mask_and_parameters_are_partitioned(runs):
     _, logs = runs
-    assert "stage1: capped at 8 of its 12 steps (2 epochs) by --max_steps: importance comes from adapters " \
-           "trained on 67% of stage 1" in logs["zero3_2ranks"]
+    assert (
+        "stage1: capped at 8 of its 12 steps (2 epochs) by --max_steps: importance comes from adapters "
+        "trained on 67% of stage 1" in logs["zero3_2ranks"]
+    )
     masks = dict(re.findall(r"rank (\d) holds layer mask ([0-9a-f]{16})", logs["zero3_2ranks"]))
     assert set(masks) == {"0", "1"} and masks["0"] == masks["1"]
     assert re.findall(r"rank 0 holds layer mask ([0-9a-f]{16})", logs["one_rank"]) == [masks["0"]]
     for stage in ("stage1", "stage2"):
-        lines = re.findall(rf"\[ds_loradrop rank(\d)\] {stage}: \d+ trainable parameters; ZeRO stage 3: "
-                           r"(\d+)/(\d+) tensors partitioned, (\d+)/(\d+) elements", logs["zero3_2ranks"])
+        lines = re.findall(
+            rf"\[ds_loradrop rank(\d)\] {stage}: \d+ trainable parameters; ZeRO stage 3: "
+            r"(\d+)/(\d+) tensors partitioned, (\d+)/(\d+) elements",
+            logs["zero3_2ranks"],
+        )
         assert sorted(rank for rank, *_ in lines) == ["0", "1"]
         for _, partitioned, tensors, local, total in lines:
             assert int(partitioned) == int(tensors) > 50 and int(local) * 2 <= int(total) + 1000
@@ -89,8 +97,9 @@ def test_adapters_equal_the_one_rank_run(runs, other, tolerance):
         reference, candidate = _tensors(out["one_rank"], sub), _tensors(out[other], sub)
         assert sorted(reference) == sorted(candidate)
         for key, value in reference.items():
-            torch.testing.assert_close(candidate[key], value, rtol=tolerance, atol=tolerance,
-                                       msg=f"{other} {sub} {key}")
+            torch.testing.assert_close(
+                candidate[key], value, rtol=tolerance, atol=tolerance, msg=f"{other} {sub} {key}"
+            )
     final = _tensors(out["one_rank"], "adapter")
     assert any(value.abs().max() > 1e-3 for key, value in final.items() if key.endswith("lora_B"))
 
@@ -110,7 +119,9 @@ def test_final_adapter_stores_the_shared_adapter_once_and_counts_it_once(runs):
         layers = adapter_config["layers"][name]
         assert [layers[i] for i in target["shared"]] == [f"{name}.shared"] * len(target["shared"])
         expected += (len(target["retained"]) + (1 if target["shared"] else 0)) * per_adapter
-    assert len(load_file(os.path.join(out["zero3_2ranks"], "stage1_adapter", "adapter_model.safetensors"))) == 32
+    assert (
+        len(load_file(os.path.join(out["zero3_2ranks"], "stage1_adapter", "adapter_model.safetensors"))) == 32
+    )
     with open(os.path.join(out["zero3_2ranks"], "summary.json")) as handle:
         summary = json.load(handle)
     assert summary["trainable_parameters"] == expected and summary["lora_parameters"] == 16 * per_adapter
@@ -118,7 +129,9 @@ def test_final_adapter_stores_the_shared_adapter_once_and_counts_it_once(runs):
     assert re.search(r"kept layers q_proj: \d/8 \[", logs["zero3_2ranks"])
     with open(os.path.join(out["zero3_2ranks"], "run_config.json")) as handle:
         resolved = json.load(handle)["resolved"]
-    assert resolved["world_size"] == 2 and resolved["global_batch_size"] == 8 and resolved["dtype"] == "float32"
+    assert (
+        resolved["world_size"] == 2 and resolved["global_batch_size"] == 8 and resolved["dtype"] == "float32"
+    )
     assert os.path.isfile(os.path.join(out["zero3_2ranks"], "ds_config.json"))
 
 
@@ -130,8 +143,10 @@ def _jsonl(path):
 def test_gathered_and_synced_generation_give_the_same_predictions(runs):
     out, logs = runs
     gathered_dir, synced_dir = os.path.join(out["zero3_2ranks"], "eval"), out["synced_eval"]
-    gathered, synced = _jsonl(os.path.join(gathered_dir, "predictions.jsonl")), _jsonl(
-        os.path.join(synced_dir, "predictions.jsonl"))
+    gathered, synced = (
+        _jsonl(os.path.join(gathered_dir, "predictions.jsonl")),
+        _jsonl(os.path.join(synced_dir, "predictions.jsonl")),
+    )
     assert len(gathered) == len(synced) == 10
     assert [row["id"] for row in gathered] == [f"e2e-validation-{i}" for i in range(10)]  # original order
     assert [row["prediction"] for row in gathered] == [row["prediction"] for row in synced]
@@ -140,7 +155,11 @@ def test_gathered_and_synced_generation_give_the_same_predictions(runs):
         with open(os.path.join(directory, "metrics.json")) as handle:
             metrics = json.load(handle)
         assert metrics["task"] == "e2e" and metrics["split"] == "validation" and metrics["num_examples"] == 10
-        assert metrics["generation_mode"] == mode and 0 <= metrics["bleu"] <= 100 and 0 <= metrics["rouge_l"] <= 100
+        assert (
+            metrics["generation_mode"] == mode
+            and 0 <= metrics["bleu"] <= 100
+            and 0 <= metrics["rouge_l"] <= 100
+        )
         assert metrics["generated_tokens"] > 0
     assert re.search(r"eval e2e/validation \(10 inputs, synced\)", logs["synced_eval"])
     with open(os.path.join(out["zero3_2ranks"], "summary.json")) as handle:
@@ -157,16 +176,21 @@ def _artifacts(client, run_id, path=None):
     return found
 
 
-@pytest.mark.parametrize("store, experiment, run_name, output", [
-    ("server", "server-exp", "zero3-2ranks", "zero3_2ranks"),
-    ("local_store", "local-exp", "zero2-torchrun", "zero2_torchrun"),
-    ("local_store", "local-exp", "one-rank", "one_rank"),
-])
+@pytest.mark.parametrize(
+    "store, experiment, run_name, output",
+    [
+        ("server", "server-exp", "zero3-2ranks", "zero3_2ranks"),
+        ("local_store", "local-exp", "zero2-torchrun", "zero2_torchrun"),
+        ("local_store", "local-exp", "one-rank", "one_rank"),
+    ],
+)
 def test_one_run_with_params_metrics_and_artifacts(runs, store, experiment, run_name, output):
     out, _ = runs
     client = MlflowClient(tracking_uri=out[store])
-    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
-                               filter_string=f"attributes.run_name = '{run_name}'")
+    found = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        filter_string=f"attributes.run_name = '{run_name}'",
+    )
     assert len(found) == 1, "exactly one run per job, whatever the number of ranks"
     run = found[0]
     assert run.info.status == "FINISHED"
@@ -189,7 +213,9 @@ def test_one_run_with_params_metrics_and_artifacts(runs, store, experiment, run_
     with open(os.path.join(out[output], "plan.json")) as handle:
         plan = json.load(handle)
     for target in ("q_proj", "v_proj"):
-        history = sorted(client.get_metric_history(run.info.run_id, f"importance/{target}"), key=lambda m: m.step)
+        history = sorted(
+            client.get_metric_history(run.info.run_id, f"importance/{target}"), key=lambda m: m.step
+        )
         assert [m.step for m in history] == list(range(8))
         assert [m.value for m in history] == pytest.approx(plan["targets"][target]["importance"], rel=1e-9)
         assert metrics[f"retained_layers/{target}"] == len(plan["targets"][target]["retained"])
@@ -206,9 +232,19 @@ def test_one_run_with_params_metrics_and_artifacts(runs, store, experiment, run_
         assert metrics[f"memory/peak_bytes_rank{rank}"] == peak > 2**27
     assert tags["memory/peak_kind"] == "peak_rss"
     artifacts = set(_artifacts(client, run.info.run_id))
-    assert {"plan.json", "run_config.json", "ds_config.json", "summary.json", "adapter/adapter_model.safetensors",
-            "adapter/adapter_config.json", "plots/importance.png", "plots/loss.png",
-            "eval/predictions_sample.jsonl", "eval/metrics.json", "eval/base/metrics.json"} <= artifacts
+    assert {
+        "plan.json",
+        "run_config.json",
+        "ds_config.json",
+        "summary.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "plots/importance.png",
+        "plots/loss.png",
+        "eval/predictions_sample.jsonl",
+        "eval/metrics.json",
+        "eval/base/metrics.json",
+    } <= artifacts
     png = client.download_artifacts(run.info.run_id, "plots/importance.png", str(out[output]) + "_dl")
     with open(png, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -220,14 +256,29 @@ def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
     from conftest import REPO_ROOT
 
     out, _ = runs
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "launch", "compare.py"), "--experiment",
-                             "local-exp", "--tracking_uri", out["local_store"], "--output_dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "launch", "compare.py"),
+            "--experiment",
+            "local-exp",
+            "--tracking_uri",
+            out["local_store"],
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     lines = (tmp_path / "comparison.md").read_text().splitlines()
     assert result.stdout.startswith("\n".join(lines))
-    assert lines[0].startswith("| run | status | method | selection | threshold | kept q_proj | kept v_proj | "
-                               "trainable params | % of LoRA | bleu | rouge_l |")
+    assert lines[0].startswith(
+        "| run | status | method | selection | threshold | kept q_proj | kept v_proj | "
+        "trainable params | % of LoRA | bleu | rouge_l |"
+    )
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]}
     assert set(rows) == {"one-rank", "zero2-torchrun"}
     for name, output in (("one-rank", "one_rank"), ("zero2-torchrun", "zero2_torchrun")):
@@ -235,9 +286,14 @@ def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
             summary = json.load(handle)
         row = rows[name]
         assert row[1:5] == ["FINISHED", "loradrop", "output_norm", "0.6"]
-        assert row[5] == f"{len(summary['retained']['q_proj'])}/8" and row[6] == f"{len(summary['retained']['v_proj'])}/8"
+        assert (
+            row[5] == f"{len(summary['retained']['q_proj'])}/8"
+            and row[6] == f"{len(summary['retained']['v_proj'])}/8"
+        )
         assert int(row[7]) == summary["trainable_parameters"]
-        assert float(row[8]) == pytest.approx(100 * summary["trainable_parameters"] / summary["lora_parameters"], abs=0.05)
+        assert float(row[8]) == pytest.approx(
+            100 * summary["trainable_parameters"] / summary["lora_parameters"], abs=0.05
+        )
         assert float(row[9]) == pytest.approx(summary["eval_metrics"]["bleu"], abs=0.005)
     assert (tmp_path / "comparison.md").read_text().startswith("| run |")
     assert (tmp_path / "comparison.csv").read_text().splitlines()[0].startswith("run,status,method")
@@ -245,17 +301,39 @@ def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_activation_checkpointing_with_the_shared_adapter_under_zero3_changes_nothing(runs, tmp_path, e2e_dir):
+def test_activation_checkpointing_with_the_shared_adapter_under_zero3_changes_nothing(
+    runs, tmp_path, e2e_dir
+):
     """The reference 2-rank ZeRO-3 LoRA-drop run again with --gradient_checkpointing (non-reentrant):
     same losses per stage, same plan and same adapters, shared adapter included."""
     from launching import COMMON, DEEPSPEED, TRAIN, free_port, job_env, launch
 
     out, _ = runs
     checkpointed = str(tmp_path / "checkpointed")
-    log = launch([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--ds_config",
-                  out["zero3_config"], "--per_device_train_batch_size", "2", "--output_dir", checkpointed,
-                  "--data_dir", e2e_dir, *COMMON, "--gradient_checkpointing", "true", "--report_to", "none"],
-                 job_env(tmp_path)).stdout
+    log = launch(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            TRAIN,
+            "--ds_config",
+            out["zero3_config"],
+            "--per_device_train_batch_size",
+            "2",
+            "--output_dir",
+            checkpointed,
+            "--data_dir",
+            e2e_dir,
+            *COMMON,
+            "--gradient_checkpointing",
+            "true",
+            "--report_to",
+            "none",
+        ],
+        job_env(tmp_path),
+    ).stdout
     assert "ZeRO stage 3" in log
     with open(os.path.join(out["zero3_2ranks"], "summary.json")) as handle:
         reference = json.load(handle)
@@ -264,7 +342,10 @@ def test_activation_checkpointing_with_the_shared_adapter_under_zero3_changes_no
     assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
     for ours, theirs in zip(summary["stages"], reference["stages"]):
         assert ours["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-6)
-    assert _plan(checkpointed)["targets"]["q_proj"]["retained"] == _plan(out["zero3_2ranks"])["targets"]["q_proj"]["retained"]
+    assert (
+        _plan(checkpointed)["targets"]["q_proj"]["retained"]
+        == _plan(out["zero3_2ranks"])["targets"]["q_proj"]["retained"]
+    )
     mine, reference_tensors = _tensors(checkpointed, "adapter"), _tensors(out["zero3_2ranks"], "adapter")
     assert set(mine) == set(reference_tensors) and any(".shared." in name for name in mine)
     for name, tensor in mine.items():
@@ -278,16 +359,20 @@ def test_every_export_format_gives_the_trained_models_logits(runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ds_loradrop.export import export_run, load_adapted_model
+    from ds_loradrop.recipes.export import export_run, load_adapted_model
 
     out, _ = runs
     trained, config = load_adapted_model(os.path.join(out["one_rank"], "adapter"))
     ids = torch.randint(4, 500, (2, 21), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = trained(ids).logits
-        base_logits = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)(
+            ids
+        ).logits
     assert (reference - base_logits).abs().max() > 1e-3  # the adapters matter
-    exported = {fmt: export_run(out["one_rank"], fmt, str(tmp_path / fmt)) for fmt in ("peft", "merged", "loradrop")}
+    exported = {
+        fmt: export_run(out["one_rank"], fmt, str(tmp_path / fmt)) for fmt in ("peft", "merged", "loradrop")
+    }
 
     peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     plan = _plan(out["one_rank"])
@@ -304,22 +389,44 @@ def test_every_export_format_gives_the_trained_models_logits(runs, tmp_path):
     for fmt, model in models.items():
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5, msg=fmt)
-    assert sorted(os.listdir(exported["loradrop"])) == ["adapter_config.json", "adapter_model.safetensors",
-                                                        "export.json", "plan.json"]
+    assert sorted(os.listdir(exported["loradrop"])) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "export.json",
+        "plan.json",
+    ]
     assert not [name for name in os.listdir(exported["merged"]) if name.endswith((".bin", ".pt", ".pth"))]
 
 
 def test_export_refuses_a_run_without_adapter_and_a_used_directory(tmp_path, runs):
     out, _ = runs
     export = os.path.join(REPO_ROOT, "launch", "export.py")
-    result = subprocess.run([sys.executable, export, "--run", str(tmp_path), "--format", "peft"],
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, export, "--run", str(tmp_path), "--format", "peft"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2 and "has no final adapter" in result.stderr.strip().splitlines()[-1]
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    result = subprocess.run([sys.executable, export, "--run", out["one_rank"], "--format", "merged",
-                             "--output_dir", str(tmp_path / "taken")], capture_output=True, text=True, timeout=300,
-                            check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            export,
+            "--run",
+            out["one_rank"],
+            "--format",
+            "merged",
+            "--output_dir",
+            str(tmp_path / "taken"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2 and "is not empty" in result.stderr.strip().splitlines()[-1]
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
@@ -331,8 +438,26 @@ def test_export_refuses_a_run_without_adapter_and_a_used_directory(tmp_path, run
     config = json.loads((foreign / "adapter" / "adapter_config.json").read_text())
     config["layers"]["qkv_proj"] = config["layers"].pop("q_proj")
     (foreign / "adapter" / "adapter_config.json").write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, export, "--run", str(foreign), "--format", "peft", "--output_dir",
-                             str(tmp_path / "peft")], capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            export,
+            "--run",
+            str(foreign),
+            "--format",
+            "peft",
+            "--output_dir",
+            str(tmp_path / "peft"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 2 and "LoRA target 'qkv_proj' matches no nn.Linear module" in last, result.stderr
-    assert not (tmp_path / "peft").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".exporting")]
+    assert result.returncode == 2 and "LoRA target 'qkv_proj' matches no nn.Linear module" in last, (
+        result.stderr
+    )
+    assert not (tmp_path / "peft").exists() and not [
+        p for p in os.listdir(tmp_path) if p.startswith(".exporting")
+    ]

@@ -6,15 +6,20 @@ import pytest
 from conftest import REPO_ROOT
 
 from ds_loradrop.config import DEFAULT_GRADIENT_ACCUMULATION_STEPS, DEFAULT_MICRO_BATCH_SIZE, TrainConfig
-from ds_loradrop.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from ds_loradrop.errors import UsageError
+from ds_loradrop.training.ds_config import load_ds_config, resolve_ds_config, zero_stage
 
 pytestmark = pytest.mark.unit
 
 
 def resolve(raw, world_size=2, native_bf16=False, **train):
-    return resolve_ds_config(raw, TrainConfig(**train), world_size=world_size, hidden_size=64,
-                             accelerator_has_native_bf16=native_bf16)
+    return resolve_ds_config(
+        raw,
+        TrainConfig(**train),
+        world_size=world_size,
+        hidden_size=64,
+        accelerator_has_native_bf16=native_bf16,
+    )
 
 
 def test_shipped_configs_resolve_with_defaults():
@@ -25,7 +30,11 @@ def test_shipped_configs_resolve_with_defaults():
         config, batch = resolve(load_ds_config(path))
         stages[os.path.basename(path)] = zero_stage(config)
         assert DEFAULT_MICRO_BATCH_SIZE == 4  # the quick start's global batch of 8 on 2 ranks
-        assert config["train_batch_size"] == batch.global_batch_size == 4 * DEFAULT_GRADIENT_ACCUMULATION_STEPS * 2
+        assert (
+            config["train_batch_size"]
+            == batch.global_batch_size
+            == 4 * DEFAULT_GRADIENT_ACCUMULATION_STEPS * 2
+        )
         assert config["gradient_clipping"] == 1.0
         assert config["bf16"]["enabled"] is False  # CPU: fp32
         assert resolve(load_ds_config(path), native_bf16=True)[0]["bf16"]["enabled"] is True
@@ -37,9 +46,15 @@ def test_shipped_configs_resolve_with_defaults():
 
 
 def test_auto_takes_the_command_line_value():
-    raw = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-           "train_batch_size": "auto", "gradient_clipping": "auto"}
-    config, batch = resolve(raw, per_device_train_batch_size=3, gradient_accumulation_steps=5, max_grad_norm=0.5)
+    raw = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+    }
+    config, batch = resolve(
+        raw, per_device_train_batch_size=3, gradient_accumulation_steps=5, max_grad_norm=0.5
+    )
     assert (batch.micro_batch_size, batch.gradient_accumulation_steps, batch.max_grad_norm) == (3, 5, 0.5)
     assert config["train_batch_size"] == 30
     assert raw["train_micro_batch_size_per_gpu"] == "auto"  # the input is not rewritten
@@ -51,17 +66,22 @@ def test_concrete_json_values_are_kept_and_conflicts_are_errors():
     assert batch.global_batch_size == 16
     _, batch = resolve(raw, per_device_train_batch_size=4)
     assert batch.micro_batch_size == 4
-    with pytest.raises(UsageError, match="--per_device_train_batch_size 8 conflicts with train_micro_batch_size_per_gpu = 4"):
+    with pytest.raises(
+        UsageError, match="--per_device_train_batch_size 8 conflicts with train_micro_batch_size_per_gpu = 4"
+    ):
         resolve(raw, per_device_train_batch_size=8)
     with pytest.raises(UsageError, match="--gradient_accumulation_steps 3 conflicts"):
         resolve(raw, gradient_accumulation_steps=3)
-    with pytest.raises(UsageError, match="train_batch_size = 100 but micro-batch 4 x accumulation 2 x world size 2 = 16"):
+    with pytest.raises(
+        UsageError, match="train_batch_size = 100 but micro-batch 4 x accumulation 2 x world size 2 = 16"
+    ):
         resolve({**raw, "train_batch_size": 100})
 
 
 def test_optimizer_auto_scheduler_refused_and_unknown_auto():
-    config, _ = resolve({"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}},
-                        learning_rate=1e-3)
+    config, _ = resolve(
+        {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}}, learning_rate=1e-3
+    )
     assert config["optimizer"]["params"] == {"lr": 1e-3, "weight_decay": 0.0}
     with pytest.raises(UsageError, match="optimizer.params.lr = 0.1 conflicts with --learning_rate"):
         resolve({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}})

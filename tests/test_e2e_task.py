@@ -1,8 +1,8 @@
 import pytest
 
-from ds_loradrop.data import tokenize_examples
-from ds_loradrop.tasks import get_task
-from ds_loradrop.tasks.e2e import mr_attributes
+from ds_loradrop.data.batching import tokenize_examples
+from ds_loradrop.data.tasks import get_task
+from ds_loradrop.data.tasks.e2e import mr_attributes
 
 pytestmark = pytest.mark.unit
 
@@ -14,7 +14,9 @@ def test_reads_the_published_training_csv(e2e_dir):
     prompts = examples["prompt"]
     assert len(set(prompts)) == 4862
     first = examples[0]
-    assert first["prompt"].startswith("Meaning representation: name[") and first["prompt"].endswith("\nDescription:")
+    assert first["prompt"].startswith("Meaning representation: name[") and first["prompt"].endswith(
+        "\nDescription:"
+    )
     assert first["target"].startswith(" ") and len(first["target"]) > 10
     strata = set(examples["stratum"])
     assert all("name" in s.split("|") for s in strata) and 20 < len(strata) < 256
@@ -22,7 +24,8 @@ def test_reads_the_published_training_csv(e2e_dir):
 
 def test_quoted_fields_and_text_that_looks_like_missing_values(tmp_path):
     (tmp_path / "trainset.csv").write_bytes(
-        b'mr,ref\r\n"name[Blue Spice], eatType[pub], customer rating[5 out of 5]","Blue Spice, a pub, is ""great""."\r\n'
+        b'mr,ref\r\n"name[Blue Spice], eatType[pub], customer rating[5 out of 5]","Blue Spice, a pub, '
+        b'is ""great""."\r\n'
         b"name[NA],None\r\n"
     )
     examples = get_task("e2e").load_train(str(tmp_path))
@@ -34,7 +37,10 @@ def test_quoted_fields_and_text_that_looks_like_missing_values(tmp_path):
 
 def test_mr_attributes():
     assert mr_attributes("name[The Eagle], customer rating[5 out of 5], area[city centre]") == [
-        "area", "customer rating", "name"]
+        "area",
+        "customer rating",
+        "name",
+    ]
 
 
 def test_labels_cover_the_target_only_and_truncation_is_counted(tmp_path):
@@ -47,12 +53,14 @@ def test_labels_cover_the_target_only_and_truncation_is_counted(tmp_path):
         def __call__(self, texts, add_special_tokens=True):
             return {"input_ids": [([1] if add_special_tokens else []) + [ord(c) for c in t] for t in texts]}
 
-    data = Dataset.from_list([
-        {"prompt": "ab", "target": "cd", "stratum": "s"},
-        {"prompt": "abcdefgh", "target": "xyz", "stratum": "s"},
-        {"prompt": "abcdefghijklmnop", "target": "qrstuvwxyz", "stratum": "s"},
-        {"prompt": "ab", "target": "", "stratum": "s"},
-    ])
+    data = Dataset.from_list(
+        [
+            {"prompt": "ab", "target": "cd", "stratum": "s"},
+            {"prompt": "abcdefgh", "target": "xyz", "stratum": "s"},
+            {"prompt": "abcdefghijklmnop", "target": "qrstuvwxyz", "stratum": "s"},
+            {"prompt": "ab", "target": "", "stratum": "s"},
+        ]
+    )
     tokenized, num_truncated = tokenize_examples(data, CharTokenizer(), max_seq_length=10)
     rows = tokenized.to_list()
     assert rows[0]["input_ids"] == [1, 97, 98, 99, 100, 2]

@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import tiny_llama_model
 
-from ds_loradrop.generation import generate_predictions, left_pad, rank_batches
-from ds_loradrop.tasks import EvalExample
+from ds_loradrop.data.tasks import EvalExample
+from ds_loradrop.eval.generation import generate_predictions, left_pad, rank_batches
 
 pytestmark = pytest.mark.unit
 
@@ -36,15 +36,27 @@ def test_rank_batches_sort_by_length_and_give_every_rank_the_same_number():
 def test_batched_left_padded_generation_equals_one_by_one():
     model = tiny_llama_model(num_layers=2)
     model.generation_config.pad_token_id = 0
-    examples = [EvalExample(str(i), prompt, ["x"]) for i, prompt in enumerate(["1234567", "98", "5555", "3", "24680"])]
-    options = {"max_new_tokens": 6, "num_beams": 1, "synced_gpus": False, "device": torch.device("cpu"), "max_prompt_tokens": 32}
+    examples = [
+        EvalExample(str(i), prompt, ["x"]) for i, prompt in enumerate(["1234567", "98", "5555", "3", "24680"])
+    ]
+    options = {
+        "max_new_tokens": 6,
+        "num_beams": 1,
+        "synced_gpus": False,
+        "device": torch.device("cpu"),
+        "max_prompt_tokens": 32,
+    }
     batched = generate_predictions(model, DigitTokenizer(), examples, batch_size=4, **options)
-    single = [generate_predictions(model, DigitTokenizer(), [ex], batch_size=1, **options).predictions[0]
-              for ex in examples]
+    single = [
+        generate_predictions(model, DigitTokenizer(), [ex], batch_size=1, **options).predictions[0]
+        for ex in examples
+    ]
     assert batched.predictions == single
     assert all(p for p in batched.predictions)
     # every new token that is not padding counts (EOS included): at least the decoded ones, at most 6 each
     decoded = sum(len(p.split()) for p in batched.predictions)
     assert decoded <= batched.num_generated_tokens <= 6 * len(examples)
-    beams = generate_predictions(model, DigitTokenizer(), examples, batch_size=4, **{**options, "num_beams": 3})
+    beams = generate_predictions(
+        model, DigitTokenizer(), examples, batch_size=4, **{**options, "num_beams": 3}
+    )
     assert len(beams.predictions) == len(examples)

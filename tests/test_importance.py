@@ -2,13 +2,13 @@ import pytest
 import torch
 from conftest import randomize_adapters, tiny_llama_model
 
-from ds_loradrop.importance import (
+from ds_loradrop.method.importance import (
     ImportanceRecorder,
     mean_importance,
     normalize_importance,
     squared_output_norm_per_token,
 )
-from ds_loradrop.lora import attach_own_adapters, freeze_all_but_adapters, inject_lora
+from ds_loradrop.method.placement import attach_own_adapters, freeze_all_but_adapters, inject_lora
 
 pytestmark = pytest.mark.unit
 
@@ -31,8 +31,11 @@ def test_recorded_importance_equals_direct_computation_over_non_padding_tokens()
 
     # Direct: capture each projection's input x and compute ||s B A x||^2 over the unmasked tokens.
     inputs = {}
-    hooks = [w.register_forward_hook(lambda m, args, out: inputs.__setitem__((m.target, m.layer), args[0]))
-             for wrappers in layout.values() for w in wrappers]
+    hooks = [
+        w.register_forward_hook(lambda m, args, out: inputs.__setitem__((m.target, m.layer), args[0]))
+        for wrappers in layout.values()
+        for w in wrappers
+    ]
     recorder = ImportanceRecorder(layout)
     with torch.no_grad(), recorder.recording():
         recorder.set_token_mask(mask)
@@ -74,16 +77,23 @@ def test_normalisation():
 
 def test_the_importance_pass_runs_with_dropout_off():
     """With LoRA dropout 0.5, the pass is deterministic and equals the dropout-free computation."""
-    from ds_loradrop.probe import measure_importance
+    from ds_loradrop.method.probe import measure_importance
 
     model = tiny_llama_model(num_layers=3)
     layout = inject_lora(model, ["q_proj", "v_proj"])
     attach_own_adapters(layout, r=4, alpha=8, dropout=0.5)
     randomize_adapters(model)
     model.train()
-    rows = [{"input_ids": [1, 5, 9, 13, 2], "labels": [-100] * 5}, {"input_ids": [1, 7, 2], "labels": [-100] * 3}]
-    first, tokens = measure_importance(model, layout, rows, batch_size=2, pad_token_id=0, device=torch.device("cpu"))
-    second, _ = measure_importance(model, layout, rows, batch_size=1, pad_token_id=0, device=torch.device("cpu"))
+    rows = [
+        {"input_ids": [1, 5, 9, 13, 2], "labels": [-100] * 5},
+        {"input_ids": [1, 7, 2], "labels": [-100] * 3},
+    ]
+    first, tokens = measure_importance(
+        model, layout, rows, batch_size=2, pad_token_id=0, device=torch.device("cpu")
+    )
+    second, _ = measure_importance(
+        model, layout, rows, batch_size=1, pad_token_id=0, device=torch.device("cpu")
+    )
     assert model.training  # restored
     assert tokens == 8
     for target in first:
@@ -92,7 +102,9 @@ def test_the_importance_pass_runs_with_dropout_off():
     for wrappers in layout.values():
         for wrapper in wrappers:
             wrapper.adapter.dropout = torch.nn.Identity()
-    third, _ = measure_importance(model, layout, rows, batch_size=2, pad_token_id=0, device=torch.device("cpu"))
+    third, _ = measure_importance(
+        model, layout, rows, batch_size=2, pad_token_id=0, device=torch.device("cpu")
+    )
     for target in first:
         assert first[target] == pytest.approx(third[target], rel=1e-6)
 
@@ -129,10 +141,10 @@ def test_importance_recorded_during_training_equals_the_separate_pass():
     sums and token count as the importance pass over the same rows."""
     import random
 
-    from ds_loradrop.data import IGNORE_INDEX
-    from ds_loradrop.ds_config import BatchSettings
-    from ds_loradrop.probe import measure_importance, reduce_recorded
-    from ds_loradrop.trainer import train_stage
+    from ds_loradrop.data.batching import IGNORE_INDEX
+    from ds_loradrop.method.probe import measure_importance, reduce_recorded
+    from ds_loradrop.training.ds_config import BatchSettings
+    from ds_loradrop.training.loop import train_stage
 
     model = tiny_llama_model(num_layers=3)
     layout = inject_lora(model, ["q_proj", "v_proj"])
@@ -144,14 +156,24 @@ def test_importance_recorded_during_training_equals_the_separate_pass():
     for _ in range(24):
         ids = [rng.randint(4, 63) for _ in range(rng.randint(4, 20))]
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 2 + ids[2:]})
-    expected, expected_tokens = measure_importance(model, layout, rows, batch_size=5, pad_token_id=0,
-                                                   device=torch.device("cpu"))
+    expected, expected_tokens = measure_importance(
+        model, layout, rows, batch_size=5, pad_token_id=0, device=torch.device("cpu")
+    )
     recorder = ImportanceRecorder(layout)
     batch = BatchSettings(micro_batch_size=4, gradient_accumulation_steps=2, world_size=1, max_grad_norm=0.0)
     with recorder.recording():
-        train_stage(_PlainEngine(model, learning_rate=0.0), rows, batch, name="probe", num_steps=3, seed=1,
-                    pad_token_id=0, logging_steps=10, device=torch.device("cpu"),
-                    before_forward=lambda step, micro_batch: recorder.set_token_mask(micro_batch["attention_mask"]))
+        train_stage(
+            _PlainEngine(model, learning_rate=0.0),
+            rows,
+            batch,
+            name="probe",
+            num_steps=3,
+            seed=1,
+            pad_token_id=0,
+            logging_steps=10,
+            device=torch.device("cpu"),
+            before_forward=lambda step, micro_batch: recorder.set_token_mask(micro_batch["attention_mask"]),
+        )
     recorded, recorded_tokens = reduce_recorded(recorder, layout, torch.device("cpu"))
     assert recorded_tokens == expected_tokens == sum(len(row["input_ids"]) for row in rows)
     for target in expected:

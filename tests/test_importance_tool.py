@@ -24,8 +24,15 @@ TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
 def _run(args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _json(path):
@@ -60,19 +67,31 @@ def test_reproduces_the_runs_plan_from_its_stage1_adapter(runs, tmp_path):
         assert set(wider["targets"][name]["retained"]) >= set(plan["targets"][name]["retained"])
     refused = _run([IMPORTANCE, "--run", run, "--output_dir", str(tmp_path / "plan")])
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
-        "plan.json' exists; choose another --output_dir")
+        "plan.json' exists; choose another --output_dir"
+    )
 
 
 def test_a_plain_peft_adapter_gives_the_same_profile(runs, tmp_path):
-    from ds_loradrop.export import export_peft
+    from ds_loradrop.recipes.export import export_peft
 
     out, _ = runs
     run = out["one_rank"]
     export_peft(os.path.join(run, "stage1_adapter"), str(tmp_path / "peft"))
     assert _json(tmp_path / "peft" / "adapter_config.json")["peft_type"] == "LORA"
     base = _json(os.path.join(run, "stage1_adapter", "adapter_config.json"))["base_model"]
-    result = _run([IMPORTANCE, "--adapter", str(tmp_path / "peft"), "--model", base, "--run", run,
-                   "--output_dir", str(tmp_path / "plan")])
+    result = _run(
+        [
+            IMPORTANCE,
+            "--adapter",
+            str(tmp_path / "peft"),
+            "--model",
+            base,
+            "--run",
+            run,
+            "--output_dir",
+            str(tmp_path / "plan"),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_importance(_json(tmp_path / "plan" / "plan.json"), _json(os.path.join(run, "plan.json")))
 
@@ -81,13 +100,30 @@ def test_training_with_a_given_plan_skips_stage1_and_trains_that_layout(runs, tm
     from launching import COMMON
 
     out, _ = runs
-    result = _run([IMPORTANCE, "--run", out["one_rank"], "--threshold", "0.3", "--output_dir", str(tmp_path / "p")])
+    result = _run(
+        [IMPORTANCE, "--run", out["one_rank"], "--threshold", "0.3", "--output_dir", str(tmp_path / "p")]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     given = _json(tmp_path / "p" / "plan.json")
     trained = tmp_path / "trained"
-    result = _run([TRAIN, "--ds_config", out["zero3_config"], "--per_device_train_batch_size", "4",
-                   "--data_dir", e2e_dir, *COMMON, "--plan", str(tmp_path / "p" / "plan.json"),
-                   "--output_dir", str(trained), "--report_to", "none"])
+    result = _run(
+        [
+            TRAIN,
+            "--ds_config",
+            out["zero3_config"],
+            "--per_device_train_batch_size",
+            "4",
+            "--data_dir",
+            e2e_dir,
+            *COMMON,
+            "--plan",
+            str(tmp_path / "p" / "plan.json"),
+            "--output_dir",
+            str(trained),
+            "--report_to",
+            "none",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stage 1 skipped: training the plan" in result.stdout
     summary = _json(trained / "summary.json")
@@ -102,21 +138,37 @@ def test_training_with_a_given_plan_skips_stage1_and_trains_that_layout(runs, tm
 
 
 def test_bad_plans_are_refused_before_anything_is_written(runs, tmp_path, e2e_dir):
-    from ds_loradrop.cli import parse_run_config
     from ds_loradrop.errors import UsageError
-    from ds_loradrop.run_setup import check_inputs
+    from ds_loradrop.recipes.checks import check_inputs
+    from ds_loradrop.recipes.cli import parse_run_config
 
     out, _ = runs
     plan = os.path.join(out["one_rank"], "plan.json")
-    base = ["--model", "tiny-llama", "--data_dir", e2e_dir, "--max_train_samples", "64", "--output_dir",
-            str(tmp_path / "out"), "--ds_config", out["zero3_config"]]
+    base = [
+        "--model",
+        "tiny-llama",
+        "--data_dir",
+        e2e_dir,
+        "--max_train_samples",
+        "64",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--ds_config",
+        out["zero3_config"],
+    ]
     broken = tmp_path / "broken.json"
     broken.write_text("{}")
     for extra, message in [
         (["--plan", str(tmp_path / "none.json")], "cannot be read"),
         (["--plan", str(broken)], "is not a plan.json"),
-        (["--plan", plan, "--lora_targets", "q_proj"], "is for targets ['q_proj', 'v_proj'], this run trains ['q_proj']"),
-        (["--plan", plan, "--method", "lora"], "--plan is a LoRA-drop layout; --method lora does not use one"),
+        (
+            ["--plan", plan, "--lora_targets", "q_proj"],
+            "is for targets ['q_proj', 'v_proj'], this run trains ['q_proj']",
+        ),
+        (
+            ["--plan", plan, "--method", "lora"],
+            "--plan is a LoRA-drop layout; --method lora does not use one",
+        ),
         (["--plan", plan, "--stage2_init", "carry"], "--stage2_init carry needs this run's stage-1 adapter"),
     ]:
         with pytest.raises(UsageError, match=__import__("re").escape(message)):

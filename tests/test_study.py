@@ -18,8 +18,15 @@ STUDY = os.path.join(REPO_ROOT, "repro", "study.py")
 
 
 def _study(args, env):
-    result = subprocess.run([sys.executable, STUDY, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=1200, check=False)
+    result = subprocess.run(
+        [sys.executable, STUDY, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
 
@@ -30,16 +37,29 @@ def _json(path):
 
 
 def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
-    env = {**os.environ, "DS_LORADROP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "DS_LORADROP_DATA_ROOT": os.path.dirname(e2e_dir)}
+    env = {
+        **os.environ,
+        "DS_LORADROP_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "DS_LORADROP_DATA_ROOT": os.path.dirname(e2e_dir),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
-    dirs = ["--grid", "tiny", "--results_dir", str(tmp_path / "results"), "--runs_dir", str(tmp_path / "runs")]
+    dirs = [
+        "--grid",
+        "tiny",
+        "--results_dir",
+        str(tmp_path / "results"),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+    ]
     log = _study(["run", *dirs], env)
     assert "grid tiny: 6 runs to do" in log and "grid tiny: all runs done" in log
     results = tmp_path / "results" / "tiny" / "e2e"
     assert sorted(p.name for p in results.iterdir()) == ["T0.5", "lora", "loradrop"]  # T1.0 is lora's runs
     for seed in (1, 2):
-        lora, drop, half = (_json(results / cell / f"seed{seed}.json") for cell in ("lora", "loradrop", "T0.5"))
+        lora, drop, half = (
+            _json(results / cell / f"seed{seed}.json") for cell in ("lora", "loradrop", "T0.5")
+        )
         assert lora["method"] == "lora" and drop["method"] == "loradrop" and lora["seed"] == seed
         assert f"--seed {seed}" in drop["command"] and "--resume auto" in drop["command"]
         assert [s["name"] for s in drop["stages"]] == ["stage1", "stage2"]

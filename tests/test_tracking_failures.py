@@ -23,21 +23,41 @@ def setup(tmp_path_factory, e2e_dir):
     env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     store = f"sqlite:///{root / 'mlflow.db'}"
-    args = ["--data_dir", e2e_dir, "--model", "tiny-llama", "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
-            "--max_train_samples", "256", "--per_device_train_batch_size", "8", "--max_eval_samples", "4",
-            "--max_new_tokens", "6", "--logging_steps", "2", "--mlflow_experiment", "faults"]
+    args = [
+        "--data_dir",
+        e2e_dir,
+        "--model",
+        "tiny-llama",
+        "--ds_config",
+        os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+        "--max_train_samples",
+        "256",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_eval_samples",
+        "4",
+        "--max_new_tokens",
+        "6",
+        "--logging_steps",
+        "2",
+        "--mlflow_experiment",
+        "faults",
+    ]
     return root, env, store, args
 
 
 def _run(command, env, timeout=600):
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def _status(store, run_name):
     client = MlflowClient(tracking_uri=store)
-    [run] = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
-                               filter_string=f"attributes.run_name = '{run_name}'")
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("faults").experiment_id],
+        filter_string=f"attributes.run_name = '{run_name}'",
+    )
     return run.info.status
 
 
@@ -45,8 +65,26 @@ def test_tracking_server_down_does_not_stop_training(setup):
     root, env, _, args = setup
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.time()
-    result = _run([sys.executable, TRAIN, *args, "--method", "lora", "--max_steps", "4", "--eval_steps", "2",
-                   "--output_dir", str(root / "down"), "--mlflow_tracking_uri", dead, "--run_name", "down"], env)
+    result = _run(
+        [
+            sys.executable,
+            TRAIN,
+            *args,
+            "--method",
+            "lora",
+            "--max_steps",
+            "4",
+            "--eval_steps",
+            "2",
+            "--output_dir",
+            str(root / "down"),
+            "--mlflow_tracking_uri",
+            dead,
+            "--run_name",
+            "down",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stdout.splitlines() if "MLflow tracking at" in line]
     assert len(warnings) == 1 and dead in warnings[0] and "training goes on without tracking" in warnings[0]
@@ -58,9 +96,26 @@ def test_tracking_server_down_does_not_stop_training(setup):
     assert time.time() - started < 240
 
     # with --mlflow_fallback_local the run lands in <output_dir>/mlflow.db, complete
-    result = _run([sys.executable, TRAIN, *args, "--method", "lora", "--max_steps", "4",
-                   "--output_dir", str(root / "fallback"), "--mlflow_tracking_uri", dead, "--run_name", "fallback",
-                   "--mlflow_fallback_local", "true"], env)
+    result = _run(
+        [
+            sys.executable,
+            TRAIN,
+            *args,
+            "--method",
+            "lora",
+            "--max_steps",
+            "4",
+            "--output_dir",
+            str(root / "fallback"),
+            "--mlflow_tracking_uri",
+            dead,
+            "--run_name",
+            "fallback",
+            "--mlflow_fallback_local",
+            "true",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "falling back to the local store" in result.stdout
     local = f"sqlite:///{root / 'fallback' / 'mlflow.db'}"
@@ -73,8 +128,8 @@ def test_tracking_server_down_does_not_stop_training(setup):
 def test_a_run_whose_training_raises_ends_failed(setup):
     root, env, store, args = setup
     # A checkpoint whose weights file is cut short: config and tokenizer load, the weights do not.
-    from ds_loradrop.models import TinyLlamaSpec, ensure_tiny_llama
-    from ds_loradrop.tasks import get_task
+    from ds_loradrop.data.tasks import get_task
+    from ds_loradrop.models.loading import TinyLlamaSpec, ensure_tiny_llama
 
     spec = TinyLlamaSpec()
     text = get_task("e2e").training_text(args[1], spec.tokenizer_rows)
@@ -83,8 +138,24 @@ def test_a_run_whose_training_raises_ends_failed(setup):
     shutil.copytree(good, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    result = _run([sys.executable, TRAIN, *args, "--model", str(broken), "--max_steps", "2",
-                   "--output_dir", str(root / "failed"), "--mlflow_tracking_uri", store, "--run_name", "failed"], env)
+    result = _run(
+        [
+            sys.executable,
+            TRAIN,
+            *args,
+            "--model",
+            str(broken),
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(root / "failed"),
+            "--mlflow_tracking_uri",
+            store,
+            "--run_name",
+            "failed",
+        ],
+        env,
+    )
     assert result.returncode != 0
     assert _status(store, "failed") == "FAILED"
 
@@ -97,10 +168,29 @@ def test_sigterm_writes_a_checkpoint_and_the_resumed_run_finishes(setup):
 
     root, env, store, args = setup
     out = root / "preempted"
-    common = [*args, "--sample_ratio", "1.0", "--max_steps", "400", "--max_seq_length", "40", "--output_dir",
-              str(out), "--mlflow_tracking_uri", store, "--run_name", "preempted"]
-    process = subprocess.Popen([sys.executable, TRAIN, *common], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    common = [
+        *args,
+        "--sample_ratio",
+        "1.0",
+        "--max_steps",
+        "400",
+        "--max_seq_length",
+        "40",
+        "--output_dir",
+        str(out),
+        "--mlflow_tracking_uri",
+        store,
+        "--run_name",
+        "preempted",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *common],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     try:
         for line in process.stdout:
@@ -130,8 +220,10 @@ def test_sigterm_writes_a_checkpoint_and_the_resumed_run_finishes(setup):
     assert summary["num_truncated"] == int(truncated[0])
     assert [stage["num_steps"] for stage in summary["stages"]] == [96, 32]
     client = MlflowClient(tracking_uri=store)
-    [run] = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
-                               filter_string="attributes.run_name = 'preempted'")
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("faults").experiment_id],
+        filter_string="attributes.run_name = 'preempted'",
+    )
     assert run.info.status == "FINISHED" and run.data.metrics["data/num_truncated"] == int(truncated[0])
 
 
@@ -139,12 +231,33 @@ def test_a_diverged_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(set
     """AdamW at lr 1e37 turns the adapters non-finite after the first step."""
     root, env, store, args = setup
     out = root / "diverged"
-    result = _run([sys.executable, TRAIN, *args, "--method", "lora", "--max_steps", "6", "--save_steps", "1",
-                   "--learning_rate", "1e37", "--output_dir", str(out), "--mlflow_tracking_uri", store,
-                   "--run_name", "diverged"], env)
+    result = _run(
+        [
+            sys.executable,
+            TRAIN,
+            *args,
+            "--method",
+            "lora",
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "1",
+            "--learning_rate",
+            "1e37",
+            "--output_dir",
+            str(out),
+            "--mlflow_tracking_uri",
+            store,
+            "--run_name",
+            "diverged",
+        ],
+        env,
+    )
     assert result.returncode == 3
     [error] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert error.startswith("error: train step 2/6: the loss is nan; stopping before this step is checkpointed")
+    assert error.startswith(
+        "error: train step 2/6: the loss is nan; stopping before this step is checkpointed"
+    )
     assert "Traceback" not in result.stderr
     assert os.listdir(out / "checkpoints") == ["train-step-000001"]
     assert not os.path.exists(out / "adapter")
@@ -157,9 +270,24 @@ def test_importance_recorded_during_the_last_stage1_epoch(setup):
 
     root, env, store, args = setup
     out = root / "last_epoch"
-    result = _run([sys.executable, TRAIN, *args, "--importance_pass", "last_epoch", "--sample_ratio", "0.25",
-                   "--output_dir", str(out), "--mlflow_tracking_uri", store,
-                   "--run_name", "last-epoch"], env)
+    result = _run(
+        [
+            sys.executable,
+            TRAIN,
+            *args,
+            "--importance_pass",
+            "last_epoch",
+            "--sample_ratio",
+            "0.25",
+            "--output_dir",
+            str(out),
+            "--mlflow_tracking_uri",
+            store,
+            "--run_name",
+            "last-epoch",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # 64 sampled rows, global batch 8: 8 steps per epoch, 24 in 3 epochs; the last epoch is steps 17-24
     assert "importance recorded during stage 1's last epoch (steps 17-24)" in result.stdout
@@ -175,9 +303,30 @@ def test_ablation_variants_and_carried_stage2_adapters(setup):
     root, env, _, args = setup
     out = root / "variants"
     # a learning rate of 1e-9 leaves stage 2 where it started: the carried stage-1 weights
-    result = _run([sys.executable, TRAIN, *args, "--max_steps", "3", "--selection", "random", "--threshold", "0.5",
-                   "--low_importance", "drop", "--stage2_init", "carry", "--learning_rate", "1e-9",
-                   "--output_dir", str(out), "--report_to", "none"], env)
+    result = _run(
+        [
+            sys.executable,
+            TRAIN,
+            *args,
+            "--max_steps",
+            "3",
+            "--selection",
+            "random",
+            "--threshold",
+            "0.5",
+            "--low_importance",
+            "drop",
+            "--stage2_init",
+            "carry",
+            "--learning_rate",
+            "1e-9",
+            "--output_dir",
+            str(out),
+            "--report_to",
+            "none",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     import json
 
@@ -202,8 +351,26 @@ def test_ablation_variants_and_carried_stage2_adapters(setup):
 def test_full_fine_tuning_saves_a_loadable_checkpoint(setup):
     root, env, _, args = setup
     out = root / "full"
-    result = _run([sys.executable, TRAIN, *args, "--method", "full", "--max_steps", "2", "--output_dir", str(out),
-                   "--mlflow_tracking_uri", setup[2], "--run_name", "full", "--learning_rate", "1e-3"], env)
+    result = _run(
+        [
+            sys.executable,
+            TRAIN,
+            *args,
+            "--method",
+            "full",
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(out),
+            "--mlflow_tracking_uri",
+            setup[2],
+            "--run_name",
+            "full",
+            "--learning_rate",
+            "1e-3",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     import json
 
@@ -213,7 +380,9 @@ def test_full_fine_tuning_saves_a_loadable_checkpoint(setup):
     summary = json.loads((out / "summary.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
     assert summary["trainable_parameters"] == sum(p.numel() for p in model.parameters())
-    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "run_config.json").read_text())["resolved"]["model_path"])
+    base = AutoModelForCausalLM.from_pretrained(
+        json.loads((out / "run_config.json").read_text())["resolved"]["model_path"]
+    )
     changed = [n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)]
     assert len(changed) > 50  # every weight trained, not only adapters
     assert "trainable parameters: full" in result.stdout
@@ -227,14 +396,33 @@ def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup):
     from safetensors.torch import load_file
 
     root, env, store, args = setup
-    common = [*args, "--max_steps", "8", "--save_steps", "2", "--save_total_limit", "2", "--logging_steps", "1",
-              "--mlflow_tracking_uri", store]
-    whole = _run([sys.executable, TRAIN, *common, "--output_dir", str(root / "whole"), "--run_name", "whole"], env)
+    common = [
+        *args,
+        "--max_steps",
+        "8",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "2",
+        "--logging_steps",
+        "1",
+        "--mlflow_tracking_uri",
+        store,
+    ]
+    whole = _run(
+        [sys.executable, TRAIN, *common, "--output_dir", str(root / "whole"), "--run_name", "whole"], env
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     out = root / "resumed"
-    process = subprocess.Popen([sys.executable, TRAIN, *common, "--output_dir", str(out), "--run_name", "resumed"],
-                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, *common, "--output_dir", str(out), "--run_name", "resumed"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in process.stdout:
             if "stage2 step 5/8" in line:
@@ -249,28 +437,48 @@ def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup):
     checkpoints = sorted(os.listdir(out / "checkpoints"))
     assert checkpoints == ["stage2-step-000002", "stage2-step-000004"]  # --save_total_limit 2
 
-    resumed = _run([sys.executable, TRAIN, *common, "--output_dir", str(out), "--run_name", "resumed",
-                    "--resume", "auto"], env)
+    resumed = _run(
+        [
+            sys.executable,
+            TRAIN,
+            *common,
+            "--output_dir",
+            str(out),
+            "--run_name",
+            "resumed",
+            "--resume",
+            "auto",
+        ],
+        env,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stage 1 finished before: using its plan" in resumed.stdout
     assert "stage2: resumed from" in resumed.stdout and "stage2-step-000004 at step 4/8" in resumed.stdout
     assert "stage1 step" not in resumed.stdout
-    assert json.loads((out / "plan.json").read_text()) == json.loads((root / "whole" / "plan.json").read_text())
+    assert json.loads((out / "plan.json").read_text()) == json.loads(
+        (root / "whole" / "plan.json").read_text()
+    )
     expected = load_file(str(root / "whole" / "adapter" / "adapter_model.safetensors"))
     actual = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert sorted(actual) == sorted(expected)
     assert max((actual[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
     client = MlflowClient(tracking_uri=store)
-    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
-                              filter_string="attributes.run_name = 'resumed'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("faults").experiment_id],
+        filter_string="attributes.run_name = 'resumed'",
+    )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "stage2/loss")]
     assert steps[-1] == 8 and {1, 2, 3, 4, 5, 6, 7, 8} <= set(steps)
 
     # a changed configuration is refused before anything is touched
-    refused = _run([sys.executable, TRAIN, *common, "--output_dir", str(out), "--resume", "auto",
-                    "--lora_r", "4"], env)
-    assert refused.returncode == 2 and "--resume with a changed configuration (lora.lora_r, lora.lora_alpha)" in refused.stderr  # alpha = 2 r
+    refused = _run(
+        [sys.executable, TRAIN, *common, "--output_dir", str(out), "--resume", "auto", "--lora_r", "4"], env
+    )
+    assert (
+        refused.returncode == 2
+        and "--resume with a changed configuration (lora.lora_r, lora.lora_alpha)" in refused.stderr
+    )  # alpha = 2 r
 
 
 def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
@@ -279,11 +487,38 @@ def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
     import json
 
     root, env, store, args = setup
-    lora = _run([sys.executable, TRAIN, *args, "--method", "lora", "--max_steps", "3", "--output_dir",
-                 str(root / "lora"), "--mlflow_tracking_uri", store, "--run_name", "lora"], env)
+    lora = _run(
+        [
+            sys.executable,
+            TRAIN,
+            *args,
+            "--method",
+            "lora",
+            "--max_steps",
+            "3",
+            "--output_dir",
+            str(root / "lora"),
+            "--mlflow_tracking_uri",
+            store,
+            "--run_name",
+            "lora",
+        ],
+        env,
+    )
     assert lora.returncode == 0, lora.stderr[-3000:]
-    result = _run([sys.executable, os.path.join(REPO_ROOT, "launch", "compare.py"), "--experiment", "faults",
-                   "--tracking_uri", store, "--output_dir", str(tmp_path)], env)
+    result = _run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "launch", "compare.py"),
+            "--experiment",
+            "faults",
+            "--tracking_uri",
+            store,
+            "--output_dir",
+            str(tmp_path),
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith((tmp_path / "comparison.md").read_text())
     lines = (tmp_path / "comparison.md").read_text().splitlines()
@@ -306,17 +541,39 @@ def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
 
 
 def test_runs_that_differ_only_in_the_seed_form_one_group_with_mean_std_and_n():
-    from ds_loradrop.compare import RunRow, group_by_configuration, grouped_table
+    from ds_loradrop.tracking.compare import RunRow, group_by_configuration, grouped_table
 
     def row(name, seed, threshold, bleu, status="FINISHED", output_dir=None):
-        params = {"drop.method": "loradrop", "drop.threshold": threshold, "train.seed": seed,
-                  "train.output_dir": output_dir or f"runs/{name}", "tracking.run_name": name}
-        return RunRow(run_name=name, run_id=name, status=status, method="loradrop", selection="output_norm",
-                      threshold=threshold, kept={"q_proj": "4/8"}, trainable_parameters=1000, share_of_lora=50.0,
-                      metrics={"bleu": bleu}, params=params, seed=seed)
+        params = {
+            "drop.method": "loradrop",
+            "drop.threshold": threshold,
+            "train.seed": seed,
+            "train.output_dir": output_dir or f"runs/{name}",
+            "tracking.run_name": name,
+        }
+        return RunRow(
+            run_name=name,
+            run_id=name,
+            status=status,
+            method="loradrop",
+            selection="output_norm",
+            threshold=threshold,
+            kept={"q_proj": "4/8"},
+            trainable_parameters=1000,
+            share_of_lora=50.0,
+            metrics={"bleu": bleu},
+            params=params,
+            seed=seed,
+        )
 
-    rows = [row("a1", "1", "0.9", 50.0), row("b1", "1", "0.8", 40.0), row("a2", "2", "0.9", 52.0),
-            row("a3", "3", "0.9", 54.0), row("a4", "4", "0.9", 99.0, status="FAILED"), row("b2", "2", "0.8", 41.0)]
+    rows = [
+        row("a1", "1", "0.9", 50.0),
+        row("b1", "1", "0.8", 40.0),
+        row("a2", "2", "0.9", 52.0),
+        row("a3", "3", "0.9", 54.0),
+        row("a4", "4", "0.9", 99.0, status="FAILED"),
+        row("b2", "2", "0.8", 41.0),
+    ]
     groups = group_by_configuration(rows)
     assert [g.label for g in groups] == ["drop.threshold=0.9", "drop.threshold=0.8"]
     assert [[r.run_name for r in g.rows] for g in groups] == [["a1", "a2", "a3"], ["b1", "b2"]]

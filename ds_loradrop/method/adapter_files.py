@@ -1,0 +1,215 @@
+"""Adapters to and from safetensors files: gathered from ZeRO-3 partitions, a shared adapter once.
+
+Layout of an adapter directory::
+
+    adapter_model.safetensors   {target}.layers.{i}.lora_A/B (own) and {target}.shared.lora_A/B (once);
+                                the other methods' tensors under the same per-layer names (VeRA's d and b,
+                                Tied-LoRA's u and v, a pruned LoRA's masks) and their shared tensors once
+                                (``vera_projection.vera_A/B``, ``{target}.tied.lora_A/B``)
+    adapter_config.json         method, r, alpha (and the method's settings), targets, base model, which
+                                layers use which adapter
+    plan.json                   the LoRA-drop plan (when there is one)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ds_loradrop.errors import UsageError
+from ds_loradrop.method.lora import AdapterLayout, LoRAAdapter
+from ds_loradrop.method.placement import named_adapters
+from ds_loradrop.method.plan import Plan
+from ds_loradrop.method.sparse_lora import SparseLoRAAdapter
+from ds_loradrop.method.tied_lora import TiedLoRAAdapter, TiedPair, tied_pair_name
+from ds_loradrop.method.vera import PROJECTION_NAME, VeRAAdapter, VeRAProjection
+from ds_loradrop.training.distributed import barrier, is_rank_zero
+from ds_loradrop.training.engine import gathered_parameters
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PLAN_NAME = "plan.json"
+
+
+def gather_adapter_state(layout: AdapterLayout) -> dict[str, torch.Tensor]:
+    """CPU copies of every adapter's weights under canonical names. Call on every rank."""
+    state = {}
+    for name, adapter in named_adapters(layout).items():
+        with gathered_parameters(adapter.parameters()):
+            tensors = {f"{name}.{key}": value for key, value in adapter.saved_tensors().items()}
+            tensors.update(adapter.shared_tensors())  # the same tensors again for each sharer: kept once
+            for key, value in tensors.items():
+                state[key] = value.detach().cpu().clone().contiguous()
+    return state
+
+
+def adapter_usage(layout: AdapterLayout) -> dict[str, list[str | None]]:
+    """For every target, the adapter name each layer uses (None where it has none)."""
+    by_id = {id(adapter): name for name, adapter in named_adapters(layout).items()}
+    return {
+        target: [by_id[id(w.adapter)] if w.adapter is not None else None for w in wrappers]
+        for target, wrappers in layout.items()
+    }
+
+
+def save_adapters(
+    layout: AdapterLayout, directory: str, *, settings: dict, base_model: str, plan: Plan | None
+) -> None:
+    """Gather on every rank, write on rank 0, then wait so other ranks can read the files.
+
+    ``settings``: what rebuilds the adapters besides their tensors: ``method``, ``r`` and the method's own
+    values (``lora_alpha``; VeRA's ``d_initial``, ``projection_seed``; ``sparsity``)."""
+    state = gather_adapter_state(layout)
+    if is_rank_zero():
+        os.makedirs(directory, exist_ok=True)
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "ds-loradrop"})
+        config = {
+            **settings,
+            "targets": list(layout),
+            "base_model": base_model,
+            "layers": adapter_usage(layout),
+        }
+        with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
+            json.dump(config, handle, indent=2)
+        if plan is not None:
+            plan.save(os.path.join(directory, PLAN_NAME))
+    barrier()
+
+
+def load_adapter_state(directory: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(directory, WEIGHTS_NAME))
+
+
+def copy_into_adapters(layout: AdapterLayout, state: dict[str, torch.Tensor], names: list[str]) -> None:
+    """Copy saved weights into the current (not yet partitioned) adapters of the given names."""
+    adapters = named_adapters(layout)
+    with torch.no_grad():
+        for name in names:
+            adapters[name].lora_A.copy_(state[f"{name}.lora_A"])
+            adapters[name].lora_B.copy_(state[f"{name}.lora_B"])
+
+
+def read_config_file(directory: str) -> dict:
+    """The adapter directory's ``adapter_config.json`` (any writer); UsageError unless it has that file,
+    the weights file and valid JSON."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        raise UsageError(
+            f"{directory!r} is not an adapter directory ({CONFIG_NAME} and {WEIGHTS_NAME} expected)"
+        )
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except ValueError as error:
+        raise UsageError(f"{path!r} is not valid JSON ({error})") from error
+
+
+def read_adapter_config(directory: str) -> dict:
+    """This project's adapter config; UsageError for anything else."""
+    config = read_config_file(directory)
+    path = os.path.join(directory, CONFIG_NAME)
+    required = ("r", "base_model", "layers") + (() if adapter_method(config) == "vera" else ("lora_alpha",))
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise UsageError(f"{path!r} lacks {missing}: not an adapter written by ds-loradrop")
+    return config
+
+
+def adapter_method(config: dict) -> str:
+    """The method an adapter config was written by (files from before methods were recorded: LoRA)."""
+    return config.get("method", "lora")
+
+
+# Methods whose adapters are LoRA's own (A, B per adapter, possibly shared by several layers).
+LORA_FAMILY = ("lora", "loradrop")
+
+
+def _adapter_builder(config: dict, state: dict[str, torch.Tensor], directory: str):
+    """A function (name, wrapper) -> a new adapter of the saved method, its tensors copied in."""
+    method = adapter_method(config)
+
+    def need(*keys: str) -> list[torch.Tensor]:
+        absent = [key for key in keys if key not in state]
+        if absent:
+            raise UsageError(f"adapter weights in {directory!r} lack {absent}, which its config implies")
+        return [state[key] for key in keys]
+
+    if method in LORA_FAMILY or method == "sparse_lora":
+        kind = SparseLoRAAdapter if method == "sparse_lora" else LoRAAdapter
+        keys = ("lora_A", "lora_B", "mask_A", "mask_B") if method == "sparse_lora" else ("lora_A", "lora_B")
+
+        def build_lora(name, wrapper):
+            adapter = kind(wrapper.in_features, wrapper.out_features, config["r"], config["lora_alpha"])
+            adapter.is_shared = name.endswith(".shared")
+            with torch.no_grad():
+                for key, value in zip(keys, need(*[f"{name}.{key}" for key in keys])):
+                    getattr(adapter, key).copy_(value)
+            return adapter
+
+        return build_lora
+    if method == "vera":
+        projection = VeRAProjection(*need(f"{PROJECTION_NAME}.vera_A", f"{PROJECTION_NAME}.vera_B"))
+
+        def build_vera(name, wrapper):
+            adapter = VeRAAdapter(wrapper.in_features, wrapper.out_features, projection, config["d_initial"])
+            with torch.no_grad():
+                d, b = need(f"{name}.vera_lambda_d", f"{name}.vera_lambda_b")
+                adapter.vera_lambda_d.copy_(d)
+                adapter.vera_lambda_b.copy_(b)
+            return adapter
+
+        return build_vera
+    if method == "tied_lora":
+        pairs: dict[str, TiedPair] = {}
+
+        def build_tied(name, wrapper):
+            if wrapper.target not in pairs:
+                lora_A, lora_B = need(
+                    f"{tied_pair_name(wrapper.target)}.lora_A", f"{tied_pair_name(wrapper.target)}.lora_B"
+                )
+                pair = TiedPair(wrapper.in_features, wrapper.out_features, config["r"])
+                with torch.no_grad():
+                    pair.lora_A.copy_(lora_A)
+                    pair.lora_B.copy_(lora_B)
+                pairs[wrapper.target] = pair
+            adapter = TiedLoRAAdapter(pairs[wrapper.target], wrapper.target, config["lora_alpha"])
+            with torch.no_grad():
+                u, v = need(f"{name}.tied_u", f"{name}.tied_v")
+                adapter.tied_u.copy_(u)
+                adapter.tied_v.copy_(v)
+            return adapter
+
+        return build_tied
+    raise UsageError(
+        f"{os.path.join(directory, CONFIG_NAME)!r} names method {method!r}, which this version does not know"
+    )
+
+
+def attach_saved_adapters(layout: AdapterLayout, directory: str) -> None:
+    """Rebuild the saved adapters (own, shared once, or none per layer) with their weights.
+
+    Call before the model is handed to DeepSpeed. Raises UsageError if the saved targets or layer
+    counts do not match the model.
+    """
+    config = read_adapter_config(directory)
+    if sorted(config["layers"]) != sorted(layout):
+        raise UsageError(
+            f"adapter targets {sorted(config['layers'])} do not match the model's {sorted(layout)}"
+        )
+    state = load_adapter_state(directory)
+    build = _adapter_builder(config, state, directory)
+    built: dict[str, torch.nn.Module] = {}
+    for target, names in config["layers"].items():
+        wrappers = layout[target]
+        if len(names) != len(wrappers):
+            raise UsageError(f"adapter has {len(names)} layers for {target!r}, the model has {len(wrappers)}")
+        for wrapper, name in zip(wrappers, names):
+            if name is None:
+                wrapper.adapter = None
+                continue
+            if name not in built:
+                built[name] = build(name, wrapper)
+            wrapper.adapter = built[name]

@@ -1,0 +1,186 @@
+"""Before anything is trained or written: every check that needs no process group.
+
+``check_inputs`` reads the data, the DeepSpeed JSON and the model's config, and raises UsageError naming
+the first problem, so that bad input costs one ``error:`` line and leaves the output directory untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ds_loradrop.config import RunConfig
+from ds_loradrop.data.tasks import EvalExample, Task, get_task
+from ds_loradrop.errors import UsageError
+from ds_loradrop.method.placement import inject_lora
+from ds_loradrop.models.loading import build_on_meta, load_model_config
+from ds_loradrop.run_files import RUN_CONFIG_NAME, RUN_FILES
+from ds_loradrop.training import engine as ds_engine
+from ds_loradrop.training.checkpoint import check_resumable, latest_checkpoint
+from ds_loradrop.training.distributed import get_world_size_and_rank
+from ds_loradrop.training.ds_config import BatchSettings, load_ds_config, resolve_ds_config
+
+
+@dataclass
+class CheckedInputs:
+    """The run's inputs, read and checked before any process group, training or writing."""
+
+    ds_config: dict
+    batch: BatchSettings
+    examples: object  # datasets.Dataset with prompt, target, stratum
+    eval_split: str
+    eval_examples: list[EvalExample]
+
+
+def check_inputs(cfg: RunConfig) -> CheckedInputs:
+    """Every check that needs no process group, before anything is trained or written.
+
+    Raises:
+        UsageError: naming the first problem found.
+    """
+    task = get_task(cfg.data.task)
+    data_dir = cfg.data.resolved_data_dir()
+    task.split_path(data_dir, cfg.data.train_split)
+    raw_ds_config = load_ds_config(cfg.train.ds_config)
+    model_config = load_model_config(cfg.model.model, cfg.model.trust_remote_code, cfg.model.model_cache_dir)
+    world_size, _ = get_world_size_and_rank()
+    ds_config, batch = resolve_ds_config(
+        raw_ds_config,
+        cfg.train,
+        world_size=world_size,
+        hidden_size=model_config.hidden_size,
+        accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
+    )
+    if cfg.drop.method != "full":
+        layout = inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
+        if cfg.drop.plan is not None:
+            check_given_plan(cfg, layout)
+    if (
+        cfg.drop.importance_pass == "last_epoch"
+        and cfg.train.gradient_checkpointing
+        and cfg.drop.method == "loradrop"
+    ):
+        raise UsageError(
+            "--importance_pass last_epoch records the training forwards, which --gradient_checkpointing "
+            "runs twice (once more in backward); use --importance_pass after_training with it"
+        )
+    if cfg.drop.importance_pass == "last_epoch" and cfg.lora.lora_dropout > 0:
+        raise UsageError(
+            "--importance_pass last_epoch needs --lora_dropout 0: the training forwards it records "
+            "see dropped-out adapter inputs"
+        )
+    output_dir = cfg.train.output_dir
+    resume = cfg.train.resume
+    if resume is not None:
+        if cfg.train.overwrite_output_dir:
+            raise UsageError(
+                "--resume continues the run in --output_dir and --overwrite_output_dir deletes it: "
+                "pass one of them"
+            )
+        check_resume_matches(cfg, os.path.join(output_dir, RUN_CONFIG_NAME))
+        checkpoint = latest_checkpoint(output_dir) if resume == "auto" else resume
+        if checkpoint is not None:
+            check_resumable(checkpoint, output_dir, world_size)
+            check_resume_matches(cfg, os.path.join(checkpoint, RUN_CONFIG_NAME))
+    if os.path.isdir(output_dir) and not cfg.train.overwrite_output_dir and resume is None:
+        existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+        if existing:
+            raise UsageError(
+                f"output directory {output_dir!r} already holds a run ({', '.join(existing)}); "
+                f"choose another --output_dir, continue it with --resume auto, or pass --overwrite_output_dir"
+            )
+    eval_split, eval_examples = load_eval_examples(cfg, task)
+    examples = load_training_examples(cfg, task, eval_examples)
+    # Data smaller than one global batch is refused now, not after files are written.
+    batch.steps(examples.num_rows, cfg.train.num_train_epochs, cfg.train.max_steps)
+    if cfg.drop.method == "loradrop":
+        sample_size = max(1, round(cfg.drop.sample_ratio * examples.num_rows))
+        batch.steps(sample_size, cfg.drop.stage1_epochs, cfg.stage1_max_steps, what="stage-1 sample")
+    return CheckedInputs(
+        ds_config=ds_config,
+        batch=batch,
+        examples=examples,
+        eval_split=eval_split,
+        eval_examples=eval_examples,
+    )
+
+
+def check_given_plan(cfg: RunConfig, layout) -> None:
+    """``--plan``: a readable plan for these targets and this model's layer counts, used with LoRA-drop."""
+    from ds_loradrop.method.plan import Plan
+
+    path = cfg.drop.plan
+    if cfg.drop.method != "loradrop":
+        raise UsageError(f"--plan is a LoRA-drop layout; --method {cfg.drop.method} does not use one")
+    if cfg.drop.stage2_init == "carry":
+        raise UsageError("--stage2_init carry needs this run's stage-1 adapter, and --plan skips stage 1")
+    try:
+        plan = Plan.load(path)
+    except OSError as error:
+        raise UsageError(f"--plan {path!r} cannot be read ({error.strerror})") from error
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--plan {path!r} is not a plan.json ({type(error).__name__}: {error})") from error
+    if sorted(plan.targets) != sorted(layout):
+        raise UsageError(
+            f"--plan {path!r} is for targets {sorted(plan.targets)}, this run trains {sorted(layout)}"
+        )
+    for name, target in plan.targets.items():
+        if len(target.normalized) != len(layout[name]):
+            raise UsageError(
+                f"--plan {path!r} has {len(target.normalized)} layers of {name!r}, the model has "
+                f"{len(layout[name])}"
+            )
+
+
+def load_eval_examples(cfg: RunConfig, task: Task) -> tuple[str, list[EvalExample]]:
+    """(split, inputs) evaluated by generation; UsageError if evaluating the training split leaves no
+    held-out slice."""
+    eval_split = cfg.data.eval_split or task.default_eval_split
+    if eval_split == cfg.data.train_split and cfg.eval.max_eval_samples is None:
+        raise UsageError(
+            f"--eval_split {eval_split} is also the training split: pass --max_eval_samples N to hold out "
+            f"the first N inputs for evaluation"
+        )
+    return eval_split, task.load_eval(cfg.data.resolved_data_dir(), eval_split, cfg.eval.max_eval_samples)
+
+
+def load_training_examples(cfg: RunConfig, task: Task, eval_examples: list[EvalExample] | None = None):
+    """The training rows (``datasets.Dataset`` of prompt, target, stratum): the first
+    ``--max_train_samples`` of the training split, without the evaluated inputs when both splits are the
+    same (those are loaded here when not given)."""
+    if eval_examples is None:
+        _, eval_examples = load_eval_examples(cfg, task)
+    eval_split = cfg.data.eval_split or task.default_eval_split
+    held_out = {ex.prompt for ex in eval_examples} if eval_split == cfg.data.train_split else set()
+    return task.load_train(
+        cfg.data.resolved_data_dir(), cfg.data.max_train_samples, cfg.data.train_split, held_out
+    )
+
+
+# What a resumed run may not change: the model, the data, the adapters and the LoRA-drop decisions.
+RESUME_FIXED_SECTIONS = ("model", "data", "lora", "drop")
+
+
+# What a resumed run may not change: the model, the data, the adapters and the LoRA-drop decisions.
+RESUME_FIXED_SECTIONS = ("model", "data", "lora", "drop")
+
+
+def check_resume_matches(cfg: RunConfig, saved_config_path: str) -> None:
+    """Raise UsageError if a resume changes what the checkpoint was trained for."""
+    if not os.path.isfile(saved_config_path):
+        return
+    with open(saved_config_path) as handle:
+        saved = json.load(handle)
+    current = cfg.to_dict()
+    changed = [
+        f"{section}.{key}"
+        for section in RESUME_FIXED_SECTIONS
+        for key in current[section]
+        if saved.get(section, {}).get(key) != current[section][key]
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume with a changed configuration ({', '.join(changed)}); "
+            f"{os.path.dirname(saved_config_path)!r} was trained with other values"
+        )

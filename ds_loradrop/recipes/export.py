@@ -1,0 +1,169 @@
+"""Export a finished run's adapter as a plain PEFT adapter, a merged checkpoint, or the compact form.
+
+- ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` that plain ``PeftModel.from_pretrained``
+  loads: every layer that uses a shared adapter carries its own copy of it; layers without an adapter
+  (``--low_importance drop``) are left out of ``target_modules`` (exact module names). A pruned LoRA
+  (``sparse_lora``) is a LoRA with zeros; VeRA is PEFT's VeRA (the shared pair saved with it). PEFT has no
+  Tied-LoRA: that method exports as ``merged`` or ``loradrop``.
+- ``merged``: the base model with each adapted projection's update folded in (``W + (alpha/r) B A`` for
+  LoRA), saved as a normal Hugging Face checkpoint (safetensors) with the tokenizer.
+- ``loradrop``: the compact form as trained (own adapters, each shared adapter once, the plan).
+
+Only safetensors are read and written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+from ds_loradrop.errors import UsageError
+from ds_loradrop.method.adapter_files import (
+    CONFIG_NAME,
+    LORA_FAMILY,
+    PLAN_NAME,
+    WEIGHTS_NAME,
+    adapter_method,
+    attach_saved_adapters,
+    read_adapter_config,
+)
+from ds_loradrop.method.lora import LoRALinear
+from ds_loradrop.method.placement import inject_lora, merged_weight
+from ds_loradrop.models.loading import load_causal_lm, load_tokenizer
+
+FORMATS = ("peft", "merged", "loradrop")
+
+
+def run_adapter_dir(run_dir: str) -> str:
+    directory = os.path.join(run_dir, "adapter")
+    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        raise UsageError(
+            f"run {run_dir!r} has no final adapter ({directory}/{WEIGHTS_NAME}); was it finished?"
+        )
+    return directory
+
+
+def load_adapted_model(adapter_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(base model with the saved adapters attached, adapter config), on the CPU, unpartitioned."""
+    config = read_adapter_config(adapter_dir)
+    model = load_causal_lm(config["base_model"], dtype, trust_remote_code)
+    layout = inject_lora(model, list(config["layers"]))
+    attach_saved_adapters(layout, adapter_dir)
+    return model.eval(), config
+
+
+def _module_names(model) -> dict[tuple[str, int], str]:
+    return {(m.target, m.layer): name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# Methods PEFT can express, and the formats that work for every method.
+PEFT_METHODS = (*LORA_FAMILY, "sparse_lora", "vera")
+
+
+def check_format(fmt: str, method: str) -> None:
+    if fmt == "peft" and method not in PEFT_METHODS:
+        raise UsageError(
+            f"--format peft cannot express a {method} adapter (PEFT has no such method); the formats "
+            f"that work for it are merged and loradrop"
+        )
+
+
+def export_peft(adapter_dir: str, output_dir: str) -> None:
+    from peft import LoraConfig, VeraConfig
+
+    model, config = load_adapted_model(adapter_dir)
+    method = adapter_method(config)
+    check_format("peft", method)
+    names = _module_names(model)
+    state, targets = {}, []
+    for (target, layer), name in sorted(names.items(), key=lambda item: item[1]):
+        wrapper = model.get_submodule(name)
+        if wrapper.adapter is None:
+            continue
+        targets.append(name)
+        tensors = wrapper.adapter.saved_tensors()
+        if method == "vera":
+            for key in ("vera_lambda_b", "vera_lambda_d"):
+                state[f"base_model.model.{name}.{key}"] = tensors[key].detach().clone().contiguous()
+            continue
+        state[f"base_model.model.{name}.lora_A.weight"] = tensors["lora_A"].detach().clone().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = tensors["lora_B"].detach().clone().contiguous()
+    if method == "vera":
+        shared = next(
+            w.adapter for w in (model.get_submodule(n) for n in names.values()) if w.adapter is not None
+        )
+        for key, value in shared.shared_tensors().items():
+            state[f"base_model.{key.rpartition('.')[2]}"] = value.detach().clone().contiguous()
+        peft_config = VeraConfig(
+            r=config["r"],
+            target_modules=targets,
+            projection_prng_key=config["projection_seed"],
+            save_projection=True,
+            vera_dropout=0.0,
+            d_initial=config["d_initial"],
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=config["base_model"],
+        )
+    else:
+        peft_config = LoraConfig(
+            r=config["r"],
+            lora_alpha=config["lora_alpha"],
+            target_modules=targets,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=config["base_model"],
+        )
+    os.makedirs(output_dir, exist_ok=True)
+    peft_config.save_pretrained(output_dir)
+    save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def export_merged(adapter_dir: str, output_dir: str) -> None:
+    model, config = load_adapted_model(adapter_dir)
+    with torch.no_grad():
+        for name in _module_names(model).values():
+            wrapper = model.get_submodule(name)
+            wrapper.base.weight.copy_(merged_weight(wrapper))
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attribute, wrapper.base)
+    model.config.use_cache = True
+    model.save_pretrained(output_dir, safe_serialization=True)
+    load_tokenizer(config["base_model"]).save_pretrained(output_dir)
+
+
+def export_loradrop(adapter_dir: str, output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    for name in (WEIGHTS_NAME, CONFIG_NAME, PLAN_NAME):
+        if os.path.isfile(os.path.join(adapter_dir, name)):
+            shutil.copy2(os.path.join(adapter_dir, name), os.path.join(output_dir, name))
+
+
+def export_run(run_dir: str, fmt: str, output_dir: str) -> str:
+    """Export the run's final adapter in ``fmt`` to ``output_dir`` (which must not hold files yet)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; expected one of {list(FORMATS)}")
+    adapter_dir = run_adapter_dir(run_dir)
+    check_format(fmt, adapter_method(read_adapter_config(adapter_dir)))
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise UsageError(f"export directory {output_dir!r} is not empty")
+    # Written beside the target and renamed into place: a failed export leaves nothing half-written.
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".exporting-", dir=parent)
+    try:
+        {"peft": export_peft, "merged": export_merged, "loradrop": export_loradrop}[fmt](adapter_dir, staging)
+        with open(os.path.join(staging, "export.json"), "w") as handle:
+            json.dump({"run": os.path.abspath(run_dir), "format": fmt}, handle, indent=2)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty, checked above
+        os.rename(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir

@@ -1,0 +1,183 @@
+"""What every stage of a run does: build a fresh model with its adapters, train it on an engine for a number
+of steps (continuing from the resume point, checkpointing, evaluating), and evaluate by generation."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.integrations import HfDeepSpeedConfig
+
+from ds_loradrop.eval.evaluation import evaluate
+from ds_loradrop.method.lora import AdapterLayout
+from ds_loradrop.method.placement import count_trainable_parameters, freeze_all_but_adapters, inject_lora
+from ds_loradrop.models.loading import enable_activation_checkpointing, load_causal_lm
+from ds_loradrop.recipes.setup import RunContext
+from ds_loradrop.run_files import BASE_EVAL_DIR, METRICS_NAME, step_eval_dir
+from ds_loradrop.training import engine as ds_engine
+from ds_loradrop.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from ds_loradrop.training.distributed import get_logger
+from ds_loradrop.training.ds_config import zero_stage
+from ds_loradrop.training.loop import train_stage
+
+logger = get_logger()
+
+
+@dataclass
+class StageModel:
+    """A freshly loaded model and its adapter layout (empty for full fine-tuning).
+
+    ``zero3_loading`` keeps the object alive under which ``from_pretrained`` loaded the weights straight into
+    ZeRO-3 partitions (transformers holds it only weakly); None below ZeRO-3.
+    """
+
+    model: torch.nn.Module
+    layout: AdapterLayout = field(default_factory=dict)
+    zero3_loading: HfDeepSpeedConfig | None = None
+
+
+def build_model(ctx: RunContext, attach: Callable[[AdapterLayout], None] | None, seed: int) -> StageModel:
+    """The base model with adapters attached by ``attach`` (seeded), every other weight frozen; with
+    ``attach`` None (full fine-tuning) every weight trains."""
+    zero3_loading = ds_engine.zero3_weight_loading(ctx.ds_config)
+    model = load_causal_lm(ctx.model_path, ctx.dtype, ctx.cfg.model.trust_remote_code)
+    model.config.use_cache = False
+    if ctx.cfg.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if attach is None:
+        return StageModel(model, {}, zero3_loading)
+    layout = inject_lora(model, ctx.cfg.lora.target_names)
+    torch.manual_seed(seed)
+    attach(layout)
+    freeze_all_but_adapters(model)
+    return StageModel(model, layout, zero3_loading)
+
+
+def train_model(
+    ctx: RunContext,
+    built: StageModel,
+    rows: list[dict],
+    *,
+    name: str,
+    num_steps: int,
+    seed: int,
+    evaluate_every: int | None = None,
+    evaluate_base: bool = False,
+    before_forward: Callable[[int, dict], None] | None = None,
+):
+    """Train ``built`` for ``num_steps`` on a new engine, from the resume point when it is of this stage.
+
+    Checkpoints every ``--save_steps`` and at the end (and on SIGTERM); evaluates the model before its
+    first step when ``evaluate_base`` and every ``evaluate_every`` steps. Returns (engine, StageResult).
+    """
+    train = ctx.cfg.train
+    engine = ds_engine.build_engine(
+        built.model,
+        ctx.ds_config,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        lr_scheduler=train.lr_scheduler,
+        num_warmup_steps=int(train.warmup_ratio * num_steps),
+        num_training_steps=num_steps,
+    )
+    held = ds_engine.describe_partitioning(built.model)
+    logger.info(
+        f"{name}: {count_trainable_parameters(built.model)} trainable parameters; ZeRO stage "
+        f"{zero_stage(ctx.ds_config)}: {held.partitioned}/{held.tensors} tensors "
+        f"partitioned, {held.local_elements}/{held.elements} elements held by this rank",
+        extra={"all_ranks": True},
+    )
+    start_step = ctx.resume.start_step(name, num_steps, seed)
+    if start_step:
+        load_checkpoint(engine, ctx.resume.checkpoint)
+        logger.info(f"{name}: resumed from {ctx.resume.checkpoint} at step {start_step}/{num_steps}")
+    if evaluate_base and start_step == 0:
+        evaluate_base_model(ctx, engine)
+    elif evaluate_base:
+        logger.info(f"{name}: resumed after step 0; the base model's evaluation is the one made before")
+
+    saved_steps = set()
+
+    def save(step: int) -> None:
+        state = TrainerState(
+            stage=name, step=step, num_steps=num_steps, seed=seed, world_size=ctx.batch.world_size
+        )
+        path = save_checkpoint(engine, ctx.output_dir, state, train.save_total_limit, ctx.cfg.to_dict())
+        saved_steps.add(step)
+        logger.info(f"{name}: checkpoint {path}")
+
+    def after_step(step: int) -> None:
+        if evaluate_every and step % evaluate_every == 0 and step < num_steps:
+            evaluate_run(ctx, engine, os.path.join(ctx.output_dir, step_eval_dir(step)), step)
+        if train.save_steps and (step % train.save_steps == 0 or step == num_steps):
+            save(step)
+
+    def on_stop(step: int) -> None:
+        # Preemption: keep the work done so far, whether or not --save_steps asked for checkpoints.
+        if step not in saved_steps:
+            save(step)
+
+    result = train_stage(
+        engine,
+        rows,
+        ctx.batch,
+        name=name,
+        num_steps=num_steps,
+        seed=seed,
+        pad_token_id=ctx.tokenizer.pad_token_id,
+        logging_steps=train.logging_steps,
+        device=ctx.device,
+        group_by_length=train.group_by_length,
+        after_step=after_step,
+        on_stop=on_stop,
+        before_forward=before_forward,
+        log_metrics=lambda metrics, step: ctx.log.stage_metrics(name, metrics, step),
+        start_step=start_step,
+    )
+    return engine, result
+
+
+def evaluate_run(ctx: RunContext, engine, output_dir: str, step: int) -> dict:
+    metrics = evaluate(
+        engine,
+        ctx.tokenizer,
+        ctx.task,
+        ctx.eval_examples,
+        ctx.eval_split,
+        ctx.cfg.eval,
+        device=ctx.device,
+        output_dir=output_dir,
+        max_prompt_tokens=ctx.max_prompt_tokens,
+    )
+    ctx.log.evaluation(metrics, step)
+    return metrics
+
+
+def evaluate_base_model(ctx: RunContext, engine) -> dict:
+    """The model before its first step, which is the base model (every adapter starts as a zero update),
+    evaluated on the same inputs as the trained model, so that the two scores can be read side by side."""
+    metrics = evaluate(
+        engine,
+        ctx.tokenizer,
+        ctx.task,
+        ctx.eval_examples,
+        ctx.eval_split,
+        ctx.cfg.eval,
+        device=ctx.device,
+        output_dir=os.path.join(ctx.output_dir, BASE_EVAL_DIR),
+        max_prompt_tokens=ctx.max_prompt_tokens,
+        label="base model",
+    )
+    ctx.log.base_evaluation(metrics)
+    return metrics
+
+
+def read_base_evaluation(output_dir: str) -> dict:
+    path = os.path.join(output_dir, BASE_EVAL_DIR, METRICS_NAME)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)

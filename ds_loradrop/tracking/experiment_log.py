@@ -1,0 +1,165 @@
+"""What a run tells MLflow, in LoRA-drop terms: configuration, per-stage curves, the plan, evaluations,
+parameter counts, plots and files. Rank-agnostic: off rank 0 the tracker is a no-op.
+
+Metric names (the step is the optimizer step of that stage unless noted):
+``stage1/loss``, ``stage1/learning_rate``, ``stage1/grad_norm``, ``stage1/target_tokens_per_second`` and
+the same under ``stage2/`` (``train/`` for ``--method lora|full``); ``importance/<target>`` and
+``normalized_importance/<target>`` with the *layer index* as step; ``retained_layers/<target>``;
+``num_layers/<target>``; ``trainable_parameters``, ``lora_parameters``, ``trainable_share_of_lora``;
+``eval/<metric>`` (step = the final stage's step of the evaluation); ``base_eval/<metric>`` (the model
+before training, same inputs);
+``memory/peak_bytes_rank<r>`` and ``memory/peak_gib_max`` (peak RSS on CPU, ``max_memory_allocated`` on
+GPU; which one is the tag ``memory/peak_kind``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ds_loradrop.config import RunConfig
+from ds_loradrop.method.plan import Plan
+from ds_loradrop.tracking.mlflow_tracker import NullTracker, create_tracker, flatten, git_commit
+from ds_loradrop.training.distributed import get_logger, is_rank_zero
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+logger = get_logger()
+PREDICTION_SAMPLE_LINES = 50
+TRACKING_RECORD = "tracking.json"
+PLOTS_DIR = "plots"  # the MLflow run of this output directory, continued on --resume
+
+
+class ExperimentLog:
+    def __init__(self, tracker: NullTracker):
+        self.tracker = tracker
+        self.curves: dict[str, list[tuple[int, float]]] = {}
+
+    @classmethod
+    def start(
+        cls,
+        cfg: RunConfig,
+        ds_config: dict,
+        *,
+        world_size: int,
+        num_nodes: int,
+        model_path: str,
+        resume: bool = False,
+    ) -> ExperimentLog:
+        """Start (or, when resuming, continue) the run's MLflow run and log its configuration."""
+        tracking = cfg.tracking
+        record = os.path.join(cfg.train.output_dir, TRACKING_RECORD)
+        previous = None
+        if resume and is_rank_zero() and os.path.isfile(record):
+            with open(record) as handle:
+                previous = json.load(handle)
+        tracker = create_tracker(
+            enabled=tracking.report_to == "mlflow",
+            tracking_uri=(previous or {}).get("tracking_uri") or tracking.mlflow_tracking_uri,
+            experiment=tracking.mlflow_experiment,
+            run_name=tracking.run_name,
+            fallback_dir=cfg.train.output_dir if tracking.mlflow_fallback_local else None,
+            run_id=(previous or {}).get("run_id"),
+        )
+        if tracker.run_id is not None:
+            os.makedirs(cfg.train.output_dir, exist_ok=True)
+            with open(record, "w") as handle:
+                json.dump({"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri}, handle)
+        params = {
+            **flatten(cfg.to_dict()),
+            **flatten(ds_config, "ds."),
+            "world_size": world_size,
+            "model_path": model_path,
+        }
+        if previous is None:
+            tracker.log_params(params)
+        else:
+            # MLflow params are write-once; the continued run keeps those of its first start.
+            tracker.set_tags({"resumed": "true"})
+        tracker.set_tags(
+            {
+                "git_commit": git_commit(REPO_DIR),
+                "num_nodes": num_nodes,
+                "world_size": world_size,
+                "method": cfg.drop.method,
+                "task": cfg.data.task,
+            }
+        )
+        return cls(tracker)
+
+    def stage_metrics(self, stage: str, metrics: dict[str, float], step: int) -> None:
+        self.curves.setdefault(stage, []).append((step, metrics["loss"]))
+        self.tracker.log_metrics({f"{stage}/{name}": value for name, value in metrics.items()}, step)
+
+    def plan(self, plan: Plan, output_dir: str) -> None:
+        from ds_loradrop.tracking.plots import plot_importance
+
+        for name, target in plan.targets.items():
+            for layer, (g, y) in enumerate(zip(target.importance, target.normalized)):
+                self.tracker.log_metrics({f"importance/{name}": g, f"normalized_importance/{name}": y}, layer)
+            self.tracker.log_metrics({f"retained_layers/{name}": len(target.retained)})
+        self.tracker.log_artifact(os.path.join(output_dir, "plan.json"))
+        path = os.path.join(output_dir, PLOTS_DIR, "importance.png")
+        if _draw(plot_importance, plan, path):
+            self.tracker.log_artifact(path, PLOTS_DIR)
+
+    def evaluation(self, metrics: dict, step: int) -> None:
+        self.tracker.log_metrics(
+            {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step
+        )
+
+    def base_evaluation(self, metrics: dict) -> None:
+        """The model before training, on the same inputs as ``eval/``."""
+        self.tracker.log_metrics(
+            {f"base_eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        )
+
+    def finish(self, summary, output_dir: str) -> None:
+        """Counts, configs, adapter, a sample of predictions and the loss plot; then FINISHED."""
+        from ds_loradrop.tracking.plots import plot_losses
+
+        counts = {"trainable_parameters": summary.trainable_parameters}
+        if summary.lora_parameters:
+            counts["lora_parameters"] = summary.lora_parameters
+            counts["trainable_share_of_lora"] = summary.trainable_parameters / summary.lora_parameters
+        counts.update({f"retained_layers/{t}": len(r) for t, r in summary.retained.items()})
+        counts.update({f"num_layers/{t}": n for t, n in summary.num_layers.items()})
+        counts["data/num_truncated"] = summary.num_truncated
+        for rank, peak in enumerate(summary.peak_memory_bytes):
+            counts[f"memory/peak_bytes_rank{rank}"] = peak
+        if summary.peak_memory_bytes:
+            counts["memory/peak_gib_max"] = max(summary.peak_memory_bytes) / 2**30
+            self.tracker.set_tags({"memory/peak_kind": summary.peak_memory_kind})
+        self.tracker.log_metrics(counts)
+        for name in ("run_config.json", "ds_config.json", "summary.json"):
+            self.tracker.log_artifact(os.path.join(output_dir, name))
+        for directory in ("adapter", "model"):
+            if os.path.isdir(os.path.join(output_dir, directory)):
+                self.tracker.log_artifact(os.path.join(output_dir, directory), directory)
+        predictions = os.path.join(output_dir, "eval", "predictions.jsonl")
+        if os.path.isfile(predictions):
+            sample = os.path.join(output_dir, "eval", "predictions_sample.jsonl")
+            with open(predictions, encoding="utf-8") as source, open(sample, "w", encoding="utf-8") as target:
+                target.writelines(line for _, line in zip(range(PREDICTION_SAMPLE_LINES), source))
+            self.tracker.log_artifact(sample, "eval")
+            self.tracker.log_artifact(os.path.join(output_dir, "eval", "metrics.json"), "eval")
+        base_metrics = os.path.join(output_dir, "eval", "base", "metrics.json")
+        if os.path.isfile(base_metrics):
+            self.tracker.log_artifact(base_metrics, "eval/base")
+        loss_plot = os.path.join(output_dir, PLOTS_DIR, "loss.png")
+        if _draw(plot_losses, self.curves, loss_plot):
+            self.tracker.log_artifact(loss_plot, PLOTS_DIR)
+        self.tracker.end("FINISHED")
+
+    def end(self, status: str) -> None:
+        self.tracker.end(status)
+
+
+def _draw(plot, value, path: str) -> bool:
+    """Draw a plot into ``path``; a plotting error is reported and costs only the plot."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        plot(value, path)
+    except Exception as error:  # noqa: BLE001 - a plot must never stop a training job
+        logger.warning(f"could not draw {path}: {type(error).__name__}: {error}")
+        return False
+    return True

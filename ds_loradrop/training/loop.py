@@ -1,0 +1,236 @@
+"""The optimisation loop of one stage over a DeepSpeed engine.
+
+Loss normalisation: each optimizer step's loss is the mean over the target tokens of the *whole*
+global batch (all micro-batches of all ranks). Per micro-batch we backpropagate
+``token_loss_sum * world_size * accumulation / global_target_tokens``: DeepSpeed divides by the
+accumulation steps and averages gradients over ranks, which leaves exactly
+``sum of token losses / global_target_tokens``, the same gradient however the batch is split.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ds_loradrop.data.batching import IGNORE_INDEX, collate, global_batches, rank_micro_batches
+from ds_loradrop.errors import Terminated, TrainingDiverged, pending_signal, stop_at_step_boundary
+from ds_loradrop.training.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    get_logger,
+    get_world_size_and_rank,
+)
+from ds_loradrop.training.ds_config import BatchSettings
+
+logger = get_logger()
+
+
+@dataclass
+class StageResult:
+    name: str
+    num_steps: int = 0
+    first_step: int = 0  # steps done before this call (a resumed stage)
+    num_target_tokens: int = 0
+    seconds: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_metrics: dict = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1][1] if self.losses else math.nan
+
+
+def num_positions_to_score(labels: torch.Tensor) -> int:
+    """How many trailing positions need logits: from the one before the first labelled token of any row
+    to the end. The LM head (49,152 x 576 in SmolLM2, a fifth of its matmul FLOPs) then skips the prompt
+    positions that precede every target; the loss is unchanged. labels (b, s)."""
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    if labelled.numel() == 0:
+        return labels.shape[1]
+    return labels.shape[1] - int(labelled[0])  # position p predicts label p + 1
+
+
+@functools.cache
+def _forward_parameters(model_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_type.forward).parameters)
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """transformers' causal LMs take ``logits_to_keep`` (trailing positions to compute logits for)."""
+    return "logits_to_keep" in _forward_parameters(type(model))
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over labelled positions. logits (b, s, V), labels (b, s)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def train_stage(
+    engine,
+    rows: list[dict],
+    batch: BatchSettings,
+    *,
+    name: str,
+    num_steps: int,
+    seed: int,
+    pad_token_id: int,
+    logging_steps: int,
+    device: torch.device,
+    group_by_length: bool = True,
+    after_step: Callable[[int], None] | None = None,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    on_stop: Callable[[int], None] | None = None,
+    before_forward: Callable[[int, dict], None] | None = None,
+    start_step: int = 0,
+) -> StageResult:
+    """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches).
+
+    ``after_step(step)`` runs on every rank after each optimizer step (e.g. periodic evaluation);
+    ``log_metrics(metrics, step)`` receives loss, learning rate, gradient norm and target tokens per
+    second every ``logging_steps`` steps (rank 0 is the one that tracks them). ``start_step`` resumes
+    after that many optimizer steps: their global batches are skipped, not recomputed.
+    ``before_forward(step, micro_batch)`` runs before each micro-batch's forward (``step`` counts from 1).
+
+    Raises:
+        TrainingDiverged: the loss of a step is NaN or infinite (before ``after_step`` could
+            checkpoint that step).
+        Terminated: SIGTERM / SIGINT reached any rank. The ranks agree on it after the running step
+            (and its ``after_step``), call ``on_stop(step)`` (e.g. to write a checkpoint), then raise.
+    """
+    world_size, rank = get_world_size_and_rank()
+    result = StageResult(name, num_steps=start_step, first_step=start_step)
+    engine.train()
+    start = window_start = time.perf_counter()
+    window_tokens = 0
+    lengths = [len(row["input_ids"]) for row in rows]
+    schedule = _global_batch_schedule(lengths, batch.global_batch_size, seed, group_by_length)
+    # The bar is closed however the loop ends, so an error message starts on a line of its own.
+    with (
+        tqdm(
+            total=num_steps,
+            initial=start_step,
+            desc=name,
+            disable=rank != 0,
+            dynamic_ncols=True,
+            mininterval=2.0,
+        ) as progress,
+        stop_at_step_boundary(),
+    ):
+        for global_batch in itertools.islice(schedule, start_step, num_steps):
+            micro_batches = [
+                collate([rows[i] for i in indices], pad_token_id)
+                for indices in rank_micro_batches(global_batch, rank, world_size, batch.micro_batch_size)
+            ]
+            loss, global_tokens = optimizer_step(
+                engine,
+                micro_batches,
+                batch,
+                device,
+                None if before_forward is None else functools.partial(before_forward, result.num_steps + 1),
+            )
+            result.num_steps += 1
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"{name} step {result.num_steps}/{num_steps}: the loss is {loss}; stopping before "
+                    "this step "
+                    f"is checkpointed (earlier checkpoints are kept; try a lower --learning_rate)"
+                )
+            result.num_target_tokens += int(global_tokens)
+            window_tokens += int(global_tokens)
+            result.losses.append((result.num_steps, loss))
+            progress.update(1)
+            if result.num_steps % logging_steps == 0 or result.num_steps == num_steps:
+                now = time.perf_counter()
+                metrics = {
+                    "loss": loss,
+                    "learning_rate": engine.get_lr()[0],
+                    "target_tokens_per_second": window_tokens / (now - window_start),
+                }
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['target_tokens_per_second']:.0f}")
+                logger.info(
+                    f"{name} step {result.num_steps}/{num_steps} loss {loss:.4f} "
+                    f"lr {metrics['learning_rate']:.2e} target tokens/s "
+                    f"{metrics['target_tokens_per_second']:.0f}"
+                )
+                if log_metrics is not None:
+                    log_metrics(metrics, result.num_steps)
+                window_start, window_tokens = now, 0
+            if after_step is not None:
+                after_step(result.num_steps)
+                engine.train()
+            signal_number = stop_requested_on_any_rank(device)
+            if signal_number:
+                logger.info(
+                    f"{name}: signal {signal_number} received; stopping after step {result.num_steps}"
+                )
+                if on_stop is not None:
+                    on_stop(result.num_steps)
+                raise Terminated(signal_number)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _global_batch_schedule(lengths: list[int], global_batch_size: int, seed: int, group_by_length: bool):
+    """Every optimizer step's global batch, epoch after epoch, without end."""
+    for epoch in itertools.count():
+        yield from global_batches(lengths, global_batch_size, seed, epoch, group_by_length)
+
+
+def optimizer_step(
+    engine,
+    micro_batches: list[dict],
+    batch: BatchSettings,
+    device: torch.device,
+    before_forward: Callable[[dict], None] | None = None,
+) -> tuple[float, float]:
+    """Forward and backward over this rank's micro-batches and one optimizer step.
+
+    Returns:
+        (mean loss over the target tokens of the whole global batch, those target tokens), equal on
+        every rank.
+    """
+    world_size, _ = get_world_size_and_rank()
+    local_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    global_tokens = float(
+        all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64, device=device))
+    )
+    scale = world_size * batch.gradient_accumulation_steps / global_tokens
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro_batch in micro_batches:
+        if before_forward is not None:
+            before_forward(micro_batch)
+        labels = micro_batch["labels"].to(device)
+        keep = num_positions_to_score(labels) if accepts_logits_to_keep(engine.module) else labels.shape[1]
+        output = engine(
+            input_ids=micro_batch["input_ids"].to(device),
+            attention_mask=micro_batch["attention_mask"].to(device),
+            **({"logits_to_keep": keep} if keep < labels.shape[1] else {}),
+        )
+        summed = token_loss_sum(output.logits, labels[:, labels.shape[1] - keep :])
+        engine.backward(summed * scale)
+        engine.step()
+        loss_sum += summed.detach().double()
+    return float(all_reduce_sum(loss_sum)) / global_tokens, global_tokens
+
+
+def stop_requested_on_any_rank(device: torch.device) -> int:
+    """The largest signal number any rank has recorded (0: none), the same on every rank."""
+    flag = torch.tensor([float(pending_signal() or 0)], dtype=torch.float64, device=device)
+    return int(all_reduce_max(flag))

@@ -1,0 +1,81 @@
+"""The packages import one way: each layer only from the layers below it (the README's architecture)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.unit
+
+# Bottom to top; a module may import from its own layer and the layers before it.
+LAYERS = (
+    "errors",
+    "run_files",
+    "data",
+    "config",
+    "training",
+    "models",
+    "method",
+    "eval",
+    "tracking",
+    "recipes",
+)
+PACKAGE = pathlib.Path(REPO_ROOT) / "ds_loradrop"
+
+
+def layer_of(module: str) -> str:
+    """``ds_loradrop.method.plan`` -> ``method``; ``ds_loradrop.errors`` -> ``errors``."""
+    return module.split(".")[1]
+
+
+def imports_of(path: pathlib.Path) -> set[str]:
+    """Every ds_loradrop module imported anywhere in the file (function-level imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ds_loradrop."):
+            found.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.module == "ds_loradrop":
+            found.update(f"ds_loradrop.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("ds_loradrop."))
+    return found
+
+
+def test_every_module_belongs_to_a_layer():
+    tops = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())
+    }
+    assert tops == set(LAYERS), f"modules outside the layers: {sorted(tops - set(LAYERS))}"
+
+
+def test_imports_point_down_only():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        if own == "__init__":
+            continue
+        for module in imports_of(path):
+            if LAYERS.index(layer_of(module)) > LAYERS.index(own):
+                upward.append(f"{path.relative_to(PACKAGE)} imports {module}")
+    assert not upward, "\n".join(upward)
+
+
+def test_deepspeed_is_imported_by_the_engine_module_only():
+    importers = sorted(
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if any(
+            isinstance(n, (ast.Import, ast.ImportFrom))
+            and any(
+                name.split(".")[0] == "deepspeed"
+                for name in ([a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""])
+            )
+            for n in ast.walk(ast.parse(p.read_text()))
+        )
+    )
+    assert importers == ["training/engine.py"]
