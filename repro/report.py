@@ -75,6 +75,15 @@ def metric_values(runs: list[dict], metric: str, base: bool = False) -> list[flo
     return [r[key][metric] for r in runs if metric in r.get(key, {})]
 
 
+# What "kept layers" means for the methods without a LoRA-drop layout.
+LAYERS_OF = {
+    "full": "all weights",
+    "vera": "every layer (d, b)",
+    "tied_lora": "every layer (u, v; tied pair)",
+    "sparse_lora": "every layer (SNIP-pruned entries)",
+}
+
+
 def kept(runs: list[dict]) -> str:
     if not runs:
         return "-"
@@ -136,7 +145,9 @@ def table(
         row = [
             label,
             str(len(runs)),
-            kept(runs) if runs[0]["method"] != "full" else "all weights",
+            kept(runs)
+            if runs[0]["method"] in ("lora", "loradrop")
+            else LAYERS_OF.get(runs[0]["method"], "every layer"),
             fmt(params, 0),
             fmt(share, 1) if share else "-",
             *[fmt(metric_values(runs, m)) for m in metric_names],

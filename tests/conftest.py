@@ -27,8 +27,9 @@ def e2e_dir() -> str:
     return path
 
 
-def tiny_llama_model(num_layers: int = 4, seed: int = 0):
-    """A small Llama from a config with fixed random (non-trivial) weights."""
+def tiny_llama_model(num_layers: int = 4, seed: int = 0, num_key_value_heads: int = 4):
+    """A small Llama from a config with fixed random (non-trivial) weights; fewer key/value heads than 4
+    make v_proj narrower than q_proj (grouped-query attention, like SmolLM2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -37,11 +38,28 @@ def tiny_llama_model(num_layers: int = 4, seed: int = 0):
         intermediate_size=64,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=num_key_value_heads,
         max_position_embeddings=64,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_run_args(e2e_dir, tmp_path):
+    """Flags of a small tiny-llama run on the shared E2E files (for checks that stop before training)."""
+    return [
+        "--model",
+        "tiny-llama",
+        "--data_dir",
+        e2e_dir,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--ds_config",
+        os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
+        "--max_train_samples",
+        "64",
+    ]
 
 
 def randomize_adapters(model, seed: int = 1, scale: float = 0.1) -> None:

@@ -19,18 +19,9 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture
-def base_args(e2e_dir, tmp_path):
+def base_args(tiny_run_args):
     return [
-        "--model",
-        "tiny-llama",
-        "--data_dir",
-        e2e_dir,
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--ds_config",
-        os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
-        "--max_train_samples",
-        "64",
+        *tiny_run_args,
         "--sample_ratio",
         "1.0",
     ]

@@ -4,12 +4,11 @@ test_baselines_distributed.py)."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_llama_model
+from conftest import tiny_llama_model
 
 from ds_loradrop.errors import UsageError
 from ds_loradrop.method.placement import (
@@ -34,20 +33,8 @@ pytestmark = pytest.mark.unit
 
 
 def gqa_llama(num_layers: int = 3, seed: int = 0):
-    """Like SmolLM2: v_proj narrower than q_proj (grouped-query attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    """Like SmolLM2: v_proj (32 -> 16) narrower than q_proj (32 -> 32)."""
+    return tiny_llama_model(num_layers, seed, num_key_value_heads=2)
 
 
 IDS = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(5))
@@ -253,19 +240,8 @@ def test_scoring_rows_are_a_seeded_subset():
 
 
 @pytest.fixture
-def base_args(e2e_dir, tmp_path):
-    return [
-        "--model",
-        "tiny-llama",
-        "--data_dir",
-        e2e_dir,
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--ds_config",
-        os.path.join(REPO_ROOT, "ds_configs", "zero3.json"),
-        "--max_train_samples",
-        "64",
-    ]
+def base_args(tiny_run_args):
+    return tiny_run_args
 
 
 def test_method_defaults_are_the_papers(base_args):

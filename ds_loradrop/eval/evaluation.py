@@ -9,6 +9,7 @@ from ds_loradrop.config import EvalConfig
 from ds_loradrop.data.tasks import EvalExample, Task
 from ds_loradrop.eval.generation import GenerationResult, generate_predictions
 from ds_loradrop.eval.metrics import compute_metrics
+from ds_loradrop.run_files import METRICS_NAME, PREDICTIONS_NAME
 from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import (
     barrier,
@@ -19,9 +20,6 @@ from ds_loradrop.training.distributed import (
 )
 
 logger = get_logger()
-
-PREDICTIONS_NAME = "predictions.jsonl"
-METRICS_NAME = "metrics.json"
 
 
 def resolve_generation_mode(requested: str, engine) -> str:

@@ -26,12 +26,12 @@ from ds_loradrop.method.plan import Plan
 from ds_loradrop.method.sparse_lora import SparseLoRAAdapter
 from ds_loradrop.method.tied_lora import TiedLoRAAdapter, TiedPair, tied_pair_name
 from ds_loradrop.method.vera import PROJECTION_NAME, VeRAAdapter, VeRAProjection
+from ds_loradrop.run_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PLAN_NAME
 from ds_loradrop.training.distributed import barrier, is_rank_zero
 from ds_loradrop.training.engine import gathered_parameters
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-PLAN_NAME = "plan.json"
+WEIGHTS_NAME = ADAPTER_WEIGHTS_NAME
+CONFIG_NAME = ADAPTER_CONFIG_NAME
 
 
 def gather_adapter_state(layout: AdapterLayout) -> dict[str, torch.Tensor]:

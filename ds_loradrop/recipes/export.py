@@ -35,12 +35,13 @@ from ds_loradrop.method.adapter_files import (
 from ds_loradrop.method.lora import LoRALinear
 from ds_loradrop.method.placement import inject_lora, merged_weight
 from ds_loradrop.models.loading import load_causal_lm, load_tokenizer
+from ds_loradrop.run_files import FINAL_ADAPTER_DIR
 
 FORMATS = ("peft", "merged", "loradrop")
 
 
 def run_adapter_dir(run_dir: str) -> str:
-    directory = os.path.join(run_dir, "adapter")
+    directory = os.path.join(run_dir, FINAL_ADAPTER_DIR)
     if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
         raise UsageError(
             f"run {run_dir!r} has no final adapter ({directory}/{WEIGHTS_NAME}); was it finished?"

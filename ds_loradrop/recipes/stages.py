@@ -140,8 +140,9 @@ def train_model(
     return engine, result
 
 
-def evaluate_run(ctx: RunContext, engine, output_dir: str, step: int) -> dict:
-    metrics = evaluate(
+def evaluate_on(ctx: RunContext, engine, output_dir: str, label: str = "eval") -> dict:
+    """Generate for the run's evaluation inputs, score, write predictions and metrics to ``output_dir``."""
+    return evaluate(
         engine,
         ctx.tokenizer,
         ctx.task,
@@ -151,7 +152,12 @@ def evaluate_run(ctx: RunContext, engine, output_dir: str, step: int) -> dict:
         device=ctx.device,
         output_dir=output_dir,
         max_prompt_tokens=ctx.max_prompt_tokens,
+        label=label,
     )
+
+
+def evaluate_run(ctx: RunContext, engine, output_dir: str, step: int) -> dict:
+    metrics = evaluate_on(ctx, engine, output_dir)
     ctx.log.evaluation(metrics, step)
     return metrics
 
@@ -159,18 +165,7 @@ def evaluate_run(ctx: RunContext, engine, output_dir: str, step: int) -> dict:
 def evaluate_base_model(ctx: RunContext, engine) -> dict:
     """The model before its first step, which is the base model (every adapter starts as a zero update),
     evaluated on the same inputs as the trained model, so that the two scores can be read side by side."""
-    metrics = evaluate(
-        engine,
-        ctx.tokenizer,
-        ctx.task,
-        ctx.eval_examples,
-        ctx.eval_split,
-        ctx.cfg.eval,
-        device=ctx.device,
-        output_dir=os.path.join(ctx.output_dir, BASE_EVAL_DIR),
-        max_prompt_tokens=ctx.max_prompt_tokens,
-        label="base model",
-    )
+    metrics = evaluate_on(ctx, engine, os.path.join(ctx.output_dir, BASE_EVAL_DIR), label="base model")
     ctx.log.base_evaluation(metrics)
     return metrics
 

@@ -19,14 +19,27 @@ import os
 
 from ds_loradrop.config import RunConfig
 from ds_loradrop.method.plan import Plan
+from ds_loradrop.run_files import (
+    BASE_EVAL_DIR,
+    DS_CONFIG_NAME,
+    EVAL_DIR,
+    FINAL_ADAPTER_DIR,
+    FULL_MODEL_DIR,
+    METRICS_NAME,
+    PLAN_NAME,
+    PLOTS_DIR,
+    PREDICTIONS_NAME,
+    PREDICTIONS_SAMPLE_NAME,
+    RUN_CONFIG_NAME,
+    SUMMARY_NAME,
+    TRACKING_RECORD,
+)
 from ds_loradrop.tracking.mlflow_tracker import NullTracker, create_tracker, flatten, git_commit
 from ds_loradrop.training.distributed import get_logger, is_rank_zero
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = get_logger()
 PREDICTION_SAMPLE_LINES = 50
-TRACKING_RECORD = "tracking.json"
-PLOTS_DIR = "plots"  # the MLflow run of this output directory, continued on --resume
 
 
 class ExperimentLog:
@@ -97,7 +110,7 @@ class ExperimentLog:
             for layer, (g, y) in enumerate(zip(target.importance, target.normalized)):
                 self.tracker.log_metrics({f"importance/{name}": g, f"normalized_importance/{name}": y}, layer)
             self.tracker.log_metrics({f"retained_layers/{name}": len(target.retained)})
-        self.tracker.log_artifact(os.path.join(output_dir, "plan.json"))
+        self.tracker.log_artifact(os.path.join(output_dir, PLAN_NAME))
         path = os.path.join(output_dir, PLOTS_DIR, "importance.png")
         if _draw(plot_importance, plan, path):
             self.tracker.log_artifact(path, PLOTS_DIR)
@@ -130,19 +143,19 @@ class ExperimentLog:
             counts["memory/peak_gib_max"] = max(summary.peak_memory_bytes) / 2**30
             self.tracker.set_tags({"memory/peak_kind": summary.peak_memory_kind})
         self.tracker.log_metrics(counts)
-        for name in ("run_config.json", "ds_config.json", "summary.json"):
+        for name in (RUN_CONFIG_NAME, DS_CONFIG_NAME, SUMMARY_NAME):
             self.tracker.log_artifact(os.path.join(output_dir, name))
-        for directory in ("adapter", "model"):
+        for directory in (FINAL_ADAPTER_DIR, FULL_MODEL_DIR):
             if os.path.isdir(os.path.join(output_dir, directory)):
                 self.tracker.log_artifact(os.path.join(output_dir, directory), directory)
-        predictions = os.path.join(output_dir, "eval", "predictions.jsonl")
+        predictions = os.path.join(output_dir, EVAL_DIR, PREDICTIONS_NAME)
         if os.path.isfile(predictions):
-            sample = os.path.join(output_dir, "eval", "predictions_sample.jsonl")
+            sample = os.path.join(output_dir, EVAL_DIR, PREDICTIONS_SAMPLE_NAME)
             with open(predictions, encoding="utf-8") as source, open(sample, "w", encoding="utf-8") as target:
                 target.writelines(line for _, line in zip(range(PREDICTION_SAMPLE_LINES), source))
-            self.tracker.log_artifact(sample, "eval")
-            self.tracker.log_artifact(os.path.join(output_dir, "eval", "metrics.json"), "eval")
-        base_metrics = os.path.join(output_dir, "eval", "base", "metrics.json")
+            self.tracker.log_artifact(sample, EVAL_DIR)
+            self.tracker.log_artifact(os.path.join(output_dir, EVAL_DIR, METRICS_NAME), EVAL_DIR)
+        base_metrics = os.path.join(output_dir, BASE_EVAL_DIR, METRICS_NAME)
         if os.path.isfile(base_metrics):
             self.tracker.log_artifact(base_metrics, "eval/base")
         loss_plot = os.path.join(output_dir, PLOTS_DIR, "loss.png")
