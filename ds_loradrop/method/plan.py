@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from ds_loradrop.config import DropConfig
 from ds_loradrop.method.importance import mean_importance, normalize_importance
 from ds_loradrop.method.selection import select_layers
 
@@ -103,6 +104,33 @@ def build_plan(
         seed=seed,
         selection=selection,
         low_importance=low_importance,
+        stage1_steps=stage1_steps,
+        stage1_planned_steps=stage1_planned_steps,
+    )
+
+
+def build_plan_for(
+    sums: dict[str, list[float]],
+    num_tokens: float,
+    drop: DropConfig,
+    *,
+    seed: int,
+    num_sampled: int,
+    world_size: int,
+    stage1_steps: int | None = None,
+    stage1_planned_steps: int | None = None,
+) -> Plan:
+    """:func:`build_plan` with the run's LoRA-drop settings (threshold, selection, low-importance layers)."""
+    return build_plan(
+        sums,
+        num_tokens,
+        threshold=drop.threshold,
+        selection=drop.selection,
+        low_importance=drop.low_importance,
+        seed=seed,
+        sample_ratio=drop.sample_ratio,
+        num_sampled=num_sampled,
+        world_size=world_size,
         stage1_steps=stage1_steps,
         stage1_planned_steps=stage1_planned_steps,
     )

@@ -30,7 +30,7 @@ from ds_loradrop.method.adapter_files import (
 )
 from ds_loradrop.method.lora import AdapterLayout, LoRAAdapter, LoRALinear
 from ds_loradrop.method.placement import inject_lora
-from ds_loradrop.method.plan import Plan, build_plan
+from ds_loradrop.method.plan import Plan, build_plan_for
 from ds_loradrop.method.probe import measure_importance
 from ds_loradrop.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from ds_loradrop.training.checkpoint import RUN_CONFIG_NAME
@@ -178,15 +178,6 @@ def adapter_importance(
     sums, num_tokens = measure_importance(
         model, layout, sample, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, device=device
     )
-    drop = cfg.drop
-    return build_plan(
-        sums,
-        num_tokens,
-        threshold=drop.threshold,
-        selection=drop.selection,
-        low_importance=drop.low_importance,
-        seed=cfg.train.seed,
-        sample_ratio=drop.sample_ratio,
-        num_sampled=len(sample),
-        world_size=1,
+    return build_plan_for(
+        sums, num_tokens, cfg.drop, seed=cfg.train.seed, num_sampled=len(sample), world_size=1
     )

@@ -20,7 +20,7 @@ from ds_loradrop.method.adapter_files import save_adapters
 from ds_loradrop.method.importance import ImportanceRecorder
 from ds_loradrop.method.methods import adapter_settings
 from ds_loradrop.method.placement import attach_own_adapters
-from ds_loradrop.method.plan import Plan, build_plan
+from ds_loradrop.method.plan import Plan, build_plan_for
 from ds_loradrop.method.probe import measure_importance, reduce_recorded
 from ds_loradrop.method.snip import measure_saliency, scoring_rows
 from ds_loradrop.method.sparse_lora import (
@@ -129,14 +129,11 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     sums, num_tokens = importance_sums(ctx, engine, built, recorder, sample, recorded_steps=recorded)
     plan = None
     if is_rank_zero():
-        plan = build_plan(
+        plan = build_plan_for(
             sums,
             num_tokens,
-            threshold=drop.threshold,
-            selection=drop.selection,
-            low_importance=drop.low_importance,
+            drop,
             seed=cfg.train.seed,
-            sample_ratio=drop.sample_ratio,
             num_sampled=len(sample),
             world_size=ctx.batch.world_size,
             stage1_steps=num_steps,
