@@ -129,7 +129,8 @@ def setup(cfg: RunConfig) -> RunContext:
         raise RuntimeError(f"world size changed from {inputs.batch.world_size} to {world_size} at start-up")
     if cfg.train.overwrite_output_dir and cfg.train.resume is None:
         clear_previous_run(cfg.train.output_dir)
-    model_path, tokenizer, rows, num_truncated = prepare_data(cfg, inputs)
+    task = get_task(cfg.data.task)
+    model_path, tokenizer, rows, num_truncated = prepare_data(cfg, inputs, task)
     resume = resolve_resume_point(cfg)
     log = ExperimentLog.start(
         cfg,
@@ -139,7 +140,6 @@ def setup(cfg: RunConfig) -> RunContext:
         model_path=model_path,
         resume=resume.requested,
     )
-    task = get_task(cfg.data.task)
     ctx = RunContext(
         cfg=cfg,
         ds_config=inputs.ds_config,
@@ -162,9 +162,8 @@ def setup(cfg: RunConfig) -> RunContext:
     return ctx
 
 
-def prepare_data(cfg: RunConfig, inputs: CheckedInputs) -> tuple[str, object, list[dict], int]:
+def prepare_data(cfg: RunConfig, inputs: CheckedInputs, task: Task) -> tuple[str, object, list[dict], int]:
     """(model path, tokenizer, tokenised training rows, how many were truncated)."""
-    task = get_task(cfg.data.task)
     data_dir = cfg.data.resolved_data_dir()
     model_path = resolve_model_path(
         cfg.model.model,
