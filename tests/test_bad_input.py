@@ -46,7 +46,7 @@ def check(argv):
         ),
         (
             ["--task", "webnlg"],
-            r"unknown task 'webnlg'; known tasks: \['dart', 'dialogsum', 'e2e', 'gsm8k'\]",
+            r"unknown task 'webnlg'; known tasks: \['custom', 'dart', 'dialogsum', 'e2e', 'gsm8k'\]",
         ),
         (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be > 0"),

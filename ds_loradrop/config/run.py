@@ -47,9 +47,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Fill what defaults to the task's value (sequence length, LoRA rank) and alpha = 2 r."""
-        from ds_loradrop.data.tasks import get_task
-
-        task = get_task(self.data.task)
+        task = self.data.build_task()
         if self.data.max_seq_length is None:
             self.data.max_seq_length = task.default_max_seq_length
         self._check_and_fill_baseline_settings()
@@ -64,9 +62,7 @@ class RunConfig:
     def reference_lora_r(self) -> int:
         """The rank of the plain LoRA a run's parameter count is compared with (the task's for VeRA and
         Tied-LoRA, which have their own ranks)."""
-        from ds_loradrop.data.tasks import get_task
-
-        return self.lora.lora_r or get_task(self.data.task).default_lora_r
+        return self.lora.lora_r or self.data.build_task().default_lora_r
 
     def _check_and_fill_baseline_settings(self) -> None:
         """Refuse a baseline's flag given to another method and out-of-range values; fill the method's

@@ -62,9 +62,15 @@ class ModelConfig:
     )
 
 
+CUSTOM_DATA_FIELDS = ("dataset", "eval_dataset", "dataset_format", "stratify_by", "eval_metric")
+
+
 @dataclass
 class DataConfig:
-    task: str = field(default="e2e", metadata={"help": "Task name: e2e, dart, dialogsum or gsm8k."})
+    task: str = field(
+        default="e2e",
+        metadata={"help": "Task name: e2e, dart, dialogsum, gsm8k, or custom (your data: see --dataset)."},
+    )
     data_dir: str | None = field(
         default=None,
         metadata={
@@ -100,13 +106,60 @@ class DataConfig:
         },
     )
 
+    # --task custom: your own data (ds_loradrop/data/tasks/custom.py).
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "--task custom: the training data, a local .jsonl/.json/.csv/.parquet file or a hub "
+            "dataset id (datasets.load_dataset), in the --dataset_format."
+        },
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "--task custom: data evaluated by generation (its validation split); default: the first "
+            "--max_eval_samples inputs of --dataset, held out of training."
+        },
+    )
+    dataset_format: Literal["auto", "prompt_completion", "alpaca", "messages"] = field(
+        default="auto",
+        metadata={
+            "help": "--task custom: prompt/completion fields, alpaca (instruction, input, output), or chat "
+            "'messages' (rendered with the tokenizer's chat template, loss on assistant turns only); auto "
+            "tells them apart by the first record's fields."
+        },
+    )
+    stratify_by: str = field(
+        default="length",
+        metadata={
+            "help": "--task custom: the column whose values are the strata of the stage-1 sample, or "
+            "'length' (buckets of the target's word count)."
+        },
+    )
+    eval_metric: Literal["bleu_rouge", "exact_match"] = field(
+        default="bleu_rouge",
+        metadata={"help": "--task custom: BLEU and ROUGE-L of the generations, or exact match."},
+    )
+
     def __post_init__(self) -> None:
+        if self.task != "custom":
+            for name in CUSTOM_DATA_FIELDS:
+                if getattr(self, name) != DataConfig.__dataclass_fields__[name].default:
+                    raise UsageError(
+                        f"--{name} is a setting of --task custom; this run is --task {self.task}"
+                    )
         if self.max_train_samples is not None and self.max_train_samples < 0:
             raise UsageError(f"--max_train_samples must be >= 0 (0 = all rows), got {self.max_train_samples}")
         if self.max_train_samples == 0:
             self.max_train_samples = None
         if self.max_seq_length is not None and self.max_seq_length < 8:
             raise UsageError(f"--max_seq_length must be >= 8, got {self.max_seq_length}")
+
+    def build_task(self):
+        """The task these settings name (``custom`` built from them)."""
+        from ds_loradrop.data.tasks import get_task
+
+        return get_task(self.task, self)
 
     def resolved_data_dir(self) -> str:
         if self.data_dir is not None:

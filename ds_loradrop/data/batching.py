@@ -9,6 +9,7 @@ gradient is the same however the global batch is split.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import defaultdict
@@ -16,7 +17,9 @@ from collections import defaultdict
 import datasets
 import torch
 
-IGNORE_INDEX = -100
+from ds_loradrop.data import chat
+
+IGNORE_INDEX = chat.IGNORE_INDEX
 
 
 def stratified_sample_indices(strata: list[str], ratio: float, seed: int) -> list[int]:
@@ -66,7 +69,9 @@ def clip_prompt(prompt_ids: list[int], max_tokens: int, bos_token_id: int | None
 def tokenize_examples(
     examples: datasets.Dataset, tokenizer, max_seq_length: int
 ) -> tuple[datasets.Dataset, int]:
-    """Prompt + target + EOS as ``input_ids``; ``labels`` are -100 on the prompt.
+    """Prompt + target + EOS as ``input_ids``; ``labels`` are -100 on the prompt. Chat rows (a
+    ``messages`` column) are whole conversations with labels on the assistant turns
+    (:func:`chat.encode_conversation`), cut at ``max_seq_length``.
 
     An example longer than ``max_seq_length`` keeps the end of its prompt (at least half the budget,
     more where the target is short) and as much of its target as then fits. Examples left with no
@@ -77,6 +82,18 @@ def tokenize_examples(
         ``target``, number of truncated examples).
     """
     bos_token_id = getattr(tokenizer, "bos_token_id", None)
+    is_chat = "messages" in examples.column_names
+    if is_chat:
+        chat.require_chat_template(tokenizer)
+
+    def encode_chat(batch: dict) -> dict:
+        input_ids, labels, truncated = [], [], []
+        for messages in batch["messages"]:
+            ids, row_labels = chat.encode_conversation(tokenizer, json.loads(messages))
+            truncated.append(len(ids) > max_seq_length)
+            input_ids.append(ids[:max_seq_length])
+            labels.append(row_labels[:max_seq_length])
+        return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
 
     def encode(batch: dict) -> dict:
         prompts = tokenizer(batch["prompt"], add_special_tokens=True)["input_ids"]
@@ -98,7 +115,11 @@ def tokenize_examples(
 
     # In memory: several ranks map the same data at once, and the result is small.
     tokenized = examples.map(
-        encode, batched=True, remove_columns=["prompt", "target"], keep_in_memory=True, desc="tokenize"
+        encode_chat if is_chat else encode,
+        batched=True,
+        remove_columns=["prompt", "target", *(["messages"] if is_chat else [])],
+        keep_in_memory=True,
+        desc="tokenize",
     )
     num_truncated = int(sum(tokenized["truncated"]))
     tokenized = tokenized.filter(

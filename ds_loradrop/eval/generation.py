@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ds_loradrop.data import chat
 from ds_loradrop.data.batching import clip_prompt
 from ds_loradrop.data.tasks import EvalExample
 from ds_loradrop.training.distributed import all_gather_object, all_reduce_sum, get_world_size_and_rank
@@ -42,6 +43,18 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> lis
     """Token ids of each prompt, over-long ones clipped as in training (:func:`data.clip_prompt`)."""
     ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     bos_token_id = getattr(tokenizer, "bos_token_id", None)
+    return [clip_prompt(row, max_prompt_tokens, bos_token_id) for row in ids]
+
+
+def encode_examples(tokenizer, examples: list[EvalExample], max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of each example's prompt; a chat example is its conversation rendered with the chat
+    template (which writes its own special tokens), clipped the same way."""
+    if not any(example.messages is not None for example in examples):
+        return encode_prompts(tokenizer, [example.prompt for example in examples], max_prompt_tokens)
+    chat.require_chat_template(tokenizer)
+    bos_token_id = getattr(tokenizer, "bos_token_id", None)
+    texts = [chat.render_generation_prompt(tokenizer, example.messages) for example in examples]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [clip_prompt(row, max_prompt_tokens, bos_token_id) for row in ids]
 
 
@@ -80,7 +93,7 @@ def generate_predictions(
 ) -> GenerationResult:
     """Generate for every example on all ranks; every rank returns all predictions in input order."""
     world_size, rank = get_world_size_and_rank()
-    prompt_ids = encode_prompts(tokenizer, [ex.prompt for ex in examples], max_prompt_tokens)
+    prompt_ids = encode_examples(tokenizer, examples, max_prompt_tokens)
     pad_token_id = tokenizer.pad_token_id
     was_training = model.training
     model.eval()

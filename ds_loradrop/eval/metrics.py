@@ -6,6 +6,7 @@ compute nodes.)
 - BLEU: sacrebleu corpus BLEU (13a tokenisation), all references of an input used together; inputs may
   have different numbers of references (missing ones are passed as ``None``, which sacrebleu skips).
 - ROUGE-L: rouge-score F-measure with the Porter stemmer, best reference per example, averaged, x100.
+- Exact match (``--task custom --eval_metric exact_match``): SQuAD's normalisation, any reference.
 - GSM8K accuracy: the number after ``####`` in the generation if present, else its last number; commas
   removed; compared numerically with the gold answer.
 """
@@ -13,10 +14,12 @@ compute nodes.)
 from __future__ import annotations
 
 import re
+import string
 
 import sacrebleu
 from rouge_score import rouge_scorer
 
+_PUNCTUATION = set(string.punctuation)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
@@ -70,7 +73,22 @@ def gsm8k_accuracy(predictions: list[str], references: list[list[str]]) -> float
     return 100.0 * correct / len(predictions) if predictions else 0.0
 
 
-METRICS = {"bleu": corpus_bleu, "rouge_l": rouge_l, "accuracy": gsm8k_accuracy}
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(word for word in text.split() if word not in ("a", "an", "the"))
+
+
+def exact_match(predictions: list[str], references: list[list[str]]) -> float:
+    """Share (x100) of generations equal to one of their references after :func:`normalize_answer`."""
+    correct = sum(
+        normalize_answer(pred) in {normalize_answer(ref) for ref in refs}
+        for pred, refs in zip(predictions, references)
+    )
+    return 100.0 * correct / len(predictions) if predictions else 0.0
+
+
+METRICS = {"bleu": corpus_bleu, "rouge_l": rouge_l, "accuracy": gsm8k_accuracy, "exact_match": exact_match}
 
 
 def compute_metrics(

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from ds_loradrop.config import RunConfig
-from ds_loradrop.data.tasks import EvalExample, Task, get_task
+from ds_loradrop.data.tasks import EvalExample, Task
 from ds_loradrop.errors import UsageError
 from ds_loradrop.method.placement import inject_lora
 from ds_loradrop.models.loading import build_on_meta, load_model_config
@@ -39,7 +39,7 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
     Raises:
         UsageError: naming the first problem found.
     """
-    task = get_task(cfg.data.task)
+    task = cfg.data.build_task()
     data_dir = cfg.data.resolved_data_dir()
     task.split_path(data_dir, cfg.data.train_split)
     raw_ds_config = load_ds_config(cfg.train.ds_config)

@@ -1,4 +1,5 @@
-"""Command line of the entry points: dataclass fields become flags (transformers.HfArgumentParser)."""
+"""Command line of the entry points: dataclass fields become flags (transformers.HfArgumentParser),
+``--config FILE`` (YAML or JSON, sectioned like RunConfig) supplies their defaults."""
 
 from __future__ import annotations
 
@@ -9,16 +10,41 @@ from collections.abc import Callable
 from transformers import HfArgumentParser
 
 from ds_loradrop.config import CONFIG_SECTIONS, EvalConfig, RunConfig
+from ds_loradrop.config.files import flag_defaults, read_config_file
 from ds_loradrop.errors import Terminated, TrainingDiverged, UsageError
 
 
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
-    """Parse flags into a RunConfig; accepts (and ignores) the ``--local_rank`` DeepSpeed appends."""
+    """Parse ``--config FILE`` and flags (flags win) into a RunConfig; accepts (and ignores) the
+    ``--local_rank`` DeepSpeed appends."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(CONFIG_SECTIONS, description="LoRA-drop fine-tuning on DeepSpeed.")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="A YAML or JSON file sectioned like the settings (model:, data:, lora:, drop:, train:, eval:, "
+        "tracking:), e.g. recipes/e2e_loradrop.yaml or a finished run's run_config.json; flags override it.",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher; unused.")
+    config_file = config_file_of(argv)
+    if config_file is not None:
+        names = {field.name: field.default_factory for field in dataclasses.fields(RunConfig)}
+        parser.set_defaults(**flag_defaults(read_config_file(config_file), names, config_file))
     *sections, _launcher_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     names = [section.name for section in dataclasses.fields(RunConfig)]  # in CONFIG_SECTIONS' order
     return RunConfig(**dict(zip(names, sections)))
+
+
+def config_file_of(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config F`` or ``--config=F``), if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise UsageError("--config needs a file name")
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def parse_eval_config(argv: list[str] | None = None):

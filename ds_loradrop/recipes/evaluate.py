@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass, field
 
 from ds_loradrop.config import DataConfig, EvalConfig, TrainConfig
-from ds_loradrop.data.tasks import get_task
 from ds_loradrop.errors import UsageError
 from ds_loradrop.eval.evaluation import METRICS_NAME, PREDICTIONS_NAME, evaluate
 from ds_loradrop.eval.generation import prompt_token_budget
@@ -22,7 +21,22 @@ logger = get_logger()
 
 @dataclass
 class OfflineEvalConfig:
-    task: str = field(default="e2e", metadata={"help": "Task name: e2e, dart, dialogsum or gsm8k."})
+    task: str = field(
+        default="e2e", metadata={"help": "Task name: e2e, dart, dialogsum, gsm8k or custom (with --dataset)."}
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "--task custom: the data file or hub id whose --split train is evaluated."},
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "--task custom: the data of --split validation / test."}
+    )
+    dataset_format: str = field(
+        default="auto", metadata={"help": "--task custom: prompt_completion, alpaca, messages or auto."}
+    )
+    eval_metric: str = field(
+        default="bleu_rouge", metadata={"help": "--task custom: bleu_rouge or exact_match."}
+    )
     data_dir: str | None = field(
         default=None,
         metadata={"help": "The task's published files (default: $DS_LORADROP_DATA_ROOT/<task>)."},
@@ -43,13 +57,19 @@ class OfflineEvalConfig:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
 
+    def data_config(self) -> DataConfig:
+        custom = {
+            name: getattr(self, name) for name in ("dataset", "eval_dataset", "dataset_format", "eval_metric")
+        }
+        return DataConfig(task=self.task, data_dir=self.data_dir, **custom)
+
     def resolved_data_dir(self) -> str:
-        return DataConfig(task=self.task, data_dir=self.data_dir).resolved_data_dir()
+        return self.data_config().resolved_data_dir()
 
 
 def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
     """Load base model (+ adapter), build an inference engine, generate, score, write. Returns metrics."""
-    task = get_task(cfg.task)
+    task = cfg.data_config().build_task()
     data_dir = cfg.resolved_data_dir()
     examples = task.load_eval(data_dir, cfg.split, eval_cfg.max_eval_samples)
     adapter_config = read_adapter_config(cfg.adapter) if cfg.adapter else None

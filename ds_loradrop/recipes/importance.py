@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from ds_loradrop.config import RunConfig
 from ds_loradrop.data.batching import stratified_sample, tokenize_examples
-from ds_loradrop.data.tasks import get_task
 from ds_loradrop.errors import UsageError
 from ds_loradrop.method.adapter_files import (
     CONFIG_NAME,
@@ -136,7 +135,7 @@ def stage1_sample(cfg: RunConfig, tokenizer) -> list[dict]:
     """The rows stage 1 of a run with ``cfg`` trains on and measures importance over."""
     from ds_loradrop.recipes.checks import load_training_examples
 
-    task = get_task(cfg.data.task)
+    task = cfg.data.build_task()
     examples = load_training_examples(cfg, task)
     tokenized, _ = tokenize_examples(examples, tokenizer, cfg.data.max_seq_length)
     return stratified_sample(tokenized.to_list(), cfg.drop.sample_ratio, cfg.train.seed)
@@ -153,7 +152,7 @@ def adapter_importance(
     model_path = resolve_model_path(
         model_name,
         cfg.model.model_cache_dir,
-        lambda rows: get_task(cfg.data.task).training_text(
+        lambda rows: cfg.data.build_task().training_text(
             cfg.data.resolved_data_dir(), rows, cfg.data.train_split
         ),
     )

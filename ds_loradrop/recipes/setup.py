@@ -17,7 +17,7 @@ import torch
 
 from ds_loradrop.config import RunConfig
 from ds_loradrop.data.batching import tokenize_examples
-from ds_loradrop.data.tasks import EvalExample, Task, get_task
+from ds_loradrop.data.tasks import EvalExample, Task
 from ds_loradrop.errors import UsageError
 from ds_loradrop.eval.generation import prompt_token_budget
 from ds_loradrop.models.loading import load_model_config, load_tokenizer, resolve_model_path
@@ -129,7 +129,7 @@ def setup(cfg: RunConfig) -> RunContext:
         raise RuntimeError(f"world size changed from {inputs.batch.world_size} to {world_size} at start-up")
     if cfg.train.overwrite_output_dir and cfg.train.resume is None:
         clear_previous_run(cfg.train.output_dir)
-    task = get_task(cfg.data.task)
+    task = cfg.data.build_task()
     model_path, tokenizer, rows, num_truncated = prepare_data(cfg, inputs, task)
     resume = resolve_resume_point(cfg)
     log = ExperimentLog.start(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ds_loradrop.errors import UsageError
 from ds_loradrop.tracking.plots import plot_importance_profiles, plot_metric_vs_parameters
 
-EVAL_METRICS = ("bleu", "rouge_l", "accuracy")
+EVAL_METRICS = ("bleu", "rouge_l", "accuracy", "exact_match")
 # Parameters that do not change what a run learns: runs differing only in these (and the seed) are
 # repetitions of one configuration.
 NOT_CONFIGURATION = (

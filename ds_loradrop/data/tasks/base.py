@@ -25,6 +25,9 @@ class EvalExample:
     id: str
     prompt: str
     references: list[str]
+    # A chat input: the conversation so far, rendered with the tokenizer's chat template at generation
+    # (``prompt`` then only identifies it).
+    messages: list[dict] | None = None
 
 
 class Task(ABC):
