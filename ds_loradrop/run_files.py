@@ -7,6 +7,7 @@ in one place. Pure names and joins; the bottom layer with ``errors``.
     sparse_masks.safetensors SNIP's masks (sparse_lora)
     stage1_adapter/          the stage-1 LoRA (loradrop)
     adapter/                 the final adapter (adapter_model.safetensors, adapter_config.json, plan.json)
+    best_adapter/            the best adapter by --save_best_by, with best.json
     model/                   the fine-tuned model (full)
     eval/                    predictions.jsonl, predictions_sample.jsonl, metrics.json; base/, step-N/
     checkpoints/             complete DeepSpeed checkpoints (see training/checkpoint.py)
@@ -25,6 +26,7 @@ PLAN_NAME = "plan.json"
 MASKS_NAME = "sparse_masks.safetensors"
 STAGE1_ADAPTER_DIR = "stage1_adapter"
 FINAL_ADAPTER_DIR = "adapter"
+BEST_ADAPTER_DIR = "best_adapter"
 FULL_MODEL_DIR = "model"
 EVAL_DIR = "eval"
 BASE_EVAL_DIR = os.path.join(EVAL_DIR, "base")
@@ -39,6 +41,7 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 PREDICTIONS_SAMPLE_NAME = "predictions_sample.jsonl"
 METRICS_NAME = "metrics.json"
+BEST_RECORD = "best.json"  # in best_adapter/: the metric, its value and the step
 
 # What --overwrite_output_dir removes and what makes a directory "hold a run".
 RUN_FILES = (
@@ -46,6 +49,7 @@ RUN_FILES = (
     SUMMARY_NAME,
     PLAN_NAME,
     FINAL_ADAPTER_DIR,
+    BEST_ADAPTER_DIR,
     STAGE1_ADAPTER_DIR,
     FULL_MODEL_DIR,
     EVAL_DIR,

@@ -106,6 +106,13 @@ class DataConfig:
         },
     )
 
+    cache_tokenized: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the tokenised rows on disk (beside the model presets, keyed by the rows, the "
+            "tokenizer and the length) so that later runs on the same data skip tokenisation."
+        },
+    )
     # --task custom: your own data (ds_loradrop/data/tasks/custom.py).
     dataset: str | None = field(
         default=None,

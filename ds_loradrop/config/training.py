@@ -87,7 +87,26 @@ class TrainConfig:
         },
     )
     eval_steps: int | None = field(
-        default=None, metadata={"help": "Also evaluate every N optimizer steps of the final stage."}
+        default=None,
+        metadata={
+            "help": "Every N optimizer steps: the validation loss (every stage; also at each stage's end) "
+            "and, in the final stage, the evaluation by generation (see --generate_at_eval_steps)."
+        },
+    )
+    generate_at_eval_steps: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate by generation at every --eval_steps of the final stage (false: only the "
+            "validation loss there; generation still runs once after training)."
+        },
+    )
+    save_best_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the final stage's best adapter in <output_dir>/best_adapter (with best.json) by "
+            "this metric, measured at every --eval_steps and at the end: val_loss (lower is better) or a "
+            "generation metric of the task (bleu, rouge_l, accuracy, exact_match; higher is better)."
+        },
     )
     eval_base_model: bool = field(
         default=True,
@@ -159,12 +178,23 @@ class EvalConfig:
         },
     )
     num_beams: int = field(default=1, metadata={"help": "1 = greedy decoding; more = beam search."})
+    val_loss_samples: int = field(
+        default=200,
+        metadata={
+            "help": "Rows (input + reference) of the evaluated inputs scored for the validation loss at "
+            "every --eval_steps and at the end of each stage; 0 = no validation loss."
+        },
+    )
     max_new_tokens: int | None = field(
         default=None,
         metadata={"help": "Tokens to generate (default: the task's: 64 E2E/DART, 96 DialogSum, 256 GSM8K)."},
     )
 
     def __post_init__(self) -> None:
+        if self.val_loss_samples < 0:
+            raise UsageError(
+                f"--val_loss_samples must be >= 0 (0 = no validation loss), got {self.val_loss_samples}"
+            )
         if self.max_eval_samples is not None and self.max_eval_samples < 0:
             raise UsageError(f"--max_eval_samples must be >= 0 (0 = all inputs), got {self.max_eval_samples}")
         if self.max_eval_samples == 0:

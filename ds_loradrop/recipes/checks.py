@@ -31,6 +31,7 @@ class CheckedInputs:
     examples: object  # datasets.Dataset with prompt, target, stratum
     eval_split: str
     eval_examples: list[EvalExample]
+    val_examples: object  # datasets.Dataset (prompt, target, stratum) scored for the validation loss, or None
 
 
 def check_inputs(cfg: RunConfig) -> CheckedInputs:
@@ -91,6 +92,7 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
                 f"choose another --output_dir, continue it with --resume auto, or pass --overwrite_output_dir"
             )
     eval_split, eval_examples = load_eval_examples(cfg, task)
+    check_save_best_by(cfg, task)
     examples = load_training_examples(cfg, task, eval_examples)
     # Data smaller than one global batch is refused now, not after files are written.
     batch.steps(examples.num_rows, cfg.train.num_train_epochs, cfg.train.max_steps)
@@ -103,6 +105,7 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
         examples=examples,
         eval_split=eval_split,
         eval_examples=eval_examples,
+        val_examples=load_validation_examples(cfg, task, eval_split, eval_examples),
     )
 
 
@@ -158,8 +161,36 @@ def load_training_examples(cfg: RunConfig, task: Task, eval_examples: list[EvalE
     )
 
 
-# What a resumed run may not change: the model, the data, the adapters and the LoRA-drop decisions.
-RESUME_FIXED_SECTIONS = ("model", "data", "lora", "drop")
+def load_validation_examples(cfg: RunConfig, task: Task, eval_split: str, eval_examples: list[EvalExample]):
+    """The first ``--val_loss_samples`` rows (input + reference) of the evaluated inputs, which are never
+    trained on; None when the validation loss is off."""
+    if cfg.eval.val_loss_samples == 0:
+        return None
+    evaluated = {example.prompt for example in eval_examples}
+    rows = task.load_train(cfg.data.resolved_data_dir(), None, eval_split)
+    rows = rows.filter(lambda row: row["prompt"] in evaluated, keep_in_memory=True)
+    return rows.select(range(min(cfg.eval.val_loss_samples, len(rows))))
+
+
+def check_save_best_by(cfg: RunConfig, task: Task) -> None:
+    metric = cfg.train.save_best_by
+    if metric is None:
+        return
+    if cfg.drop.method == "full":
+        raise UsageError("--save_best_by keeps the best adapter; --method full trains no adapter")
+    if metric == "val_loss":
+        if cfg.eval.val_loss_samples == 0:
+            raise UsageError("--save_best_by val_loss needs the validation loss: --val_loss_samples > 0")
+    elif metric not in task.metrics:
+        raise UsageError(
+            f"--save_best_by {metric!r}: expected val_loss or one of task {task.name!r}'s metrics "
+            f"{list(task.metrics)}"
+        )
+    elif cfg.train.eval_steps is not None and not cfg.train.generate_at_eval_steps:
+        raise UsageError(
+            f"--save_best_by {metric} is measured by generation, which --generate_at_eval_steps false "
+            "turns off at --eval_steps"
+        )
 
 
 # What a resumed run may not change: the model, the data, the adapters and the LoRA-drop decisions.

@@ -16,12 +16,17 @@ from dataclasses import dataclass
 import torch
 
 from ds_loradrop.config import RunConfig
-from ds_loradrop.data.batching import tokenize_examples
 from ds_loradrop.data.tasks import EvalExample, Task
 from ds_loradrop.errors import UsageError
 from ds_loradrop.eval.generation import prompt_token_budget
-from ds_loradrop.models.loading import load_model_config, load_tokenizer, resolve_model_path
+from ds_loradrop.models.loading import (
+    default_cache_dir,
+    load_model_config,
+    load_tokenizer,
+    resolve_model_path,
+)
 from ds_loradrop.recipes.checks import CheckedInputs, check_inputs
+from ds_loradrop.recipes.tokenized_data import tokenize_with_cache
 from ds_loradrop.run_files import (
     DS_CONFIG_NAME,
     MASKS_NAME,
@@ -102,6 +107,7 @@ class RunContext:
     model_path: str
     tokenizer: object  # a transformers tokenizer with a pad token
     rows: list[dict]  # tokenised training examples: input_ids, attention_mask, labels, stratum
+    val_rows: list[dict]  # tokenised held-out rows for the validation loss (empty: none)
     num_truncated: int
     task: Task
     eval_split: str
@@ -130,14 +136,14 @@ def setup(cfg: RunConfig) -> RunContext:
     if cfg.train.overwrite_output_dir and cfg.train.resume is None:
         clear_previous_run(cfg.train.output_dir)
     task = cfg.data.build_task()
-    model_path, tokenizer, rows, num_truncated = prepare_data(cfg, inputs, task)
+    data = prepare_data(cfg, inputs, task)
     resume = resolve_resume_point(cfg)
     log = ExperimentLog.start(
         cfg,
         inputs.ds_config,
         world_size=world_size,
         num_nodes=get_num_nodes(),
-        model_path=model_path,
+        model_path=data.model_path,
         resume=resume.requested,
     )
     ctx = RunContext(
@@ -145,15 +151,16 @@ def setup(cfg: RunConfig) -> RunContext:
         ds_config=inputs.ds_config,
         batch=inputs.batch,
         device=ds_engine.local_device(),
-        model_path=model_path,
-        tokenizer=tokenizer,
-        rows=rows,
-        num_truncated=num_truncated,
+        model_path=data.model_path,
+        tokenizer=data.tokenizer,
+        rows=data.rows,
+        val_rows=data.val_rows,
+        num_truncated=data.num_truncated,
         task=task,
         eval_split=inputs.eval_split,
         eval_examples=inputs.eval_examples,
         max_prompt_tokens=prompt_token_budget(
-            load_model_config(model_path, cfg.model.trust_remote_code),
+            load_model_config(data.model_path, cfg.model.trust_remote_code),
             cfg.eval.max_new_tokens or task.max_new_tokens,
         ),
         resume=resume,
@@ -162,8 +169,17 @@ def setup(cfg: RunConfig) -> RunContext:
     return ctx
 
 
-def prepare_data(cfg: RunConfig, inputs: CheckedInputs, task: Task) -> tuple[str, object, list[dict], int]:
-    """(model path, tokenizer, tokenised training rows, how many were truncated)."""
+@dataclass(frozen=True)
+class PreparedData:
+    model_path: str
+    tokenizer: object
+    rows: list[dict]
+    num_truncated: int
+    val_rows: list[dict]
+
+
+def prepare_data(cfg: RunConfig, inputs: CheckedInputs, task: Task) -> PreparedData:
+    """The model files (a preset built), its tokenizer, and the tokenised training and validation rows."""
     data_dir = cfg.data.resolved_data_dir()
     model_path = resolve_model_path(
         cfg.model.model,
@@ -172,15 +188,23 @@ def prepare_data(cfg: RunConfig, inputs: CheckedInputs, task: Task) -> tuple[str
     )
     logger.info(f"model: {model_path}")
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    tokenized, num_truncated = tokenize_examples(inputs.examples, tokenizer, cfg.data.max_seq_length)
-    if len(tokenized) == 0:
+    cache_root = (cfg.model.model_cache_dir or default_cache_dir()) if cfg.data.cache_tokenized else None
+    rows, num_truncated = tokenize_with_cache(
+        inputs.examples, tokenizer, cfg.data.max_seq_length, cache_root=cache_root, what="training data"
+    )
+    val_rows = []
+    if inputs.val_examples is not None:
+        val_rows, _ = tokenize_with_cache(
+            inputs.val_examples, tokenizer, cfg.data.max_seq_length, cache_root=cache_root, what="validation"
+        )
+    if len(rows) == 0:
         raise UsageError("no training example has a target token left after tokenisation")
     if num_truncated:
         logger.info(
             f"{num_truncated} of {len(inputs.examples)} examples truncated to "
             f"{cfg.data.max_seq_length} tokens"
         )
-    return model_path, tokenizer, tokenized.to_list(), num_truncated
+    return PreparedData(model_path, tokenizer, rows, num_truncated, val_rows)
 
 
 def clear_previous_run(output_dir: str) -> None:

@@ -22,6 +22,7 @@ from ds_loradrop.training.checkpoint import TrainerState, load_checkpoint, save_
 from ds_loradrop.training.distributed import get_logger
 from ds_loradrop.training.ds_config import zero_stage
 from ds_loradrop.training.loop import train_stage
+from ds_loradrop.training.validation import validation_loss
 
 logger = get_logger()
 
@@ -67,11 +68,15 @@ def train_model(
     evaluate_every: int | None = None,
     evaluate_base: bool = False,
     before_forward: Callable[[int, dict], None] | None = None,
+    on_evaluation: Callable[[int, dict], None] | None = None,
 ):
     """Train ``built`` for ``num_steps`` on a new engine, from the resume point when it is of this stage.
 
     Checkpoints every ``--save_steps`` and at the end (and on SIGTERM); evaluates the model before its
-    first step when ``evaluate_base`` and every ``evaluate_every`` steps. Returns (engine, StageResult).
+    first step when ``evaluate_base`` and by generation every ``evaluate_every`` steps; measures the
+    validation loss every ``--eval_steps`` and at the end. ``on_evaluation(step, metrics)`` receives
+    what each evaluation during training measured (``val_loss`` and the generation metrics). Returns
+    (engine, StageResult).
     """
     train = ctx.cfg.train
     engine = ds_engine.build_engine(
@@ -110,8 +115,15 @@ def train_model(
         logger.info(f"{name}: checkpoint {path}")
 
     def after_step(step: int) -> None:
+        measured = {}
+        if train.eval_steps and step % train.eval_steps == 0 and step < num_steps:
+            measured["val_loss"] = measure_validation_loss(ctx, engine, name, step)
         if evaluate_every and step % evaluate_every == 0 and step < num_steps:
-            evaluate_run(ctx, engine, os.path.join(ctx.output_dir, step_eval_dir(step)), step)
+            measured.update(
+                evaluate_run(ctx, engine, os.path.join(ctx.output_dir, step_eval_dir(step)), step)
+            )
+        if on_evaluation is not None and measured:
+            on_evaluation(step, measured)
         if train.save_steps and (step % train.save_steps == 0 or step == num_steps):
             save(step)
 
@@ -137,7 +149,24 @@ def train_model(
         log_metrics=lambda metrics, step: ctx.log.stage_metrics(name, metrics, step),
         start_step=start_step,
     )
+    result.val_loss = measure_validation_loss(ctx, engine, name, result.num_steps)
     return engine, result
+
+
+def measure_validation_loss(ctx: RunContext, engine, name: str, step: int) -> float | None:
+    """The validation loss of the held-out rows (None without them), logged as ``<stage>/val_loss``."""
+    if not ctx.val_rows:
+        return None
+    loss = validation_loss(
+        engine,
+        ctx.val_rows,
+        batch_size=ctx.batch.micro_batch_size,
+        pad_token_id=ctx.tokenizer.pad_token_id,
+        device=ctx.device,
+    )
+    logger.info(f"{name} step {step}: validation loss {loss:.4f} ({len(ctx.val_rows)} held-out rows)")
+    ctx.log.stage_metrics(name, {"val_loss": loss}, step)
+    return loss
 
 
 def evaluate_on(ctx: RunContext, engine, output_dir: str, label: str = "eval") -> dict:

@@ -23,6 +23,7 @@ from ds_loradrop.method.adapter_files import save_adapters
 from ds_loradrop.method.lora import AdapterLayout
 from ds_loradrop.method.methods import adapter_settings, final_adapters
 from ds_loradrop.method.placement import count_full_lora_parameters, count_trainable_parameters
+from ds_loradrop.recipes.best_adapter import BestAdapter
 from ds_loradrop.recipes.preparation import Preparation, prepare_method
 from ds_loradrop.recipes.setup import RunContext, setup, write_json, write_resolved_configs
 from ds_loradrop.recipes.stages import build_model, evaluate_run, read_base_evaluation, train_model
@@ -81,6 +82,12 @@ def train_final(ctx: RunContext, preparation: Preparation) -> FinalStage:
     )
     # The first stage evaluates the base model: stage 2 when LoRA-drop had no stage 1 in this run's design.
     evaluate_base = cfg.train.eval_base_model and (cfg.drop.method != "loradrop" or cfg.drop.plan is not None)
+    save_settings = {"settings": adapter_settings(cfg), "base_model": ctx.model_path, "plan": plan}
+    best = (
+        BestAdapter(cfg.train.save_best_by, ctx.output_dir, built.layout, save_settings)
+        if cfg.train.save_best_by
+        else None
+    )
     engine, result = train_model(
         ctx,
         built,
@@ -88,20 +95,17 @@ def train_final(ctx: RunContext, preparation: Preparation) -> FinalStage:
         name=name,
         num_steps=num_steps,
         seed=cfg.train.seed + 1,
-        evaluate_every=cfg.train.eval_steps,
+        evaluate_every=cfg.train.eval_steps if cfg.train.generate_at_eval_steps else None,
         evaluate_base=evaluate_base,
+        on_evaluation=None if best is None else best.consider,
     )
     result.eval_metrics = evaluate_run(ctx, engine, os.path.join(ctx.output_dir, EVAL_DIR), result.num_steps)
+    if best is not None:
+        best.consider(result.num_steps, {**result.eval_metrics, "val_loss": result.val_loss})
     if cfg.drop.method == "full":
         save_full_model(ctx, engine, built.model, os.path.join(ctx.output_dir, FULL_MODEL_DIR))
     else:
-        save_adapters(
-            built.layout,
-            os.path.join(ctx.output_dir, FINAL_ADAPTER_DIR),
-            settings=adapter_settings(cfg),
-            base_model=ctx.model_path,
-            plan=plan,
-        )
+        save_adapters(built.layout, os.path.join(ctx.output_dir, FINAL_ADAPTER_DIR), **save_settings)
     trainable = count_trainable_parameters(built.model)
     ds_engine.destroy_engine(engine)
     return FinalStage(built.layout, trainable, result)
@@ -133,6 +137,7 @@ def finish(ctx: RunContext, preparation: Preparation, final: FinalStage, start: 
                 "name": s.name,
                 "num_steps": s.num_steps,
                 "final_loss": s.final_loss,
+                "val_loss": s.val_loss,
                 "seconds": s.seconds,
                 "num_target_tokens": s.num_target_tokens,
             }

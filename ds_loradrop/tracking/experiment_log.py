@@ -100,7 +100,9 @@ class ExperimentLog:
         return cls(tracker)
 
     def stage_metrics(self, stage: str, metrics: dict[str, float], step: int) -> None:
-        self.curves.setdefault(stage, []).append((step, metrics["loss"]))
+        for name, curve in (("loss", stage), ("val_loss", f"{stage} validation")):
+            if name in metrics:
+                self.curves.setdefault(curve, []).append((step, metrics[name]))
         self.tracker.log_metrics({f"{stage}/{name}": value for name, value in metrics.items()}, step)
 
     def plan(self, plan: Plan, output_dir: str) -> None:

@@ -69,12 +69,13 @@ def plot_importance(plan: Plan, path: str, title: str = "") -> None:
 
 
 def plot_losses(curves: dict[str, list[tuple[int, float]]], path: str) -> None:
-    """Training loss against the optimizer step, one line per stage."""
+    """Training loss against the optimizer step, one line per stage; validation curves (named
+    ``<stage> validation``) with markers."""
     figure, axis = plt.subplots(figsize=(6, 3.6))
     for name, points in curves.items():
         if points:
             steps, losses = zip(*points)
-            axis.plot(steps, losses, label=name)
+            axis.plot(steps, losses, label=name, marker="o" if name.endswith("validation") else None)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (mean over target tokens)")
     axis.legend()

@@ -43,6 +43,7 @@ class StageResult:
     seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_metrics: dict = field(default_factory=dict)
+    val_loss: float | None = None  # on held-out rows at the stage's end
 
     @property
     def final_loss(self) -> float:

@@ -1,0 +1,45 @@
+"""Tokenised rows for a run, through the on-disk cache: rank 0 tokenises once (or finds the rows cached by
+an earlier run) and tells the other ranks where they are; a rank that cannot see that directory (a
+node-local cache on another node) tokenises for itself."""
+
+from __future__ import annotations
+
+from ds_loradrop.data.batching import tokenize_examples
+from ds_loradrop.data.token_cache import cache_key, cache_path, load_cached, save_cached
+from ds_loradrop.training.distributed import broadcast_object, get_logger, is_rank_zero
+
+logger = get_logger()
+
+
+def tokenize_with_cache(
+    examples, tokenizer, max_seq_length: int, *, cache_root: str | None, what: str
+) -> tuple[list[dict], int]:
+    """(rows with input_ids / labels / the examples' other columns, number truncated). Call on every
+    rank; ``cache_root`` None tokenises without the cache."""
+    if cache_root is None:
+        tokenized, num_truncated = tokenize_examples(examples, tokenizer, max_seq_length)
+        return tokenized.to_list(), num_truncated
+    path, failure = None, None
+    if is_rank_zero():
+        try:
+            path = cache_path(cache_root, cache_key(examples, tokenizer, max_seq_length))
+            if load_cached(path) is not None:
+                logger.info(
+                    f"{what}: {len(examples)} rows' tokens loaded from the cache {path} (no tokenisation)"
+                )
+            else:
+                tokenized, num_truncated = tokenize_examples(examples, tokenizer, max_seq_length)
+                save_cached(path, tokenized, num_truncated)
+                logger.info(f"{what}: {len(examples)} rows tokenised; cached in {path}")
+        except Exception as error:
+            broadcast_object((None, f"{type(error).__name__}: {error}"))  # release the waiting ranks
+            raise
+    path, failure = broadcast_object((path, failure))
+    if failure is not None:
+        raise RuntimeError(f"rank 0 could not tokenise the {what} rows: {failure}")
+    cached = load_cached(path)
+    if cached is None:  # not visible from this rank's node
+        tokenized, num_truncated = tokenize_examples(examples, tokenizer, max_seq_length)
+        return tokenized.to_list(), num_truncated
+    tokenized, num_truncated = cached
+    return tokenized.to_list(), num_truncated
