@@ -246,3 +246,82 @@ def test_peft_and_merged_exports_give_the_trained_models_logits(smollm2_run, tmp
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_chat_jsonl_with_the_instruct_model_trains_evaluates_and_exports(smollm2_cache, tmp_path, e2e_dir):
+    """--task custom on a JSONL file of chat messages (written here from E2E dev rows): LoRA-drop with the
+    chat template, evaluation of held-out conversations, the same predictions from launch/evaluate.py,
+    and a PEFT export."""
+    import csv
+    import sys
+
+    from launching import EVALUATE, TRAIN
+
+    cache, _ = smollm2_cache
+    with open(os.path.join(e2e_dir, "devset.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))[:60]
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w") as handle:
+        for row in rows:
+            messages = [
+                {"role": "user", "content": f"Describe the restaurant: {row['mr']}"},
+                {"role": "assistant", "content": row["ref"]},
+            ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    env = job_env(tmp_path)
+    out = tmp_path / "run"
+    common = [
+        "--model",
+        "smollm2-135m",
+        "--model_cache_dir",
+        cache,
+        "--task",
+        "custom",
+        "--dataset",
+        str(data),
+    ]
+    launch(
+        [
+            sys.executable, TRAIN, *common, "--max_train_samples", "0", "--sample_ratio", "0.5",
+            "--per_device_train_batch_size", "4", "--stage1_max_steps", "2", "--max_steps", "2",
+            "--max_eval_samples", "4", "--max_new_tokens", "16", "--no_eval_base_model",
+            "--ds_config", write_ds_config(tmp_path / "zero2.json", 2), "--report_to", "none",
+            "--output_dir", str(out),
+        ],
+        env,
+    )  # fmt: skip
+    predictions = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and all(p["prediction"] for p in predictions)
+    assert "<|im_start|>" not in predictions[0]["prediction"]
+    metrics = _read_json(str(out / "eval" / "metrics.json"))
+    assert {"bleu", "rouge_l"} <= set(metrics)
+    run_config = _read_json(str(out / "run_config.json"))
+    held_out = list(dict.fromkeys(row["mr"] for row in rows))[:4]  # every reference of 4 inputs
+    trained = sum(row["mr"] not in held_out for row in rows)
+    assert run_config["data"]["dataset_format"] == "auto"
+    assert run_config["resolved"]["num_train_examples"] == trained < len(rows)
+
+    offline = tmp_path / "offline"
+    launch(
+        [
+            sys.executable, EVALUATE, *common, "--split", "train", "--adapter", str(out / "adapter"),
+            "--max_eval_samples", "4", "--max_new_tokens", "16", "--output_dir", str(offline),
+            "--ds_config", write_ds_config(tmp_path / "zero2.json", 2),
+        ],
+        env,
+    )  # fmt: skip
+    again = [json.loads(line) for line in (offline / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in again] == [p["prediction"] for p in predictions]
+
+    launch(
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(TRAIN), "export.py"),
+            "--run",
+            str(out),
+            "--format",
+            "peft",
+        ],
+        env,
+    )
+    assert os.path.isfile(out / "export-peft" / "adapter_model.safetensors")
