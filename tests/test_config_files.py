@@ -65,11 +65,12 @@ def test_each_recipe_parses_and_begins_with_the_command_that_runs_it(recipe):
     assert cfg.drop.method == "loradrop" and cfg.drop.threshold == 0.9
 
 
-def test_the_quick_start_recipe_is_the_default_run():
+def test_the_quick_start_recipe_is_the_default_run_under_zero2():
     recipe = os.path.join(REPO_ROOT, "recipes", "e2e_loradrop.yaml")
     from_recipe = parse_run_config(["--config", recipe]).to_dict()
-    default = parse_run_config([]).to_dict()
-    from_recipe["train"].pop("output_dir"), default["train"].pop("output_dir")
+    default = parse_run_config(["--ds_config", "ds_configs/zero2.json"]).to_dict()
+    assert from_recipe["train"].pop("output_dir") == "outputs/e2e_loradrop"
+    default["train"].pop("output_dir")
     assert from_recipe == default
 
 
