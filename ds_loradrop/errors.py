@@ -11,6 +11,11 @@ from __future__ import annotations
 import contextlib
 import signal
 
+# Exit statuses of the entry points (recipes/cli.py); a self-restarting job (recipes/restart.py) retries
+# none of these: they would fail the same way again.
+USAGE_EXIT_STATUS = 2
+DIVERGED_EXIT_STATUS = 3
+
 
 class UsageError(ValueError):
     """Bad input: a wrong flag value, a missing file, an invalid DeepSpeed JSON.

@@ -11,7 +11,13 @@ from transformers import HfArgumentParser
 
 from ds_loradrop.config import CONFIG_SECTIONS, EvalConfig, RunConfig
 from ds_loradrop.config.files import flag_defaults, read_config_file
-from ds_loradrop.errors import Terminated, TrainingDiverged, UsageError
+from ds_loradrop.errors import (
+    DIVERGED_EXIT_STATUS,
+    USAGE_EXIT_STATUS,
+    Terminated,
+    TrainingDiverged,
+    UsageError,
+)
 
 
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
@@ -66,10 +72,10 @@ def run_main(main: Callable[[], object]) -> None:
         main()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(USAGE_EXIT_STATUS)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        sys.exit(DIVERGED_EXIT_STATUS)
     except Terminated as stop:
         print(f"stopped: {stop}", file=sys.stderr, flush=True)
         sys.exit(128 + stop.signal_number)

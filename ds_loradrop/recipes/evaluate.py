@@ -104,7 +104,7 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
         attach_saved_adapters(layout, cfg.adapter)
     engine = ds_engine.build_inference_engine(lm, ds_config)
     max_prompt_tokens = prompt_token_budget(model_config, eval_cfg.max_new_tokens or task.max_new_tokens)
-    return evaluate(
+    metrics = evaluate(
         engine,
         tokenizer,
         task,
@@ -115,3 +115,6 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
         output_dir=cfg.output_dir,
         max_prompt_tokens=max_prompt_tokens,
     )
+    ds_engine.destroy_engine(engine)
+    ds_engine.shutdown_distributed()
+    return metrics

@@ -26,6 +26,7 @@ from ds_loradrop.models.loading import (
     resolve_model_path,
 )
 from ds_loradrop.recipes.checks import CheckedInputs, check_inputs
+from ds_loradrop.recipes.restart import restart_count
 from ds_loradrop.recipes.tokenized_data import tokenize_with_cache
 from ds_loradrop.run_files import (
     DS_CONFIG_NAME,
@@ -145,6 +146,7 @@ def setup(cfg: RunConfig) -> RunContext:
         num_nodes=get_num_nodes(),
         model_path=data.model_path,
         resume=resume.requested,
+        restarts=restart_count(),
     )
     ctx = RunContext(
         cfg=cfg,

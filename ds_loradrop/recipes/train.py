@@ -57,6 +57,7 @@ def run(cfg: RunConfig) -> RunSummary:
         ctx.log.end("FAILED")
         raise
     barrier()
+    ds_engine.shutdown_distributed()
     return summary
 
 

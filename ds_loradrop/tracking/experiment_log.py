@@ -57,8 +57,10 @@ class ExperimentLog:
         num_nodes: int,
         model_path: str,
         resume: bool = False,
+        restarts: int = 0,
     ) -> ExperimentLog:
-        """Start (or, when resuming, continue) the run's MLflow run and log its configuration."""
+        """Start (or, when resuming, continue) the run's MLflow run and log its configuration; ``restarts``:
+        how many times a self-restarting job has started again (tag and metric ``restarts``)."""
         tracking = cfg.tracking
         record = os.path.join(cfg.train.output_dir, TRACKING_RECORD)
         previous = None
@@ -95,8 +97,10 @@ class ExperimentLog:
                 "world_size": world_size,
                 "method": cfg.drop.method,
                 "task": cfg.data.task,
+                "restarts": restarts,
             }
         )
+        tracker.log_metrics({"restarts": restarts}, step=restarts)
         return cls(tracker)
 
     def stage_metrics(self, stage: str, metrics: dict[str, float], step: int) -> None:

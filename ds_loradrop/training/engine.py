@@ -132,6 +132,17 @@ def destroy_engine(engine) -> None:
     engine.destroy()
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group (DeepSpeed's references to it included) while the interpreter is fully
+    alive. Without it, gloo's C++ worker threads still hold work objects with tensors at interpreter
+    exit; destroying them during finalisation needs the GIL and aborts the process ("terminate called
+    without an active exception", SIGABRT), so a finished job could exit as failed. Call on every rank
+    after the last collective, on the success path only: after a failure a peer may still be inside a
+    collective, and tearing down then can hang (torchtitan does the same)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        deepspeed.comm.destroy_process_group()
+
+
 def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
