@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from ds_loradrop.config import SMOLLM2_135M, TINY_LLAMA
 from ds_loradrop.errors import UsageError
 from ds_loradrop.models import smollm2
+from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import broadcast_object, is_rank_zero
 
 PRESETS = (TINY_LLAMA, SMOLLM2_135M)
@@ -236,6 +237,14 @@ def load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool = Fals
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )
+
+
+def load_for_deepspeed(path: str, ds_config: dict, trust_remote_code: bool = False):
+    """(model, ZeRO-3 loading object): ``from_pretrained`` in the DeepSpeed config's dtype, loaded straight
+    into ZeRO-3 partitions under stage 3. Keep the second value referenced as long as the model lives
+    (transformers holds it only weakly); it is None below ZeRO-3."""
+    zero3_loading = ds_engine.zero3_weight_loading(ds_config)
+    return load_causal_lm(path, ds_engine.model_dtype(ds_config), trust_remote_code), zero3_loading
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

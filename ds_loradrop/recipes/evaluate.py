@@ -11,7 +11,12 @@ from ds_loradrop.eval.evaluation import METRICS_NAME, PREDICTIONS_NAME, evaluate
 from ds_loradrop.eval.generation import prompt_token_budget
 from ds_loradrop.method.adapter_files import attach_saved_adapters, read_adapter_config
 from ds_loradrop.method.placement import inject_lora
-from ds_loradrop.models.loading import load_causal_lm, load_model_config, load_tokenizer, resolve_model_path
+from ds_loradrop.models.loading import (
+    load_for_deepspeed,
+    load_model_config,
+    load_tokenizer,
+    resolve_model_path,
+)
 from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import get_logger, get_world_size_and_rank
 from ds_loradrop.training.ds_config import load_ds_config, resolve_ds_config
@@ -95,10 +100,7 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
         accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
     )
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    # Under ZeRO-3 this object must be alive while from_pretrained runs (weights load partitioned).
-    zero3_loading = ds_engine.zero3_weight_loading(ds_config)
-    lm = load_causal_lm(model_path, ds_engine.model_dtype(ds_config), cfg.trust_remote_code)
-    del zero3_loading
+    lm, zero3_loading = load_for_deepspeed(model_path, ds_config, cfg.trust_remote_code)
     if adapter_config is not None:
         layout = inject_lora(lm, list(adapter_config["layers"]))
         attach_saved_adapters(layout, cfg.adapter)
@@ -116,5 +118,6 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
         max_prompt_tokens=max_prompt_tokens,
     )
     ds_engine.destroy_engine(engine)
+    del zero3_loading  # referenced while the model lived (see load_for_deepspeed)
     ds_engine.shutdown_distributed()
     return metrics

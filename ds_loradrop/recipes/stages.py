@@ -14,7 +14,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from ds_loradrop.eval.evaluation import evaluate
 from ds_loradrop.method.lora import AdapterLayout
 from ds_loradrop.method.placement import count_trainable_parameters, freeze_all_but_adapters, inject_lora
-from ds_loradrop.models.loading import enable_activation_checkpointing, load_causal_lm
+from ds_loradrop.models.loading import enable_activation_checkpointing, load_for_deepspeed
 from ds_loradrop.recipes.setup import RunContext
 from ds_loradrop.run_files import BASE_EVAL_DIR, METRICS_NAME, step_eval_dir
 from ds_loradrop.training import engine as ds_engine
@@ -43,8 +43,7 @@ class StageModel:
 def build_model(ctx: RunContext, attach: Callable[[AdapterLayout], None] | None, seed: int) -> StageModel:
     """The base model with adapters attached by ``attach`` (seeded), every other weight frozen; with
     ``attach`` None (full fine-tuning) every weight trains."""
-    zero3_loading = ds_engine.zero3_weight_loading(ctx.ds_config)
-    model = load_causal_lm(ctx.model_path, ctx.dtype, ctx.cfg.model.trust_remote_code)
+    model, zero3_loading = load_for_deepspeed(ctx.model_path, ctx.ds_config, ctx.cfg.model.trust_remote_code)
     model.config.use_cache = False
     if ctx.cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
