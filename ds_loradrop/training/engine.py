@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
-from ds_loradrop.training.distributed import get_local_world_size
+from ds_loradrop.training.distributed import get_local_world_size, get_logger
 from ds_loradrop.training.ds_config import zero_stage
 
 # torch's gloo default is 30 minutes; a dead or stuck peer should fail the job sooner.
@@ -140,6 +140,7 @@ def shutdown_distributed() -> None:
     after the last collective, on the success path only: after a failure a peer may still be inside a
     collective, and tearing down then can hang (torchtitan does the same)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        get_logger().info("destroying the process group", extra={"all_ranks": True})
         deepspeed.comm.destroy_process_group()
 
 
