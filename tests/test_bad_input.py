@@ -349,3 +349,22 @@ def test_sequence_length_and_rank_default_to_the_tasks_and_flags_win(task, max_s
         ["--task", task, "--max_seq_length", "64", "--lora_r", "4", "--lora_alpha", "32"]
     )
     assert (given.data.max_seq_length, given.lora.lora_r, given.lora.lora_alpha) == (64, 4, 32.0)
+
+
+def test_resume_accepts_a_run_config_from_before_newer_settings_and_ignores_the_cache_switch(tmp_path):
+    """A run written before a setting existed resumes (the missing key counts as its default);
+    --cache_tokenized changes nothing learned and may differ; a real change is still refused."""
+    from ds_loradrop.recipes.checks import check_resume_matches
+
+    cfg = parse_run_config(["--max_train_samples", "64"])
+    saved = cfg.to_dict()
+    for key in ("cache_tokenized", "dataset_format", "stratify_by", "eval_metric"):
+        del saved["data"][key]
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(saved))
+    check_resume_matches(cfg, str(path))
+    check_resume_matches(
+        parse_run_config(["--max_train_samples", "64", "--cache_tokenized", "false"]), str(path)
+    )
+    with pytest.raises(UsageError, match=r"changed configuration \(data.max_train_samples\)"):
+        check_resume_matches(parse_run_config(["--max_train_samples", "65"]), str(path))

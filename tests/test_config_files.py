@@ -100,6 +100,8 @@ def test_bad_json_and_a_missing_file(tmp_path):
         parse_run_config(["--config", str(tmp_path / "nothing.yaml")])
     with pytest.raises(UsageError, match="--config needs a file name"):
         parse_run_config(["--config"])
+    with pytest.raises(UsageError, match=r"unknown argument\(s\) \['--conf', 'x.yaml'\]"):
+        parse_run_config(["--conf", "x.yaml"])  # no abbreviations: it would bypass the file
 
 
 def test_the_command_line_prints_one_error_line_and_writes_nothing(tmp_path):

@@ -113,6 +113,10 @@ def test_every_file_kind_reads_the_same_rows(tmp_path):
         ),
         (['{"messages": [{"role": "robot", "content": "x"}]}'], r"d.jsonl:1: messages\[0\] has role 'robot'"),
         (['{"messages": "hi"}'], r"d.jsonl:1: 'messages' must be a non-empty list"),
+        (
+            ['{"messages": [{"role": "assistant", "content": "x"}]}'],
+            r"d.jsonl:1: the conversation starts with an assistant turn",
+        ),
     ],
 )
 def test_bad_rows_are_named_by_file_and_line(tmp_path, lines, message):

@@ -85,10 +85,10 @@ def test_a_run_logs_the_validation_curve_keeps_the_best_adapter_and_reuses_token
     best = json.loads((out / "best_adapter" / "best.json").read_text())
     best_step = min(curve, key=curve.get)
     assert best == {"metric": "val_loss", "value": pytest.approx(curve[best_step]), "step": best_step}
-    if best_step == 6:  # the best is the last: the same tensors as the final adapter
-        final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-        kept = load_file(str(out / "best_adapter" / "adapter_model.safetensors"))
-        assert all(torch.equal(final[k], kept[k]) for k in final)
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    kept = load_file(str(out / "best_adapter" / "adapter_model.safetensors"))
+    same = all(torch.equal(final[k], kept[k]) for k in final)
+    assert same == (best_step == 6)  # the final adapter exactly when the best is the last step
 
     second = launch([sys.executable, TRAIN, *args, "--output_dir", str(tmp_path / "b")], env)
     log = second.stdout + second.stderr
@@ -96,3 +96,8 @@ def test_a_run_logs_the_validation_curve_keeps_the_best_adapter_and_reuses_token
     assert "no tokenisation" in log and "rows tokenised" not in log
     again = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert again["stages"][0]["val_loss"] == stage["val_loss"]  # same rows, same run
+
+    # other validation rows (a different selection of the same split): tokenised again, not reused
+    fewer = [*args, "--val_loss_samples", "12", "--output_dir", str(tmp_path / "c")]
+    log = launch([sys.executable, TRAIN, *fewer], env).stdout
+    assert "validation: 12 rows tokenised" in log and "training data: 96 rows' tokens loaded" in log

@@ -1,9 +1,11 @@
-"""The run configuration: one dataclass per concern (``sections``: model, data, adapters, LoRA-drop;
-``training``: training, evaluation, tracking), gathered and checked together in ``run.RunConfig``.
+"""The run configuration: one dataclass per concern (``sections``: model, data; ``method``: adapters,
+LoRA-drop; ``training``: training, evaluation, tracking), gathered and checked together in
+``run.RunConfig``; ``files`` reads a --config file into flag defaults.
 
 Imports only ``errors`` (and, for the tasks' defaults, ``data``).
 """
 
+from ds_loradrop.config.method import DropConfig, LoraConfig
 from ds_loradrop.config.run import CONFIG_SECTIONS, RunConfig
 from ds_loradrop.config.sections import (
     DEFAULT_DATA_ROOT,
@@ -14,8 +16,6 @@ from ds_loradrop.config.sections import (
     SMOLLM2_135M,
     TINY_LLAMA,
     DataConfig,
-    DropConfig,
-    LoraConfig,
     ModelConfig,
 )
 from ds_loradrop.config.training import EvalConfig, TrackingConfig, TrainConfig

@@ -17,18 +17,17 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ds_loradrop.config.sections import (
+from ds_loradrop.config.method import (
     DEFAULT_SNIP_EXAMPLES,
     DEFAULT_SPARSITY,
     DEFAULT_TIED_LORA_R,
     DEFAULT_VERA_D_INITIAL,
     DEFAULT_VERA_R,
     METHOD_FLAGS,
-    DataConfig,
     DropConfig,
     LoraConfig,
-    ModelConfig,
 )
+from ds_loradrop.config.sections import DataConfig, ModelConfig
 from ds_loradrop.config.training import EvalConfig, TrackingConfig, TrainConfig
 from ds_loradrop.errors import UsageError
 

@@ -1,10 +1,11 @@
 """Conversations (``messages``: a list of ``{"role", "content"}``) rendered with the tokenizer's chat
 template, with labels on the assistant turns only.
 
-A conversation is rendered turn by turn: the text before each assistant turn is the template applied
-to the messages so far with ``add_generation_prompt=True``; the assistant turn is what the template
-adds for that message (its content and end-of-turn marker). Only the assistant spans carry labels, as
-TRL's ``assistant_only_loss`` does, without needing ``{% generation %}`` markers in the template.
+Each assistant turn's span in the rendered text is found by rendering the conversation so far: the text
+before it is the template applied to the earlier messages with ``add_generation_prompt=True``; the turn
+is what the template adds for that message (its content and end-of-turn marker). Only tokens in those
+spans carry labels, as TRL's ``assistant_only_loss`` does, without needing ``{% generation %}`` markers
+in the template.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def check_messages(messages, where: str) -> list[dict]:
             )
     if not any(message["role"] == "assistant" for message in messages):
         raise UsageError(f"{where}: the conversation has no assistant turn to learn")
+    if messages[0]["role"] == "assistant":
+        raise UsageError(f"{where}: the conversation starts with an assistant turn (nothing it answers)")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -57,23 +60,36 @@ def render_generation_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a whole conversation, labels only on assistant turns."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    rendered = ""
-
-    def add(text: str, learn: bool) -> None:
-        nonlocal rendered
-        ids = tokenizer(continuation(rendered, text), add_special_tokens=False)["input_ids"]
-        input_ids.extend(ids)
-        labels.extend(ids if learn else [IGNORE_INDEX] * len(ids))
-        rendered = text
-
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(the conversation rendered with the chat template, the character span of each assistant turn in
+    it): what the template adds for that message after the generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            add(render_generation_prompt(tokenizer, messages[:i]), learn=False)
-        add(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False), message["role"] == "assistant")
+            before = render_generation_prompt(tokenizer, messages[:i]) if i else ""
+            after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            continuation(before, after)
+            continuation(after, text)
+            spans.append((len(before), len(after)))
+    return text, spans
+
+
+def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a whole conversation, labels only on assistant turns.
+
+    The whole rendering is tokenised once (so pieces that join across turn boundaries, e.g.
+    SentencePiece's leading-space marker, are the tokenizer's own), and a token is labelled when its
+    characters overlap an assistant span (offsets of a fast tokenizer)."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [
+        token
+        if any(start < end_span and end > start_span for start_span, end_span in spans)
+        else IGNORE_INDEX
+        for token, (start, end) in zip(input_ids, encoded["offset_mapping"])
+    ]
     return input_ids, labels
 
 
@@ -81,7 +97,7 @@ def continuation(rendered: str, text: str) -> str:
     """What ``text`` adds to ``rendered`` (the template must render a conversation as a prefix of it)."""
     if not text.startswith(rendered):
         raise UsageError(
-            "the chat template does not render a conversation as a prefix of its continuation; it cannot "
-            "be trained turn by turn"
+            "the chat template does not render a conversation as a prefix of its continuation; its "
+            "assistant turns cannot be told apart"
         )
     return text[len(rendered) :]

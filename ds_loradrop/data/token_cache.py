@@ -24,7 +24,8 @@ def cache_key(examples: datasets.Dataset, tokenizer, max_seq_length: int) -> str
     return Hasher.hash(
         {
             "version": TOKENIZATION_VERSION,
-            "rows": Hasher.hash(examples.data.table),
+            # the rows themselves: a filter or select keeps the whole table plus an index mapping
+            "rows": Hasher.hash(examples.flatten_indices(keep_in_memory=True).data.table),
             "tokenizer": Hasher.hash(tokenizer),
             "max_seq_length": max_seq_length,
         }

@@ -58,6 +58,18 @@ def encode_examples(tokenizer, examples: list[EvalExample], max_prompt_tokens: i
     return [clip_prompt(row, max_prompt_tokens, bos_token_id) for row in ids]
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and the model's generation-config EOS ids (an instruct model may end its turn
+    with a token other than the tokenizer's EOS, e.g. Gemma's <end_of_turn>, Llama-3's <|eot_id|>)."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(getattr(model, "module", model), "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    for token_id in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if token_id is not None and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
 def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (batch, longest), padded on the left."""
     length = max(len(row) for row in rows)
@@ -112,7 +124,7 @@ def generate_predictions(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=num_beams,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(model, tokenizer),
             pad_token_id=pad_token_id,
             use_cache=True,
             synced_gpus=synced_gpus,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from ds_loradrop.method.adapter_files import save_adapters
 from ds_loradrop.run_files import BEST_ADAPTER_DIR, BEST_RECORD
@@ -36,11 +37,17 @@ class BestAdapter:
         value = metrics.get(self.metric)
         if value is None or not self.is_better(value):
             return
-        save_adapters(self.layout, self.directory, **self.save_settings)
+        # written beside, then swapped in: a kill never leaves weights and best.json that disagree
+        staging, retired = self.directory + ".saving", self.directory + ".old"
+        save_adapters(self.layout, staging, **self.save_settings)
         self.best = {"metric": self.metric, "value": value, "step": step}
         if is_rank_zero():
-            with open(os.path.join(self.directory, BEST_RECORD), "w") as handle:
+            with open(os.path.join(staging, BEST_RECORD), "w") as handle:
                 json.dump(self.best, handle, indent=2)
+            if os.path.isdir(self.directory):
+                os.rename(self.directory, retired)
+            os.rename(staging, self.directory)
+            shutil.rmtree(retired, ignore_errors=True)
         barrier()
         logger.info(f"best adapter so far by {self.metric} ({value:.4f} at step {step}): {self.directory}")
 

@@ -6,15 +6,17 @@ the first problem, so that bad input costs one ``error:`` line and leaves the ou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 
-from ds_loradrop.config import RunConfig
+from ds_loradrop.config import SMOLLM2_135M, TINY_LLAMA, RunConfig
+from ds_loradrop.data.chat import require_chat_template
 from ds_loradrop.data.tasks import EvalExample, Task
 from ds_loradrop.errors import UsageError
 from ds_loradrop.method.placement import inject_lora
-from ds_loradrop.models.loading import build_on_meta, load_model_config
+from ds_loradrop.models.loading import build_on_meta, load_model_config, load_tokenizer
 from ds_loradrop.run_files import RUN_CONFIG_NAME, RUN_FILES
 from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.checkpoint import check_resumable, latest_checkpoint
@@ -94,6 +96,8 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
     eval_split, eval_examples = load_eval_examples(cfg, task)
     check_save_best_by(cfg, task)
     examples = load_training_examples(cfg, task, eval_examples)
+    if "messages" in examples.column_names:
+        check_chat_template(cfg)
     # Data smaller than one global batch is refused now, not after files are written.
     batch.steps(examples.num_rows, cfg.train.num_train_epochs, cfg.train.max_steps)
     if cfg.drop.method == "loradrop":
@@ -172,6 +176,17 @@ def load_validation_examples(cfg: RunConfig, task: Task, eval_split: str, eval_e
     return rows.select(range(min(cfg.eval.val_loss_samples, len(rows))))
 
 
+def check_chat_template(cfg: RunConfig) -> None:
+    """Chat data needs the model's tokenizer to have a chat template."""
+    model = cfg.model.model
+    if model == TINY_LLAMA:
+        raise UsageError(
+            "chat 'messages' data needs a tokenizer with a chat template; --model tiny-llama has none"
+        )
+    if model != SMOLLM2_135M:  # SmolLM2-135M-Instruct's GGUF file carries its chat template
+        require_chat_template(load_tokenizer(model, cfg.model.trust_remote_code))
+
+
 def check_save_best_by(cfg: RunConfig, task: Task) -> None:
     metric = cfg.train.save_best_by
     if metric is None:
@@ -197,6 +212,19 @@ def check_save_best_by(cfg: RunConfig, task: Task) -> None:
 RESUME_FIXED_SECTIONS = ("model", "data", "lora", "drop")
 
 
+# Keys of those sections that change nothing learned.
+RESUME_FREE_KEYS = {("data", "cache_tokenized")}
+
+
+def saved_value(saved: dict, section: str, key: str):
+    """A saved run's setting; a key its version did not write yet has the default of now."""
+    values = saved.get(section, {})
+    if key in values:
+        return values[key]
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}[section]
+    return section_cls.__dataclass_fields__[key].default
+
+
 def check_resume_matches(cfg: RunConfig, saved_config_path: str) -> None:
     """Raise UsageError if a resume changes what the checkpoint was trained for."""
     if not os.path.isfile(saved_config_path):
@@ -208,7 +236,8 @@ def check_resume_matches(cfg: RunConfig, saved_config_path: str) -> None:
         f"{section}.{key}"
         for section in RESUME_FIXED_SECTIONS
         for key in current[section]
-        if saved.get(section, {}).get(key) != current[section][key]
+        if (section, key) not in RESUME_FREE_KEYS
+        and saved_value(saved, section, key) != current[section][key]
     ]
     if changed:
         raise UsageError(

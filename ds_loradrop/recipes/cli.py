@@ -24,7 +24,10 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     """Parse ``--config FILE`` and flags (flags win) into a RunConfig; accepts (and ignores) the
     ``--local_rank`` DeepSpeed appends."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(CONFIG_SECTIONS, description="LoRA-drop fine-tuning on DeepSpeed.")
+    # No abbreviated flags: "--conf x.yaml" must not slip past config_file_of.
+    parser = HfArgumentParser(
+        CONFIG_SECTIONS, description="LoRA-drop fine-tuning on DeepSpeed.", allow_abbrev=False
+    )
     parser.add_argument(
         "--config",
         default=None,
@@ -36,7 +39,11 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     if config_file is not None:
         names = {field.name: field.default_factory for field in dataclasses.fields(RunConfig)}
         parser.set_defaults(**flag_defaults(read_config_file(config_file), names, config_file))
-    *sections, _launcher_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    *sections, _launcher_args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True
+    )
+    if unknown:
+        raise UsageError(f"unknown argument(s) {unknown}; see --help")
     names = [section.name for section in dataclasses.fields(RunConfig)]  # in CONFIG_SECTIONS' order
     return RunConfig(**dict(zip(names, sections)))
 

@@ -124,6 +124,7 @@ def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
             seed=cfg.train.seed,
             evaluate_base=cfg.train.eval_base_model,
             before_forward=record_last_epoch if recorder else None,
+            before_evaluation=recorder.pause if recorder else None,  # validation forwards are not recorded
         )
     recorded = (record_after + 1, num_steps) if result.first_step <= record_after else None
     sums, num_tokens = importance_sums(ctx, engine, built, recorder, sample, recorded_steps=recorded)

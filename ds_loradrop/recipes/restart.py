@@ -28,6 +28,7 @@ from ds_loradrop.errors import DIVERGED_EXIT_STATUS, USAGE_EXIT_STATUS, UsageErr
 RESTART_COUNT_ENV = "DS_LORADROP_RESTART_COUNT"
 # torchrun's elastic agent tells its workers the same way.
 TORCHELASTIC_RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
+SLURM_RESTART_COUNT_ENV = "SLURM_RESTART_COUNT"  # requeues of a Slurm job
 FINAL_STATUSES = {0: "finished", USAGE_EXIT_STATUS: "usage error", DIVERGED_EXIT_STATUS: "diverged loss"}
 
 
@@ -44,12 +45,16 @@ class RestartPolicy:
 
 
 def restart_count() -> int:
-    """How many times this job has been restarted (0 on its first attempt)."""
+    """How many times this job has been started again: by restart.py (or torchrun's elastic agent) plus
+    the times Slurm requeued it (0 on its first attempt)."""
+    count = 0
     for name in (RESTART_COUNT_ENV, TORCHELASTIC_RESTART_COUNT_ENV):
         value = os.environ.get(name, "")
         if value.isdigit():
-            return int(value)
-    return 0
+            count = int(value)
+            break
+    requeued = os.environ.get(SLURM_RESTART_COUNT_ENV, "")
+    return count + (int(requeued) if requeued.isdigit() else 0)
 
 
 def with_resume_auto(command: list[str]) -> list[str]:
@@ -102,6 +107,8 @@ def supervise(
                 return status
             started = time.monotonic()
             child = subprocess.Popen(command, env={**os.environ, RESTART_COUNT_ENV: str(restarts)})
+            if stop:  # a signal that arrived while the child was being started
+                child.send_signal(stop[0])
             status = exit_status(child.wait())
             seconds = time.monotonic() - started
             if status in FINAL_STATUSES:

@@ -68,13 +68,15 @@ def train_model(
     evaluate_base: bool = False,
     before_forward: Callable[[int, dict], None] | None = None,
     on_evaluation: Callable[[int, dict], None] | None = None,
+    before_evaluation: Callable[[], None] | None = None,
 ):
     """Train ``built`` for ``num_steps`` on a new engine, from the resume point when it is of this stage.
 
     Checkpoints every ``--save_steps`` and at the end (and on SIGTERM); evaluates the model before its
     first step when ``evaluate_base`` and by generation every ``evaluate_every`` steps; measures the
     validation loss every ``--eval_steps`` and at the end. ``on_evaluation(step, metrics)`` receives
-    what each evaluation during training measured (``val_loss`` and the generation metrics). Returns
+    what each evaluation during training measured (``val_loss`` and the generation metrics);
+    ``before_evaluation()`` runs before each of them (e.g. to stop recording importance). Returns
     (engine, StageResult).
     """
     train = ctx.cfg.train
@@ -115,9 +117,13 @@ def train_model(
 
     def after_step(step: int) -> None:
         measured = {}
-        if train.eval_steps and step % train.eval_steps == 0 and step < num_steps:
+        validate = bool(train.eval_steps) and step % train.eval_steps == 0 and step < num_steps
+        generate = bool(evaluate_every) and step % evaluate_every == 0 and step < num_steps
+        if (validate or generate) and before_evaluation is not None:
+            before_evaluation()
+        if validate:
             measured["val_loss"] = measure_validation_loss(ctx, engine, name, step)
-        if evaluate_every and step % evaluate_every == 0 and step < num_steps:
+        if generate:
             measured.update(
                 evaluate_run(ctx, engine, os.path.join(ctx.output_dir, step_eval_dir(step)), step)
             )
@@ -148,6 +154,8 @@ def train_model(
         log_metrics=lambda metrics, step: ctx.log.stage_metrics(name, metrics, step),
         start_step=start_step,
     )
+    if before_evaluation is not None:
+        before_evaluation()
     result.val_loss = measure_validation_loss(ctx, engine, name, result.num_steps)
     return engine, result
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ds_loradrop.data.batching import tokenize_examples
 from ds_loradrop.data.token_cache import cache_key, cache_path, load_cached, save_cached
+from ds_loradrop.errors import UsageError
 from ds_loradrop.training.distributed import broadcast_object, get_logger, is_rank_zero
 
 logger = get_logger()
@@ -32,14 +33,16 @@ def tokenize_with_cache(
                 save_cached(path, tokenized, num_truncated)
                 logger.info(f"{what}: {len(examples)} rows tokenised; cached in {path}")
         except Exception as error:
-            broadcast_object((None, f"{type(error).__name__}: {error}"))  # release the waiting ranks
+            # release the waiting ranks; a usage error (e.g. a chat template that cannot be trained turn
+            # by turn) stays one on every rank, so the job exits 2 and is not retried
+            broadcast_object((None, (isinstance(error, UsageError), f"{type(error).__name__}: {error}")))
             raise
     path, failure = broadcast_object((path, failure))
     if failure is not None:
-        raise RuntimeError(f"rank 0 could not tokenise the {what} rows: {failure}")
-    cached = load_cached(path)
-    if cached is None:  # not visible from this rank's node
-        tokenized, num_truncated = tokenize_examples(examples, tokenizer, max_seq_length)
-        return tokenized.to_list(), num_truncated
-    tokenized, num_truncated = cached
+        is_usage_error, message = failure
+        if is_usage_error:
+            raise UsageError(message.removeprefix("UsageError: "))
+        raise RuntimeError(f"rank 0 could not tokenise the {what} rows: {message}")
+    # None: not visible from this rank's node
+    tokenized, num_truncated = load_cached(path) or tokenize_examples(examples, tokenizer, max_seq_length)
     return tokenized.to_list(), num_truncated
