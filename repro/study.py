@@ -169,6 +169,15 @@ class Progress:
             handle.write(line + "\n")
 
 
+def run_stage1_only(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, log_path: str) -> None:
+    """Stage 1 of a LoRA-drop cell's run, into that run's directory (``--stop_after_stage1``, no MLflow)."""
+    command = [*train_command(dirs, grid, cell, seed, python), "--stop_after_stage1", "--report_to", "none"]
+    with open(log_path, "a") as log:
+        done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cell.name} seed {seed}: stage 1 failed ({done.returncode}); see {log_path}")
+
+
 def run_one(
     dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, progress: Progress, commit: bool
 ) -> None:
@@ -178,12 +187,12 @@ def run_one(
     if cell.plan_from and not os.path.isfile(os.path.join(out, "given_plan", "plan.json")):
         source = grid.cell(cell.plan_from)
         if not os.path.isdir(os.path.join(dirs.output_dir(grid, source, seed), "stage1_adapter")):
-            # Run directories are not committed: on another machine the source's stage 1 is rerun
-            # (deterministic: its result file is rewritten with the same numbers).
+            # Run directories are not committed: on another machine the source's stage 1 (deterministic)
+            # is rerun alone, untracked; its result file stays as it is.
             progress(
                 f"{cell.name} seed {seed}: no stage 1 of {source.name} seed {seed} here; running it again"
             )
-            run_one(dirs, grid, source, seed, python, progress, commit)
+            run_stage1_only(dirs, grid, source, seed, python, log_path)
         command = plan_command(dirs, grid, cell, seed, python)
         with open(log_path, "a") as log:
             done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)

@@ -210,6 +210,17 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
             ),
         ),
         (["--stage1_max_steps", "0"], "--stage1_max_steps must be > 0, got 0"),
+        (
+            ["--stop_after_stage1", "--method", "lora"],
+            "--stop_after_stage1 needs a stage 1: --method loradrop without --plan (got --method lora)",
+        ),
+        (
+            ["--stop_after_stage1", "--plan", "plan.json"],
+            (
+                "--stop_after_stage1 needs a stage 1: --method loradrop without --plan (got --method "
+                "loradrop with --plan)"
+            ),
+        ),
         (["--max_train_samples", "-1"], "--max_train_samples must be >= 0 (0 = all rows), got -1"),
         (["--max_eval_samples", "-3"], "--max_eval_samples must be >= 0 (0 = all inputs), got -3"),
     ],

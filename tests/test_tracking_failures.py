@@ -388,13 +388,9 @@ def test_full_fine_tuning_saves_a_loadable_checkpoint(setup):
     assert "trainable parameters: full" in result.stdout
 
 
-def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup):
-    """Kill (SIGKILL) after the step-4 checkpoint of stage 2, resume with --resume auto: the same plan and
-    adapters as a run that was never interrupted, stage 1 not rerun, one MLflow run continued."""
-    import json
-
-    from safetensors.torch import load_file
-
+@pytest.fixture(scope="module")
+def whole(setup):
+    """An uninterrupted 8-step LoRA-drop run (checkpoints every 2 steps) and the flags it ran with."""
     root, env, store, args = setup
     common = [
         *args,
@@ -409,11 +405,29 @@ def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup):
         "--mlflow_tracking_uri",
         store,
     ]
-    whole = _run(
+    done = _run(
         [sys.executable, TRAIN, *common, "--output_dir", str(root / "whole"), "--run_name", "whole"], env
     )
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "whole", common
 
+
+def _max_adapter_difference(run_a, run_b) -> float:
+    from safetensors.torch import load_file
+
+    expected = load_file(str(run_a / "adapter" / "adapter_model.safetensors"))
+    actual = load_file(str(run_b / "adapter" / "adapter_model.safetensors"))
+    assert sorted(actual) == sorted(expected)
+    return max((actual[k] - expected[k]).abs().max().item() for k in expected)
+
+
+def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup, whole):
+    """Kill (SIGKILL) after the step-4 checkpoint of stage 2, resume with --resume auto: the same plan and
+    adapters as a run that was never interrupted, stage 1 not rerun, one MLflow run continued."""
+    import json
+
+    root, env, store, _ = setup
+    whole_dir, common = whole
     out = root / "resumed"
     process = subprocess.Popen(
         [sys.executable, TRAIN, *common, "--output_dir", str(out), "--run_name", "resumed"],
@@ -455,13 +469,8 @@ def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup):
     assert "stage 1 finished before: using its plan" in resumed.stdout
     assert "stage2: resumed from" in resumed.stdout and "stage2-step-000004 at step 4/8" in resumed.stdout
     assert "stage1 step" not in resumed.stdout
-    assert json.loads((out / "plan.json").read_text()) == json.loads(
-        (root / "whole" / "plan.json").read_text()
-    )
-    expected = load_file(str(root / "whole" / "adapter" / "adapter_model.safetensors"))
-    actual = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert sorted(actual) == sorted(expected)
-    assert max((actual[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+    assert json.loads((out / "plan.json").read_text()) == json.loads((whole_dir / "plan.json").read_text())
+    assert _max_adapter_difference(whole_dir, out) <= 1e-6
     client = MlflowClient(tracking_uri=store)
     runs = client.search_runs(
         [client.get_experiment_by_name("faults").experiment_id],
@@ -481,7 +490,44 @@ def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup):
     )  # alpha = 2 r
 
 
-def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, tmp_path):
+def test_stop_after_stage1_then_resume_trains_stage2_like_an_uninterrupted_run(setup, whole):
+    """--stop_after_stage1 writes the plan and the stage-1 adapter and nothing of stage 2 (MLflow run
+    FINISHED, completed=stage1); the same command without it and with --resume auto trains stage 2 from
+    that plan (stage 1 not rerun) and ends like the uninterrupted run, in the same MLflow run."""
+    import json
+
+    root, env, store, _ = setup
+    whole_dir, common = whole
+    out = root / "stage1_first"
+    command = [sys.executable, TRAIN, *common, "--output_dir", str(out), "--run_name", "stage1-first"]
+    stopped = _run([*command, "--stop_after_stage1"], env)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopping after stage 1 (--stop_after_stage1)" in stopped.stdout
+    assert (out / "stage1_adapter" / "plan.json").is_file() and (out / "plan.json").is_file()
+    for stage2_file in ("adapter", "summary.json", "eval/metrics.json"):  # eval/base/: stage 1's
+        assert not (out / stage2_file).exists(), stage2_file
+    assert not any(name.startswith("stage2") for name in os.listdir(out / "checkpoints"))
+    client = MlflowClient(tracking_uri=store)
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("faults").experiment_id],
+        filter_string="attributes.run_name = 'stage1-first'",
+    )
+    assert run.info.status == "FINISHED" and run.data.tags["completed"] == "stage1"
+
+    resumed = _run([*command, "--resume", "auto"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage 1 finished before: using its plan" in resumed.stdout and "stage1 step" not in resumed.stdout
+    assert json.loads((out / "plan.json").read_text()) == json.loads((whole_dir / "plan.json").read_text())
+    assert _max_adapter_difference(whole_dir, out) <= 1e-6
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("faults").experiment_id],
+        filter_string="attributes.run_name = 'stage1-first'",
+    )
+    assert run.info.status == "FINISHED" and run.data.tags["completed"] == "all"
+    assert run.data.metrics["trainable_parameters"] > 0
+
+
+def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, whole, tmp_path):
     """launch/compare.py over the experiment the tests above filled (they run first, in file order), after
     one more run: plain LoRA."""
     import json

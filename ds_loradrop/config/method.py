@@ -151,6 +151,14 @@ class DropConfig:
             "running stage 1; --threshold / --selection are then the plan's."
         },
     )
+    stop_after_stage1: bool = field(
+        default=False,
+        metadata={
+            "help": "Stop once stage 1 has written plan.json and stage1_adapter/ (e.g. to inspect the layout "
+            "or feed launch/importance.py); the same command with --resume auto later trains stage 2 from "
+            "that plan without rerunning stage 1."
+        },
+    )
     importance_pass: Literal["after_training", "last_epoch"] = field(
         default="after_training",
         metadata={
@@ -169,3 +177,8 @@ class DropConfig:
             raise UsageError(f"--stage1_epochs must be > 0, got {self.stage1_epochs}")
         if self.stage1_max_steps is not None and self.stage1_max_steps <= 0:
             raise UsageError(f"--stage1_max_steps must be > 0, got {self.stage1_max_steps}")
+        if self.stop_after_stage1 and (self.method != "loradrop" or self.plan is not None):
+            raise UsageError(
+                "--stop_after_stage1 needs a stage 1: --method loradrop without --plan "
+                f"(got --method {self.method}{' with --plan' if self.plan is not None else ''})"
+            )

@@ -213,7 +213,7 @@ RESUME_FIXED_SECTIONS = ("model", "data", "lora", "drop")
 
 
 # Keys of those sections that change nothing learned.
-RESUME_FREE_KEYS = {("data", "cache_tokenized")}
+RESUME_FREE_KEYS = {("data", "cache_tokenized"), ("drop", "stop_after_stage1")}
 
 
 def saved_value(saved: dict, section: str, key: str):

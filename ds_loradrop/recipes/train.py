@@ -32,22 +32,29 @@ from ds_loradrop.run_files import (
     EVAL_DIR,
     FINAL_ADAPTER_DIR,
     FULL_MODEL_DIR,
+    PLAN_NAME,
     STAGE1_ADAPTER_DIR,
     SUMMARY_NAME,
 )
 from ds_loradrop.training import engine as ds_engine
-from ds_loradrop.training.distributed import all_gather_object, barrier, is_rank_zero
+from ds_loradrop.training.distributed import all_gather_object, barrier, get_logger, is_rank_zero
 from ds_loradrop.training.loop import StageResult
 
+logger = get_logger()
 
-def run(cfg: RunConfig) -> RunSummary:
-    """Train one run end to end; rank 0 writes and tracks, every rank returns the same summary."""
+
+def run(cfg: RunConfig) -> RunSummary | None:
+    """Train one run end to end; rank 0 writes and tracks, every rank returns the same summary (None when
+    ``--stop_after_stage1`` ended it after stage 1)."""
     start = time.perf_counter()
     ctx = setup(cfg)
     raise_terminated_on_signals()
     try:
         write_resolved_configs(ctx)
         preparation = prepare_method(ctx)
+        if cfg.drop.stop_after_stage1:
+            stop_after_stage1(ctx)
+            return None
         final = train_final(ctx, preparation)
         summary = finish(ctx, preparation, final, start)
     except Terminated:
@@ -59,6 +66,17 @@ def run(cfg: RunConfig) -> RunSummary:
     barrier()
     ds_engine.shutdown_distributed()
     return summary
+
+
+def stop_after_stage1(ctx: RunContext) -> None:
+    """End a run whose stage 1 is done (its plan and adapter are on disk): the MLflow run is FINISHED
+    with tag ``completed=stage1``; ``--resume auto`` continues it with stage 2."""
+    plan_file = os.path.join(ctx.output_dir, STAGE1_ADAPTER_DIR, PLAN_NAME)
+    logger.info(f"stopping after stage 1 (--stop_after_stage1): plan in {plan_file}")
+    if is_rank_zero():
+        ctx.log.stopped_after_stage1(ctx.output_dir)
+    barrier()
+    ds_engine.shutdown_distributed()
 
 
 @dataclass

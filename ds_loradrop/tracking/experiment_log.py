@@ -167,6 +167,15 @@ class ExperimentLog:
         loss_plot = os.path.join(output_dir, PLOTS_DIR, "loss.png")
         if _draw(plot_losses, self.curves, loss_plot):
             self.tracker.log_artifact(loss_plot, PLOTS_DIR)
+        self.tracker.set_tags({"completed": "all"})
+        self.tracker.end("FINISHED")
+
+    def stopped_after_stage1(self, output_dir: str) -> None:
+        """A run ended by ``--stop_after_stage1``: its configs, FINISHED with tag ``completed=stage1``
+        (a resume that trains stage 2 continues this MLflow run and sets ``completed=all``)."""
+        for name in (RUN_CONFIG_NAME, DS_CONFIG_NAME):
+            self.tracker.log_artifact(os.path.join(output_dir, name))
+        self.tracker.set_tags({"completed": "stage1"})
         self.tracker.end("FINISHED")
 
     def end(self, status: str) -> None:
