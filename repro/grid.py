@@ -47,6 +47,9 @@ class Grid:
 # VeRA trains only scaling vectors and needs a larger step than LoRA (its paper and PEFT's docs); chosen by
 # a 30-step training-loss probe over 5e-4..2e-1 (repro/results/probes/vera_lr.json), not the evaluation set.
 VERA_LEARNING_RATE = "5e-2"
+# The same probe for LoRA (repro/results/probes/lora_lr.json): 2e-3 (step-30 loss 1.320; 5e-3 1.326, 2e-2
+# 1.420, the quick start's 5e-4 1.555). The main cells keep 5e-4; the learning_rate table adds both at 2e-3.
+LORA_PROBED_LEARNING_RATE = "2e-3"
 
 
 def _e2e_cells(task: str) -> tuple[Cell, ...]:
@@ -89,6 +92,33 @@ def _e2e_cells(task: str) -> tuple[Cell, ...]:
             f"{task}/full", "main", ("--method", "full", "--learning_rate", "5e-5"), label="Full fine-tuning"
         ),
         *_baseline_cells(task),
+        *_learning_rate_cells(task),
+    )
+
+
+def _learning_rate_cells(task: str) -> tuple[Cell, ...]:
+    """LoRA and LoRA-drop at the learning rate the training-loss probe chose for LoRA, beside VeRA at the
+    one it chose for VeRA: the Table 1 comparison with every method's learning rate chosen the same way."""
+    rate = LORA_PROBED_LEARNING_RATE
+    return (
+        Cell(
+            f"{task}/lora_lr{rate}",
+            "learning_rate",
+            ("--method", "lora", "--learning_rate", rate),
+            label=f"LoRA (lr {rate})",
+        ),
+        Cell(
+            f"{task}/loradrop_lr{rate}",
+            "learning_rate",
+            ("--learning_rate", rate),
+            label=f"LoRA-drop (T = 0.9, lr {rate})",
+        ),
+        Cell(
+            f"{task}/vera_lr",
+            "learning_rate",
+            same_as=f"{task}/vera",
+            label=f"VeRA (lr {VERA_LEARNING_RATE})",
+        ),
     )
 
 

@@ -25,11 +25,17 @@ PAPER_NOTES = {
     "ablation": (
         "Paper (Table 7): sharing beats dropping; output-norm selection beats ΔWx inv, random and top-k."
     ),
+    "learning_rate": (
+        "Not in the paper: LoRA and LoRA-drop at the learning rate the same 30-step training-loss probe "
+        "chose for them (repro/results/probes/lora_lr.json), as VeRA's was chosen "
+        "(repro/results/probes/vera_lr.json); differences against LoRA-drop at that rate."
+    ),
 }
 TABLE_TITLES = {
     "main": "Full fine-tuning, LoRA, LoRA-drop (the paper's Tables 2 and 5)",
     "threshold": "The threshold T (the paper's Table 6)",
     "ablation": "Selection and sharing ablations at T = 0.9 (the paper's Table 7)",
+    "learning_rate": "LoRA, LoRA-drop and VeRA each at its probed learning rate",
 }
 
 
@@ -101,7 +107,9 @@ def tables(grid: Grid, name: str, results: dict[str, list[dict]]) -> list[str]:
     lines = []
     for task in tasks:
         cells = [c for c in grid.cells if c.table == name and c.task == task]
-        lines += table(grid, name, task, cells, results, f"{task}/loradrop")
+        # the table's own LoRA-drop cell where it has one (e.g. at another learning rate)
+        own = [c.name for c in cells if c.name.startswith(f"{task}/loradrop")]
+        lines += table(grid, name, task, cells, results, own[0] if own else f"{task}/loradrop")
     return lines
 
 
@@ -233,7 +241,7 @@ def write_report(grid: Grid, results_dir: str, output: str) -> str:
         "the new runs.",
         "",
     ]
-    for name in ("main", "threshold", "ablation"):
+    for name in ("main", "threshold", "ablation", "learning_rate"):
         lines += tables(grid, name, results)
     figure = os.path.join(
         os.path.dirname(os.path.abspath(output)), "repro", "figures", f"importance_{grid.name}.png"
