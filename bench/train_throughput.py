@@ -268,7 +268,16 @@ def _ds_config(batch: BatchSettings) -> dict:
 class OursContender:
     """ds-loradrop's trainer (``train_stage`` on a DeepSpeed engine) over a fresh copy of the model."""
 
-    def __init__(self, args, model, attach, pad_token_id: int, record_importance: bool = False):
+    def __init__(
+        self,
+        args,
+        model,
+        attach,
+        pad_token_id: int,
+        record_importance: bool = False,
+        ds_config: dict | None = None,
+        padding_free: bool = False,
+    ):
         self.layout = inject_lora(model, TARGETS)
         torch.manual_seed(args.seed)
         attach(self.layout)
@@ -276,7 +285,7 @@ class OursContender:
         self.batch = _batch_settings(args)
         self.engine = ds_engine.build_engine(
             model,
-            _ds_config(self.batch),
+            ds_config or _ds_config(self.batch),
             learning_rate=args.learning_rate,
             weight_decay=0.0,
             lr_scheduler="constant_with_warmup",
@@ -289,6 +298,7 @@ class OursContender:
             "pad_token_id": pad_token_id,
             "logging_steps": 10**9,
             "device": ds_engine.local_device(),
+            "padding_free": padding_free,
         }
         self.timings = ChunkTimings()
         # --importance_pass last_epoch: the importance recorder watches every training forward

@@ -84,3 +84,47 @@ def test_logits_only_from_the_first_target_position_give_the_same_loss_and_gradi
         torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
     no_labels = torch.full_like(labels, IGNORE_INDEX)
     assert num_positions_to_score(no_labels) == labels.shape[1]
+
+
+class _Engine:
+    """What micro_batch_loss_sum needs of a DeepSpeed engine: calling it, and ``module``."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
+@pytest.mark.parametrize("num_key_value_heads", [4, 2])
+def test_a_packed_micro_batch_gives_the_padded_loss_and_gradients(num_key_value_heads):
+    """Padding-free: the rows as one sequence with per-example position ids (attention kept inside each
+    row, LM head only at target positions) give the summed loss and the gradients of the padded batch."""
+    from ds_loradrop.data.batching import pack
+    from ds_loradrop.training.loop import micro_batch_loss_sum
+
+    model = tiny_llama_model(num_layers=2, num_key_value_heads=num_key_value_heads)
+    rows = _rows(6, seed=7)
+    padded, packed = collate(rows, pad_token_id=0), pack(rows)
+    assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    assert int((packed["labels"] != IGNORE_INDEX).sum()) == int((padded["labels"] != IGNORE_INDEX).sum())
+    losses, grads = [], []
+    for batch in (padded, packed):
+        model.zero_grad()
+        loss = micro_batch_loss_sum(_Engine(model), batch, torch.device("cpu"))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for padded_grad, packed_grad in zip(*grads):
+        torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_packing_ignores_the_label_across_a_row_boundary():
+    """A row whose first token is labelled (no prompt) must not be predicted from the previous row."""
+    from ds_loradrop.data.batching import pack
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
+    packed = pack(rows)
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert packed["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]

@@ -148,3 +148,55 @@ def test_training_profile_runs(tmp_path, e2e_dir):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "## peer: top operators" in result.stdout and "## ours: top operators" in result.stdout
     assert "aten::mm" in result.stdout
+
+
+def test_trainer_comparison_runs_every_contender_on_two_ranks(tmp_path, e2e_dir):
+    """bench/compare_trainers.py: the plain PEFT loop, the HF Trainer (length-grouped, DeepSpeed), TRL's
+    SFTTrainer (padding-free, DeepSpeed) and ours (LoRA, LoRA-drop, padding-free), one round each."""
+    out = tmp_path / "trainers.json"
+    command = [
+        sys.executable,
+        os.path.join(REPO_ROOT, "bench", "compare_trainers.py"),
+        "--model",
+        "tiny-llama",
+        "--data_dir",
+        e2e_dir,
+        "--ranks",
+        "2",
+        "--rounds",
+        "1",
+        "--steps",
+        "2",
+        "--warmup_steps",
+        "1",
+        "--global_batch_size",
+        "4",
+        "--json",
+        str(out),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert result.returncode == 0, f"STDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
+    numbers = json.loads(out.read_text())
+    contenders = numbers["contenders"]
+    assert set(contenders) == {
+        "peer_loop",
+        "hf_trainer",
+        "sft_trainer",
+        "ours",
+        "ours_loradrop",
+        "ours_padding_free",
+    }
+    for name, value in contenders.items():
+        assert value["useful_tokens_per_second"] > 0 and value["real_tokens_per_second"] > 0, name
+        assert len(value["peak_rss_gib_per_rank"]) == 2, name
+    for peer in ("peer_loop", "hf_trainer", "sft_trainer"):
+        assert f"ours/{peer} (useful tokens/s): " in result.stdout
+    assert "| contender | useful tokens/s | real tokens/s | FLOP utilisation |" in result.stdout

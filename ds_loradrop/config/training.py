@@ -63,6 +63,14 @@ class TrainConfig:
         default=True,
         metadata={"help": "Build global batches from examples of similar length (less padding)."},
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Each micro-batch as one sequence without padding, attention kept inside each example "
+            "by per-example position ids, LM-head logits only at target positions (same loss; needs a "
+            "model that reads packed position ids: Llama-class models in transformers do)."
+        },
+    )
     max_steps: int | None = field(
         default=None,
         metadata={

@@ -188,3 +188,22 @@ def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(row["labels"])
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """The rows as ONE sequence without padding (padding-free): ``position_ids`` restart at 0 for each
+    row, so the model's attention stays inside each row (transformers builds a block-diagonal causal
+    mask from them for SDPA / eager, FlashAttention takes them as sequence boundaries) and RoPE sees
+    each row's own positions. A row's first label is ignored: it would be predicted from the previous
+    row. ``attention_mask`` (all ones) marks the real tokens for the importance recorder; the model is
+    not given it. Shapes (1, total tokens)."""
+    input_ids = torch.tensor([t for row in rows for t in row["input_ids"]], dtype=torch.long)
+    labels = torch.tensor([t for row in rows for t in row["labels"]], dtype=torch.long)
+    position_ids = torch.cat([torch.arange(len(row["input_ids"])) for row in rows])
+    labels[position_ids == 0] = IGNORE_INDEX
+    return {
+        "input_ids": input_ids[None],
+        "labels": labels[None],
+        "position_ids": position_ids[None],
+        "attention_mask": torch.ones_like(input_ids)[None],
+    }

@@ -148,6 +148,7 @@ def train_model(
         logging_steps=train.logging_steps,
         device=ctx.device,
         group_by_length=train.group_by_length,
+        padding_free=train.padding_free,
         after_step=after_step,
         on_stop=on_stop,
         before_forward=before_forward,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ds_loradrop.data.batching import IGNORE_INDEX, collate, global_batches, rank_micro_batches
+from ds_loradrop.data.batching import IGNORE_INDEX, collate, global_batches, pack, rank_micro_batches
 from ds_loradrop.errors import Terminated, TrainingDiverged, pending_signal, stop_at_step_boundary
 from ds_loradrop.training.distributed import (
     all_reduce_max,
@@ -92,6 +92,7 @@ def train_stage(
     logging_steps: int,
     device: torch.device,
     group_by_length: bool = True,
+    padding_free: bool = False,
     after_step: Callable[[int], None] | None = None,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     on_stop: Callable[[int], None] | None = None,
@@ -133,7 +134,9 @@ def train_stage(
     ):
         for global_batch in itertools.islice(schedule, start_step, num_steps):
             micro_batches = [
-                collate([rows[i] for i in indices], pad_token_id)
+                pack([rows[i] for i in indices])
+                if padding_free
+                else collate([rows[i] for i in indices], pad_token_id)
                 for indices in rank_micro_batches(global_batch, rank, world_size, batch.micro_batch_size)
             ]
             loss, global_tokens = optimizer_step(
@@ -217,18 +220,41 @@ def optimizer_step(
     for micro_batch in micro_batches:
         if before_forward is not None:
             before_forward(micro_batch)
-        labels = micro_batch["labels"].to(device)
-        keep = num_positions_to_score(labels) if accepts_logits_to_keep(engine.module) else labels.shape[1]
-        output = engine(
-            input_ids=micro_batch["input_ids"].to(device),
-            attention_mask=micro_batch["attention_mask"].to(device),
-            **({"logits_to_keep": keep} if keep < labels.shape[1] else {}),
-        )
-        summed = token_loss_sum(output.logits, labels[:, labels.shape[1] - keep :])
+        summed = micro_batch_loss_sum(engine, micro_batch, device)
         engine.backward(summed * scale)
         engine.step()
         loss_sum += summed.detach().double()
     return float(all_reduce_sum(loss_sum)) / global_tokens, global_tokens
+
+
+def micro_batch_loss_sum(engine, micro_batch: dict, device: torch.device) -> torch.Tensor:
+    """Summed next-token cross-entropy of one micro-batch, with LM-head logits only where they are needed.
+
+    Padded rows (:func:`collate`): the trailing positions from the first labelled one of any row.
+    A packed row (:func:`pack`, it has ``position_ids``): exactly the positions that predict a target
+    token, so no prompt or padding position goes through the LM head at all.
+    """
+    labels = micro_batch["labels"].to(device)
+    input_ids = micro_batch["input_ids"].to(device)
+    trims = accepts_logits_to_keep(engine.module)
+    if "position_ids" in micro_batch:
+        position_ids = micro_batch["position_ids"].to(device)
+        if not trims:
+            output = engine(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            return token_loss_sum(output.logits, labels)
+        scored = (labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
+        # use_cache=False: with a cache transformers does not read packed position ids as boundaries
+        output = engine(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=scored
+        )
+        return F.cross_entropy(output.logits[0].float(), labels[0, scored + 1], reduction="sum")
+    keep = num_positions_to_score(labels) if trims else labels.shape[1]
+    output = engine(
+        input_ids=input_ids,
+        attention_mask=micro_batch["attention_mask"].to(device),
+        **({"logits_to_keep": keep} if keep < labels.shape[1] else {}),
+    )
+    return token_loss_sum(output.logits, labels[:, labels.shape[1] - keep :])
 
 
 def stop_requested_on_any_rank(device: torch.device) -> int:

@@ -1,0 +1,216 @@
+"""Training throughput on a real model against the trainers users would otherwise run, in one run.
+
+    python bench/compare_trainers.py --model smollm2-135m --task e2e --ranks 2 --rounds 3
+
+Each round launches every contender of bench/trainer_peers.py once, in its own process (2 ranks: the
+``deepspeed`` launcher; the plain loop under ``torchrun``), in the same order; rounds repeat so that
+drifts of a shared machine hit every contender alike. Printed per contender: useful (target) tokens/s
+and real tokens/s (median over rounds), FLOP utilisation against the best fp32 matmul this script
+measures with the same threads per rank, peak RSS per rank, and the ratios of ours to each peer (median
+over rounds of the per-round ratio, with its range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+CONTENDERS = ("peer_loop", "hf_trainer", "sft_trainer", "ours")  # ours also measures ours_loradrop
+PEERS = ("peer_loop", "hf_trainer", "sft_trainer")
+OURS = ("ours", "ours_loradrop", "ours_padding_free")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="e2e")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--ranks", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--global_batch_size", type=int, default=8)
+    parser.add_argument("--ds_config", default=os.path.join(REPO_ROOT, "ds_configs", "zero2.json"))
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        parser.error("--rounds and --steps must be >= 1")
+    return args
+
+
+def launch_command(args, contender: str, out: str) -> list[str]:
+    script = os.path.join(REPO_ROOT, "bench", "trainer_peers.py")
+    flags = [
+        "--contender", contender, "--model", args.model, "--task", args.task, "--ds_config", args.ds_config,
+        "--global_batch_size", str(args.global_batch_size), "--steps", str(args.steps),
+        "--warmup_steps", str(args.warmup_steps), "--json", out,
+        *(["--data_dir", args.data_dir] if args.data_dir else []),
+    ]  # fmt: skip
+    if args.ranks == 1:
+        return [sys.executable, script, *flags]
+    port = str(free_port())
+    if contender == "peer_loop":  # DDP without DeepSpeed
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+            script, *flags,
+        ]  # fmt: skip
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [deepspeed, "--num_gpus", "2", "--master_port", port, script, *flags]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def environment(ranks: int) -> dict:
+    threads = str(max(1, (os.cpu_count() or 2) // ranks))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+
+
+def matmul_peak_flops(threads: int) -> float:
+    """Best fp32 square-matmul FLOP/s with ``threads`` threads (one rank's attainable peak)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best = 0.0
+    for size in (1024, 2048):
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)
+        for _ in range(8):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2.0 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def flops_per_real_token(model: str) -> float:
+    """Forward + backward FLOPs of LoRA training per token (no attention term): 4 x every nn.Linear's
+    weights, LM head included (frozen weights need activation gradients, not weight gradients)."""
+    import torch
+
+    from ds_loradrop.models.loading import build_on_meta, load_model_config
+
+    with torch.device("meta"):
+        module = build_on_meta(load_model_config(model))
+    return 4.0 * sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def run_round(args, env: dict, directory: str, round_index: int) -> dict:
+    measured = {}
+    for contender in args.contenders:
+        out = os.path.join(directory, f"{contender}-{round_index}.json")
+        done = subprocess.run(
+            launch_command(args, contender, out),
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            sys.exit(
+                f"error: {contender} failed in round {round_index}:\n{(done.stdout + done.stderr)[-3000:]}"
+            )
+        with open(out) as handle:
+            result = json.load(handle)
+        for name, value in result.items():
+            if isinstance(value, dict):
+                measured[name] = {**value, "peak_rss_bytes_per_rank": result["peak_rss_bytes_per_rank"]}
+        print(f"round {round_index}: {contender} done", file=sys.stderr, flush=True)
+    return measured
+
+
+def summarise(rounds: list[dict], peak_flops: float, per_token: float, ranks: int) -> dict:
+    names = [n for n in (*PEERS, *OURS) if all(n in r for r in rounds)]
+    summary = {}
+    for name in names:
+        useful = [r[name]["useful_tokens"] / r[name]["seconds"] for r in rounds]
+        real = [r[name]["real_tokens"] / r[name]["seconds"] for r in rounds]
+        summary[name] = {
+            "useful_tokens_per_second": statistics.median(useful),
+            "real_tokens_per_second": statistics.median(real),
+            "flop_utilization": statistics.median(real) * per_token / (peak_flops * ranks),
+            "peak_rss_gib_per_rank": [
+                max(r[name]["peak_rss_bytes_per_rank"][k] for r in rounds) / 2**30 for k in range(ranks)
+            ],
+            "per_round_useful_tokens_per_second": useful,
+        }
+    ratios = {}
+    for ours in (n for n in OURS if n in summary):
+        for peer in (n for n in PEERS if n in summary):
+            per_round = [
+                a / b
+                for a, b in zip(
+                    summary[ours]["per_round_useful_tokens_per_second"],
+                    summary[peer]["per_round_useful_tokens_per_second"],
+                    strict=True,
+                )
+            ]
+            ratios[f"{ours}/{peer}"] = {"median": statistics.median(per_round), "per_round": per_round}
+    return {"contenders": summary, "ratios": ratios}
+
+
+def report(args, summary: dict, peak_flops: float) -> str:
+    lines = [
+        (
+            f"{args.model}, task {args.task}, {args.ranks} rank(s), global batch {args.global_batch_size}, "
+            f"{args.steps} timed steps after {args.warmup_steps}, {args.rounds} round(s), fp32, "
+            f"matmul peak {peak_flops / 1e9:.0f} GFLOP/s per rank"
+        ),
+        "",
+        "| contender | useful tokens/s | real tokens/s | FLOP utilisation | peak RSS per rank (GiB) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, value in summary["contenders"].items():
+        rss = ", ".join(f"{v:.2f}" for v in value["peak_rss_gib_per_rank"])
+        lines.append(
+            f"| {name} | {value['useful_tokens_per_second']:.0f} | {value['real_tokens_per_second']:.0f} | "
+            f"{100 * value['flop_utilization']:.1f}% | {rss} |"
+        )
+    lines.append("")
+    for name, value in summary["ratios"].items():
+        per_round = ", ".join(f"{v:.2f}" for v in value["per_round"])
+        lines.append(f"{name} (useful tokens/s): {value['median']:.2f}x (rounds: {per_round})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+    from trainer_peers import model_path
+
+    # A preset is built here, once; every contender then loads the same checkpoint directory.
+    args.model = model_path(args.model)
+    env = environment(args.ranks)
+    threads = int(env["OMP_NUM_THREADS"])
+    peak_before = matmul_peak_flops(threads)
+    with tempfile.TemporaryDirectory() as directory:
+        rounds = [run_round(args, env, directory, k) for k in range(args.rounds)]
+    peak = max(peak_before, matmul_peak_flops(threads))
+    per_token = flops_per_real_token(args.model)
+    summary = summarise(rounds, peak, per_token, args.ranks)
+    summary["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
+    summary["matmul_peak_gflops_per_rank"] = peak / 1e9
+    print(report(args, summary, peak), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(summary, handle, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""bench/trainer_peers.py's ``ours`` (with ``ours_loradrop``) and ``peer_loop`` contenders, built from
+bench/train_throughput.py's contender classes over a real model."""
+
+from __future__ import annotations
+
+import torch
+from train_throughput import OursContender, PeerContender
+
+from ds_loradrop.data.batching import global_batches
+from ds_loradrop.method.placement import attach_own_adapters, attach_planned_adapters
+from ds_loradrop.method.plan import build_plan
+from ds_loradrop.method.probe import measure_importance
+from ds_loradrop.training import engine as ds_engine
+from ds_loradrop.training.distributed import get_world_size_and_rank
+
+
+class Totals:
+    """What trainer_peers.main reads of a contender: this rank's seconds, useful and real tokens."""
+
+    def __init__(self, seconds: float, useful: int, real: int):
+        self.seconds, self.useful, self.real = seconds, useful, real
+
+
+def real_tokens_of(rows: list[dict], batches: list[list[int]]) -> int:
+    return sum(len(rows[i]["input_ids"]) for batch in batches for i in batch)
+
+
+def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict:
+    from trainer_peers import load_model
+
+    world_size, _ = get_world_size_and_rank()
+    warmup, total = args.warmup_steps, args.warmup_steps + args.steps
+    model, _ = load_model(args)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    config = ds_config  # its "auto" values filled by trainer_peers.main, as for every contender
+    args.steps = total  # OursContender sizes its schedule from warm-up + steps
+    args.warmup_steps = 0
+
+    def fresh():
+        fresh_model, _ = load_model(args)
+        fresh_model.load_state_dict(initial)
+        return fresh_model
+
+    lora = OursContender(
+        args,
+        model,
+        lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
+        pad_token_id,
+        ds_config=config,
+    )
+    lora.train(rows, 0, warmup, timed=False)
+    sums, num_tokens = measure_importance(
+        lora.engine,
+        lora.layout,
+        rows,
+        batch_size=lora.batch.micro_batch_size,
+        pad_token_id=pad_token_id,
+        device=ds_engine.local_device(),
+    )
+    plan = build_plan(
+        sums,
+        num_tokens,
+        threshold=0.9,
+        selection="output_norm",
+        low_importance="share",
+        seed=args.seed,
+        sample_ratio=1.0,
+        num_sampled=len(rows),
+        world_size=world_size,
+    )
+    loradrop = OursContender(
+        args,
+        fresh(),
+        lambda lay: attach_planned_adapters(lay, plan, args.lora_r, 2 * args.lora_r, 0.0),
+        pad_token_id,
+        ds_config=config,
+    )
+    loradrop.train(rows, 0, warmup, timed=False)
+    packed = OursContender(
+        args,
+        fresh(),
+        lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
+        pad_token_id,
+        ds_config=config,
+        padding_free=True,
+    )
+    packed.train(rows, 0, warmup, timed=False)
+    named = (("ours", lora), ("ours_loradrop", loradrop), ("ours_padding_free", packed))
+    for first in range(warmup, total, args.chunk_steps):
+        for _, contender in named:
+            contender.train(rows, first, min(first + args.chunk_steps, total))
+    lengths = [len(r["input_ids"]) for r in rows]
+    real = real_tokens_of(rows, global_batches(lengths, args.global_batch_size, args.seed, 0)[warmup:total])
+    _, rank = get_world_size_and_rank()
+    return {
+        name: Totals(c.timings.seconds, c.timings.target_tokens if rank == 0 else 0, real if rank == 0 else 0)
+        for name, c in named
+    }
+
+
+def run_peer_loop(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict:
+    import random
+
+    from trainer_peers import load_model
+
+    del ds_config  # the plain loop has no DeepSpeed (DDP on several ranks)
+    warmup, total = args.warmup_steps, args.warmup_steps + args.steps
+    model, _ = load_model(args)
+    peer = PeerContender(args, model, pad_token_id)
+    peer.train(rows, 0, warmup, timed=False)
+    peer.train(rows, warmup, total)
+    order = list(range(len(rows)))
+    random.Random(args.seed).shuffle(order)
+    size = args.global_batch_size
+    real = real_tokens_of(rows, [order[s * size : (s + 1) * size] for s in range(warmup, total)])
+    _, rank = get_world_size_and_rank()
+    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+    return {
+        "peer_loop": Totals(
+            peer.timings.seconds, peer.timings.target_tokens if rank == 0 else 0, real if rank == 0 else 0
+        )
+    }
