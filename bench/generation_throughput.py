@@ -1,4 +1,5 @@
-"""Generation throughput: our batched evaluation generation against a per-example ``generate`` loop.
+"""Generation throughput: our batched evaluation generation against a per-example ``generate`` loop
+and transformers' text-generation ``pipeline``.
 
     python bench/generation_throughput.py                      # tiny-llama preset, 128 E2E validation inputs
     python bench/generation_throughput.py --model PATH --num_inputs 256 --batch_size 16 --json out.json
@@ -9,7 +10,9 @@ with the same model, in one run, one process (a plain Hugging Face model, no Dee
 - ``batched`` (ours): ``ds_loradrop.eval.generation.generate_predictions``, as the evaluation runs it:
   prompts sorted by length (longest first), left-padded batches of ``--batch_size``, KV cache, greedy;
 - ``per_example`` (the peer): ``model.generate`` on one unpadded prompt at a time, with the same
-  encoded (and clipped) prompts, greedy, the same ``max_new_tokens``, EOS and pad tokens, KV cache.
+  encoded (and clipped) prompts, greedy, the same ``max_new_tokens``, EOS and pad tokens, KV cache;
+- ``pipeline`` (the second peer): ``pipeline("text-generation")`` over the prompt texts in batches of
+  ``--batch_size`` (left padding), greedy, same limits (its tokens counted from its text).
 
 Both count generated tokens the same way: the new tokens of each input that are not padding (EOS
 included), and both time the ``generate`` calls and the decoding, after one untimed warm-up batch
@@ -118,6 +121,46 @@ def generate_one_by_one(
     return GenerationResult(predictions, generated, time.perf_counter() - start)
 
 
+def generate_with_pipeline(
+    model,
+    tokenizer,
+    examples: list[EvalExample],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+    max_prompt_tokens: int,
+) -> GenerationResult:
+    """The second peer: transformers' ``pipeline("text-generation")`` over the prompt texts, batched
+    (left padding), greedy, the same ``max_new_tokens`` and EOS. It returns text, so its generated tokens
+    are counted by encoding each prediction again (plus its EOS when it stopped before the limit)."""
+    from transformers import pipeline
+
+    del max_prompt_tokens  # E2E prompts are far below the budget: the pipeline sees them whole
+    tokenizer.padding_side = "left"
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=device)
+    synchronize(device)
+    start = time.perf_counter()
+    outputs = generator(
+        [ex.prompt for ex in examples],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        return_full_text=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    predictions = [output[0]["generated_text"].strip() for output in outputs]
+    generated = 0
+    for prediction in predictions:
+        n = len(tokenizer(prediction, add_special_tokens=False)["input_ids"])
+        generated += n + 1 if n < max_new_tokens else n
+    return GenerationResult(predictions, generated, seconds)
+
+
 def main(args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -145,14 +188,20 @@ def main(args) -> dict:
     batched(examples[: min(len(examples), args.batch_size)])
     generate_one_by_one(model, tokenizer, examples[:1], **common)
 
+    generate_with_pipeline(model, tokenizer, examples[: min(len(examples), 2)], batch_size=2, **common)
+
     runs = {
         "batched": batched(examples),
         "per_example": generate_one_by_one(model, tokenizer, examples, **common),
+        "pipeline": generate_with_pipeline(model, tokenizer, examples, batch_size=args.batch_size, **common),
     }
     differing = [
         i
         for i, (a, b) in enumerate(zip(runs["batched"].predictions, runs["per_example"].predictions))
         if a != b
+    ]
+    differing_from_pipeline = [
+        i for i, (a, b) in enumerate(zip(runs["batched"].predictions, runs["pipeline"].predictions)) if a != b
     ]
     prompt_lengths = [
         len(ids) for ids in encode_prompts(tokenizer, [ex.prompt for ex in examples], max_prompt_tokens)
@@ -179,6 +228,10 @@ def main(args) -> dict:
     results["batched_over_per_example"] = (
         results["batched"]["tokens_per_second"] / results["per_example"]["tokens_per_second"]
     )
+    results["batched_over_pipeline"] = (
+        results["batched"]["tokens_per_second"] / results["pipeline"]["tokens_per_second"]
+    )
+    results["num_differing_from_pipeline"] = len(differing_from_pipeline)
     results["identical_predictions"] = not differing
     results["num_differing_predictions"] = len(differing)
     results["differing_indices"] = differing
@@ -208,7 +261,7 @@ def report(results: dict) -> str:
         "| mode | inputs | generated tokens | seconds | tokens/s |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name in ("batched", "per_example"):
+    for name in ("batched", "per_example", "pipeline"):
         r = results[name]
         lines.append(
             f"| {name} | {r['inputs']} | {r['generated_tokens']} | {r['seconds']:.2f} | "
@@ -217,6 +270,10 @@ def report(results: dict) -> str:
     lines += [
         "",
         f"batched / per_example (tokens/s): {results['batched_over_per_example']:.2f}x",
+        (
+            f"batched / pipeline (tokens/s): {results['batched_over_pipeline']:.2f}x "
+            f"({results['num_differing_from_pipeline']} of {results['num_inputs']} predictions differ)"
+        ),
         (
             f"identical predictions: {results['identical_predictions']} "
             f"({results['num_differing_predictions']} of {results['num_inputs']} differ)"

@@ -46,6 +46,7 @@ def test_generation_benchmark_runs(tmp_path, e2e_dir):
     assert "| mode | inputs | generated tokens | seconds | tokens/s |" in result.stdout
     assert "| batched | 6 |" in result.stdout and "| per_example | 6 |" in result.stdout
     assert "batched / per_example (tokens/s): " in result.stdout
+    assert "| pipeline | 6 |" in result.stdout and "batched / pipeline (tokens/s): " in result.stdout
     assert "identical predictions: " in result.stdout
     numbers = json.loads(out.read_text())
     for key in (
