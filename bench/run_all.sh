@@ -21,6 +21,15 @@ echo; echo "## training throughput, GSM8K, 1 process"
 "$py" bench/train_throughput.py --task gsm8k --steps 8 --global_batch_size 16 --json "$out/train_gsm8k_1.json" 2>&1 | quiet
 echo; echo "## training throughput, GSM8K, 2 ranks"
 torchrun bench/train_throughput.py --task gsm8k --steps 8 --global_batch_size 16 --json "$out/train_gsm8k_2.json" 2>&1 | quiet
+echo; echo "## real model (smollm2-135m): ours vs plain loop, HF Trainer, TRL SFTTrainer; E2E, 2 ranks, ZeRO-2"
+"$py" bench/compare_trainers.py --task e2e --ranks 2 --rounds 2 --steps 8 --json "$out/trainers_e2e.json" 2>&1 | quiet
+echo; echo "## same, ZeRO-3 (ds_configs/zero3.json)"
+"$py" bench/compare_trainers.py --task e2e --ranks 2 --rounds 2 --steps 8 --ds_config ds_configs/zero3.json \
+  --contenders hf_trainer ours --json "$out/trainers_e2e_zero3.json" 2>&1 | quiet
+echo; echo "## same, DialogSum, ZeRO-2"
+"$py" bench/compare_trainers.py --task dialogsum --ranks 2 --rounds 2 --steps 4 --json "$out/trainers_dialogsum.json" 2>&1 | quiet
+echo; echo "## generation on the real model: batched vs per-example loop vs pipeline"
+"$py" bench/generation_throughput.py --model smollm2-135m --num_inputs 64 --json "$out/generation_smollm2.json" 2>&1 | quiet
 echo; echo "## profile, E2E, 1 process"
 "$py" bench/profile_train_step.py --task e2e --steps 4 --warmup_steps 1 --global_batch_size 32 2>&1 | quiet
 echo; echo "## generation: batched vs per-example loop"
