@@ -3,6 +3,8 @@ bench/train_throughput.py's contender classes over a real model."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from train_throughput import OursContender, PeerContender
 
@@ -19,6 +21,17 @@ class Totals:
 
     def __init__(self, seconds: float, useful: int, real: int):
         self.seconds, self.useful, self.real = seconds, useful, real
+
+
+@contextlib.contextmanager
+def profiled(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        yield profiler
 
 
 def real_tokens_of(rows: list[dict], batches: list[list[int]]) -> int:
@@ -86,9 +99,13 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
     )
     packed.train(rows, 0, warmup, timed=False)
     named = (("ours", lora), ("ours_loradrop", loradrop), ("ours_padding_free", packed))
-    for first in range(warmup, total, args.chunk_steps):
-        for _, contender in named:
-            contender.train(rows, first, min(first + args.chunk_steps, total))
+    with profiled(args.profile) as profiler:
+        for first in range(warmup, total, args.chunk_steps):
+            for _, contender in named:
+                contender.train(rows, first, min(first + args.chunk_steps, total))
+    if profiler is not None and get_world_size_and_rank()[1] == 0:
+        print(f"## top operators by self CPU time, rank 0, the timed steps of {[n for n, _ in named]}")
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     lengths = [len(r["input_ids"]) for r in rows]
     real = real_tokens_of(rows, global_batches(lengths, args.global_batch_size, args.seed, 0)[warmup:total])
     _, rank = get_world_size_and_rank()
