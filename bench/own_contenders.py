@@ -6,13 +6,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from train_throughput import OursContender, PeerContender
+from train_throughput import OursContender, PeerContender, plan_from
 
 from ds_loradrop.data.batching import global_batches
 from ds_loradrop.method.placement import attach_own_adapters, attach_planned_adapters
-from ds_loradrop.method.plan import build_plan
-from ds_loradrop.method.probe import measure_importance
-from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import get_world_size_and_rank
 
 
@@ -41,7 +38,6 @@ def real_tokens_of(rows: list[dict], batches: list[list[int]]) -> int:
 def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict:
     from trainer_peers import load_model
 
-    world_size, _ = get_world_size_and_rank()
     warmup, total = args.warmup_steps, args.warmup_steps + args.steps
     model, _ = load_model(args)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -62,25 +58,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
         ds_config=config,
     )
     lora.train(rows, 0, warmup, timed=False)
-    sums, num_tokens = measure_importance(
-        lora.engine,
-        lora.layout,
-        rows,
-        batch_size=lora.batch.micro_batch_size,
-        pad_token_id=pad_token_id,
-        device=ds_engine.local_device(),
-    )
-    plan = build_plan(
-        sums,
-        num_tokens,
-        threshold=0.9,
-        selection="output_norm",
-        low_importance="share",
-        seed=args.seed,
-        sample_ratio=1.0,
-        num_sampled=len(rows),
-        world_size=world_size,
-    )
+    plan = plan_from(lora, rows, pad_token_id, args.seed)
     loradrop = OursContender(
         args,
         fresh(),

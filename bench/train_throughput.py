@@ -329,6 +329,30 @@ class OursContender:
             )
 
 
+def plan_from(contender: OursContender, rows: list[dict], pad_token_id: int, seed: int):
+    """A LoRA-drop plan (T = 0.9, output norm, shared) from the importance of ``contender``'s adapters
+    over ``rows``."""
+    sums, num_tokens = measure_importance(
+        contender.engine,
+        contender.layout,
+        rows,
+        batch_size=contender.batch.micro_batch_size,
+        pad_token_id=pad_token_id,
+        device=ds_engine.local_device(),
+    )
+    return build_plan(
+        sums,
+        num_tokens,
+        threshold=0.9,
+        selection="output_norm",
+        low_importance="share",
+        seed=seed,
+        sample_ratio=1.0,
+        num_sampled=len(rows),
+        world_size=get_world_size_and_rank()[0],
+    )
+
+
 def prepare_rows(args) -> tuple[object, list[dict], list[dict]]:
     """(tokenizer, warm-up rows, timed rows): real training examples of the task, tokenised with the
     tiny-llama preset's tokenizer. The same examples go to every contender."""
@@ -390,25 +414,7 @@ def main(args) -> dict:
         pad_token_id,
     )
     lora.train(warmup_rows, 0, args.warmup_steps, timed=False)
-    sums, num_tokens = measure_importance(
-        lora.engine,
-        lora.layout,
-        warmup_rows,
-        batch_size=lora.batch.micro_batch_size,
-        pad_token_id=pad_token_id,
-        device=ds_engine.local_device(),
-    )
-    plan = build_plan(
-        sums,
-        num_tokens,
-        threshold=0.9,
-        selection="output_norm",
-        low_importance="share",
-        seed=args.seed,
-        sample_ratio=1.0,
-        num_sampled=len(warmup_rows),
-        world_size=world_size,
-    )
+    plan = plan_from(lora, warmup_rows, pad_token_id, args.seed)
     loradrop = OursContender(
         args,
         fresh_model(),
