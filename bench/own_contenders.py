@@ -3,9 +3,9 @@ bench/train_throughput.py's contender classes over a real model."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 
-import torch
 from train_throughput import OursContender, PeerContender, plan_from
 
 from ds_loradrop.data.batching import global_batches
@@ -41,9 +41,8 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
     warmup, total = args.warmup_steps, args.warmup_steps + args.steps
     model, _ = load_model(args)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    config = ds_config  # its "auto" values filled by trainer_peers.main, as for every contender
-    args.steps = total  # OursContender sizes its schedule from warm-up + steps
-    args.warmup_steps = 0
+    # OursContender sizes its learning-rate schedule from warm-up + steps: all of them here
+    args = argparse.Namespace(**{**vars(args), "steps": total, "warmup_steps": 0})
 
     def fresh():
         fresh_model, _ = load_model(args)
@@ -55,7 +54,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
         model,
         lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
         pad_token_id,
-        ds_config=config,
+        ds_config=ds_config,
     )
     lora.train(rows, 0, warmup, timed=False)
     plan = plan_from(lora, rows, pad_token_id, args.seed)
@@ -64,7 +63,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
         fresh(),
         lambda lay: attach_planned_adapters(lay, plan, args.lora_r, 2 * args.lora_r, 0.0),
         pad_token_id,
-        ds_config=config,
+        ds_config=ds_config,
     )
     loradrop.train(rows, 0, warmup, timed=False)
     packed = OursContender(
@@ -72,7 +71,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
         fresh(),
         lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
         pad_token_id,
-        ds_config=config,
+        ds_config=ds_config,
         padding_free=True,
     )
     packed.train(rows, 0, warmup, timed=False)
@@ -109,7 +108,6 @@ def run_peer_loop(args, rows: list[dict], ds_config: dict, pad_token_id: int) ->
     size = args.global_batch_size
     real = real_tokens_of(rows, [order[s * size : (s + 1) * size] for s in range(warmup, total)])
     _, rank = get_world_size_and_rank()
-    torch.distributed.barrier() if torch.distributed.is_initialized() else None
     return {
         "peer_loop": Totals(
             peer.timings.seconds, peer.timings.target_tokens if rank == 0 else 0, real if rank == 0 else 0

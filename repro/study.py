@@ -169,13 +169,20 @@ class Progress:
             handle.write(line + "\n")
 
 
+def launch_logged(command: list[str], log_path: str) -> int:
+    """Run ``command`` in the repository root, its output appended to ``log_path``; its exit status."""
+    with open(log_path, "a") as log:
+        return subprocess.run(
+            command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False
+        ).returncode
+
+
 def run_stage1_only(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str, log_path: str) -> None:
     """Stage 1 of a LoRA-drop cell's run, into that run's directory (``--stop_after_stage1``, no MLflow)."""
     command = [*train_command(dirs, grid, cell, seed, python), "--stop_after_stage1", "--report_to", "none"]
-    with open(log_path, "a") as log:
-        done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{cell.name} seed {seed}: stage 1 failed ({done.returncode}); see {log_path}")
+    status = launch_logged(command, log_path)
+    if status != 0:
+        raise RuntimeError(f"{cell.name} seed {seed}: stage 1 failed ({status}); see {log_path}")
 
 
 def run_one(
@@ -193,22 +200,17 @@ def run_one(
                 f"{cell.name} seed {seed}: no stage 1 of {source.name} seed {seed} here; running it again"
             )
             run_stage1_only(dirs, grid, source, seed, python, log_path)
-        command = plan_command(dirs, grid, cell, seed, python)
-        with open(log_path, "a") as log:
-            done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"{cell.name} seed {seed}: plan command failed ({done.returncode}); see {log_path}"
-            )
+        status = launch_logged(plan_command(dirs, grid, cell, seed, python), log_path)
+        if status != 0:
+            raise RuntimeError(f"{cell.name} seed {seed}: plan command failed ({status}); see {log_path}")
     command = train_command(dirs, grid, cell, seed, python)
     progress(f"start {cell.name} seed {seed}: {shlex.join(command)}")
     start = time.perf_counter()
-    with open(log_path, "a") as log:
-        done = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+    status = launch_logged(command, log_path)
     seconds = time.perf_counter() - start
-    if done.returncode != 0:
+    if status != 0:
         raise RuntimeError(
-            f"{cell.name} seed {seed}: exit status {done.returncode} after {seconds:.0f}s; "
+            f"{cell.name} seed {seed}: exit status {status} after {seconds:.0f}s; "
             f"see {log_path} (rerunning the study resumes it)"
         )
     result = collect_result(out, grid, cell, seed, command, seconds)

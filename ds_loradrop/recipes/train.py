@@ -54,9 +54,9 @@ def run(cfg: RunConfig) -> RunSummary | None:
         preparation = prepare_method(ctx)
         if cfg.drop.stop_after_stage1:
             stop_after_stage1(ctx)
-            return None
-        final = train_final(ctx, preparation)
-        summary = finish(ctx, preparation, final, start)
+            summary = None
+        else:
+            summary = finish(ctx, preparation, train_final(ctx, preparation), start)
     except Terminated:
         ctx.log.end("KILLED")
         raise
@@ -73,10 +73,7 @@ def stop_after_stage1(ctx: RunContext) -> None:
     with tag ``completed=stage1``; ``--resume auto`` continues it with stage 2."""
     plan_file = os.path.join(ctx.output_dir, STAGE1_ADAPTER_DIR, PLAN_NAME)
     logger.info(f"stopping after stage 1 (--stop_after_stage1): plan in {plan_file}")
-    if is_rank_zero():
-        ctx.log.stopped_after_stage1(ctx.output_dir)
-    barrier()
-    ds_engine.shutdown_distributed()
+    ctx.log.stopped_after_stage1(ctx.output_dir)  # a no-op off rank 0
 
 
 @dataclass
