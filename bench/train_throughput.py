@@ -361,7 +361,7 @@ def prepare_rows(args) -> tuple[object, list[dict], list[dict]]:
     e2e_dir = os.path.join(REPO_ROOT, "..", "shared", "data", "e2e")
     # The preset as training builds it (on rank 0, shared with every rank): only its tokenizer is used.
     preset = resolve_model_path(
-        TINY_LLAMA, None, lambda max_rows: get_task("e2e").training_text(e2e_dir, max_rows)
+        TINY_LLAMA, None, lambda max_examples: get_task("e2e").training_text(e2e_dir, max_examples)
     )
     tokenizer = load_tokenizer(preset)
     num_timed, num_warmup = args.steps * args.global_batch_size, args.warmup_steps * args.global_batch_size

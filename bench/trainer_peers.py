@@ -82,7 +82,9 @@ def task_rows(args, tokenizer) -> list[dict]:
 def model_path(model: str) -> str:
     """A hub id / path, or a preset as training builds it (tiny-llama's tokenizer from E2E text)."""
     e2e_dir = os.path.join(REPO_ROOT, "..", "shared", "data", "e2e")
-    return resolve_model_path(model, None, lambda max_rows: get_task("e2e").training_text(e2e_dir, max_rows))
+    return resolve_model_path(
+        model, None, lambda max_examples: get_task("e2e").training_text(e2e_dir, max_examples)
+    )
 
 
 def load_model(args):

@@ -221,7 +221,7 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
                 "loradrop with --plan)"
             ),
         ),
-        (["--max_train_samples", "-1"], "--max_train_samples must be >= 0 (0 = all rows), got -1"),
+        (["--max_train_samples", "-1"], "--max_train_samples must be >= 0 (0 = all of them), got -1"),
         (["--max_eval_samples", "-3"], "--max_eval_samples must be >= 0 (0 = all inputs), got -3"),
     ],
 )
@@ -244,17 +244,17 @@ def test_zero_train_and_eval_samples_mean_the_whole_split(base_args):
     assert default.examples.num_rows == 1200 and len(default.eval_examples) == 200  # the quick start's sizes
 
 
-def test_no_training_rows_left_after_filtering(base_args, tmp_path, e2e_dir):
+def test_no_training_examples_left_after_filtering(base_args, tmp_path, e2e_dir):
     empty = tmp_path / "header_only"
     empty.mkdir()
     (empty / "trainset.csv").write_text("mr,ref\n")
     shutil.copy(os.path.join(e2e_dir, "devset.csv"), empty / "devset.csv")
     with pytest.raises(UsageError, match="header_only/trainset.csv: no records"):
         check(base_args + ["--data_dir", str(empty)])
-    # every training row's input is held out for evaluation
+    # every training example's input is held out for evaluation
     (empty / "trainset.csv").write_text('mr,ref\n"name[A]",A is a pub.\n"name[B]",B is a pub.\n')
     (empty / "devset.csv").write_text('mr,ref\n"name[A]",A is a pub.\n"name[B]",B is a pub.\n')
-    with pytest.raises(UsageError, match="no training rows in the validation split"):
+    with pytest.raises(UsageError, match="no training examples in the validation split"):
         check(
             base_args + ["--data_dir", str(empty), "--train_split", "validation", "--max_eval_samples", "2"]
         )
@@ -277,8 +277,10 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, e2e_dir):
     from ds_loradrop.data.tasks import get_task
     from ds_loradrop.models.loading import TinyLlamaSpec, ensure_tiny_llama, load_tokenizer
 
-    spec = TinyLlamaSpec(vocab_size=512, tokenizer_rows=300)
-    path = ensure_tiny_llama(get_task("e2e").training_text(e2e_dir, spec.tokenizer_rows), str(tmp_path), spec)
+    spec = TinyLlamaSpec(vocab_size=512, tokenizer_examples=300)
+    path = ensure_tiny_llama(
+        get_task("e2e").training_text(e2e_dir, spec.tokenizer_examples), str(tmp_path), spec
+    )
     stripped = tmp_path / "no_pad"
     shutil.copytree(path, stripped)
     config = json.loads((stripped / "tokenizer_config.json").read_text())
@@ -379,3 +381,16 @@ def test_resume_accepts_a_run_config_from_before_newer_settings_and_ignores_the_
     )
     with pytest.raises(UsageError, match=r"changed configuration \(data.max_train_samples\)"):
         check_resume_matches(parse_run_config(["--max_train_samples", "65"]), str(path))
+
+
+def test_resume_reads_the_method_of_a_run_config_that_kept_it_under_drop(tmp_path):
+    from ds_loradrop.recipes.checks import check_resume_matches
+
+    cfg = parse_run_config(["--method", "lora"])
+    saved = cfg.to_dict()
+    saved["drop"]["method"] = saved.pop("finetuning")["method"]
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(saved))
+    check_resume_matches(cfg, str(path))
+    with pytest.raises(UsageError, match=r"changed configuration \(finetuning.method\)"):
+        check_resume_matches(parse_run_config(["--method", "loradrop"]), str(path))

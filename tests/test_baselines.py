@@ -17,7 +17,7 @@ from ds_loradrop.method.placement import (
     inject_lora,
     merged_weight,
 )
-from ds_loradrop.method.snip import measure_saliency, scoring_rows
+from ds_loradrop.method.snip import measure_saliency, scoring_indices
 from ds_loradrop.method.sparse_lora import (
     apply_masks,
     attach_sparse_adapters,
@@ -228,10 +228,10 @@ def test_pruned_lora_starts_at_the_base_model_keeps_its_zeros_and_counts_kept_en
         assert torch.equal(saved["mask_B"], masks[f"{name}.mask_B"])
 
 
-def test_scoring_rows_are_a_seeded_subset():
-    assert scoring_rows(1000, 320, seed=3) == scoring_rows(1000, 320, seed=3)
-    assert scoring_rows(1000, 320, seed=3) != scoring_rows(1000, 320, seed=4)
-    assert len(set(scoring_rows(1000, 320, seed=3))) == 320 and scoring_rows(50, 320, seed=3) == list(
+def test_scoring_indices_are_a_seeded_subset():
+    assert scoring_indices(1000, 320, seed=3) == scoring_indices(1000, 320, seed=3)
+    assert scoring_indices(1000, 320, seed=3) != scoring_indices(1000, 320, seed=4)
+    assert len(set(scoring_indices(1000, 320, seed=3))) == 320 and scoring_indices(50, 320, seed=3) == list(
         range(50)
     )
 

@@ -52,6 +52,27 @@ def test_a_finished_runs_run_config_relaunches_it(tmp_path):
     assert parse_run_config(["--config", str(path), "--seed", "6"]).train.seed == 6
 
 
+def test_files_of_earlier_versions_with_the_method_under_drop_still_read(tmp_path):
+    """--method lived in the drop: section before it got its own finetuning: section."""
+    old = write(tmp_path / "old.yaml", "drop:\n  method: lora\n  threshold: 0.8\n")
+    cfg = parse_run_config(["--config", old])
+    assert cfg.finetuning.method == "lora" and cfg.drop.threshold == 0.8
+    assert parse_run_config(["--config", old, "--method", "vera"]).finetuning.method == "vera"
+    same = write(tmp_path / "same.yaml", "finetuning:\n  method: lora\ndrop:\n  method: lora\n")
+    assert parse_run_config(["--config", same]).finetuning.method == "lora"
+    both = write(tmp_path / "both.yaml", "finetuning:\n  method: full\ndrop:\n  method: lora\n")
+    with pytest.raises(UsageError, match=r"both.yaml: drop.method \('lora', the old place\) and "):
+        parse_run_config(["--config", both])
+    saved = parse_run_config(["--method", "sparse_lora"]).to_dict()
+    saved["drop"]["method"] = saved.pop("finetuning")["method"]  # a run_config.json written before
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(saved))
+    assert parse_run_config(["--config", str(path)]).finetuning.method == "sparse_lora"
+    from ds_loradrop.config import RunConfig
+
+    assert RunConfig.from_dict(saved).finetuning.method == "sparse_lora"
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 def test_each_recipe_parses_and_begins_with_the_command_that_runs_it(recipe):
     with open(recipe) as handle:
@@ -62,7 +83,7 @@ def test_each_recipe_parses_and_begins_with_the_command_that_runs_it(recipe):
         recipe, REPO_ROOT
     )
     cfg = parse_run_config(["--config", recipe])
-    assert cfg.drop.method == "loradrop" and cfg.drop.threshold == 0.9
+    assert cfg.finetuning.method == "loradrop" and cfg.drop.threshold == 0.9
 
 
 def test_the_quick_start_recipe_is_the_default_run_under_zero2():

@@ -198,7 +198,7 @@ def test_one_run_with_params_metrics_and_artifacts(runs, store, experiment, run_
     with open(os.path.join(out[output], "run_config.json")) as handle:
         resolved = json.load(handle)
     world_size = resolved["resolved"]["world_size"]
-    assert params["drop.method"] == "loradrop" and params["drop.threshold"] == "0.6"
+    assert params["finetuning.method"] == "loradrop" and params["drop.threshold"] == "0.6"
     assert params["drop.sample_ratio"] == "0.25" and params["lora.lora_r"] == "8"
     assert params["lora.lora_targets"] == "q_proj,v_proj" and params["data.task"] == "e2e"
     assert params["model.model"] == "tiny-llama" and params["world_size"] == str(world_size)

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.unit
 
 
 def test_tiny_llama_preset_is_a_normal_checkpoint_cached_by_content(e2e_dir, tmp_path):
-    spec = TinyLlamaSpec(vocab_size=512, tokenizer_rows=500)
-    text = get_task("e2e").training_text(e2e_dir, max_rows=spec.tokenizer_rows)
+    spec = TinyLlamaSpec(vocab_size=512, tokenizer_examples=500)
+    text = get_task("e2e").training_text(e2e_dir, max_examples=spec.tokenizer_examples)
     path = ensure_tiny_llama(text, str(tmp_path), spec)
     assert sorted(f for f in os.listdir(path)) == sorted(
         [

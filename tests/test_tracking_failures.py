@@ -121,7 +121,7 @@ def test_tracking_server_down_does_not_stop_training(setup):
     local = f"sqlite:///{root / 'fallback' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=local)
     [run] = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.params["drop.method"] == "lora"
+    assert run.info.status == "FINISHED" and run.data.params["finetuning.method"] == "lora"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
 
 
@@ -132,7 +132,7 @@ def test_a_run_whose_training_raises_ends_failed(setup):
     from ds_loradrop.models.loading import TinyLlamaSpec, ensure_tiny_llama
 
     spec = TinyLlamaSpec()
-    text = get_task("e2e").training_text(args[1], spec.tokenizer_rows)
+    text = get_task("e2e").training_text(args[1], spec.tokenizer_examples)
     good = ensure_tiny_llama(text, str(root / "cache"), spec)
     broken = root / "broken-model"
     shutil.copytree(good, broken)
@@ -591,7 +591,7 @@ def test_runs_that_differ_only_in_the_seed_form_one_group_with_mean_std_and_n():
 
     def row(name, seed, threshold, bleu, status="FINISHED", output_dir=None):
         params = {
-            "drop.method": "loradrop",
+            "finetuning.method": "loradrop",
             "drop.threshold": threshold,
             "train.seed": seed,
             "train.output_dir": output_dir or f"runs/{name}",

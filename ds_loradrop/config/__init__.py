@@ -1,11 +1,11 @@
-"""The run configuration: one dataclass per concern (``sections``: model, data; ``method``: adapters,
-LoRA-drop; ``training``: training, evaluation, tracking), gathered and checked together in
+"""The run configuration: one dataclass per concern (``sections``: model, data; ``method``: the fine-tuning
+method, adapters, LoRA-drop; ``training``: training, evaluation, tracking), gathered and checked together in
 ``run.RunConfig``; ``files`` reads a --config file into flag defaults.
 
 Imports only ``errors`` (and, for the tasks' defaults, ``data``).
 """
 
-from ds_loradrop.config.method import DropConfig, LoraConfig
+from ds_loradrop.config.method import DropConfig, FinetuningConfig, LoraConfig
 from ds_loradrop.config.run import CONFIG_SECTIONS, RunConfig
 from ds_loradrop.config.sections import (
     DEFAULT_DATA_ROOT,
@@ -32,6 +32,7 @@ __all__ = [
     "DataConfig",
     "DropConfig",
     "EvalConfig",
+    "FinetuningConfig",
     "LoraConfig",
     "ModelConfig",
     "RunConfig",

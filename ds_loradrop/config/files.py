@@ -23,6 +23,30 @@ from ds_loradrop.errors import UsageError
 # Blocks a run writes into its run_config.json that are not settings.
 IGNORED_BLOCKS = ("resolved",)
 
+# Settings an earlier version kept in another section: (section then, key) -> section now. Config files
+# and the run_config.json of runs written before the move read back through with_moved_keys.
+MOVED_KEYS = {("drop", "method"): "finetuning"}
+
+
+def with_moved_keys(values: dict, where: str = "the run configuration") -> dict:
+    """A sectioned mapping with each moved key in its section of now; the key given in both places with
+    different values is an error."""
+    moved = {
+        name: dict(settings) if isinstance(settings, dict) else settings for name, settings in values.items()
+    }
+    for (old_section, key), new_section in MOVED_KEYS.items():
+        old, new = moved.get(old_section), moved.setdefault(new_section, {})
+        if not (isinstance(old, dict) and key in old and isinstance(new, dict)):
+            continue  # nothing to move, or a malformed section the reader names
+        value = old.pop(key)
+        if key in new and new[key] != value:
+            raise UsageError(
+                f"{where}: {old_section}.{key} ({value!r}, the old place) and {new_section}.{key} "
+                f"({new[key]!r}) disagree; keep {new_section}.{key} only"
+            )
+        new[key] = value
+    return moved
+
 
 def read_config_file(path: str) -> dict:
     """The file's mapping (YAML for .yaml / .yml, JSON otherwise), without the ignored blocks."""
@@ -50,6 +74,7 @@ def read_config_file(path: str) -> dict:
 
 def flag_defaults(values: dict, sections: dict[str, type], path: str) -> dict[str, object]:
     """``{flag name: value}`` of a sectioned mapping, each value checked against its field's type."""
+    values = with_moved_keys(values, path)
     defaults = {}
     for section, settings in values.items():
         if section not in sections:

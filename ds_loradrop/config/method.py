@@ -1,10 +1,10 @@
-"""The sections of a run configuration that say how to adapt the model: the adapters (LoRA and the
-paper's other baselines) and LoRA-drop's decisions."""
+"""The sections of a run configuration that say how to adapt the model: which fine-tuning method, the
+adapters (LoRA and the paper's other baselines) and LoRA-drop's decisions."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from ds_loradrop.errors import UsageError
 
@@ -24,6 +24,25 @@ METHOD_FLAGS = {
     "sparsity": "sparse_lora",
     "snip_examples": "sparse_lora",
 }
+
+
+# The fine-tuning methods: LoRA-drop, plain LoRA, full fine-tuning and the paper's other baselines.
+Method = Literal["loradrop", "lora", "full", "vera", "tied_lora", "sparse_lora"]
+METHODS = get_args(Method)
+
+
+@dataclass
+class FinetuningConfig:
+    """Which fine-tuning method the run trains (the other sections hold that method's settings)."""
+
+    method: Method = field(
+        default="loradrop",
+        metadata={
+            "help": "loradrop (two stages), lora (plain LoRA, no stage 1), full (full fine-tuning), or the "
+            "paper's other baselines: vera (VeRA), tied_lora (Tied-LoRA, TL6), sparse_lora (Sparse "
+            "Adapter: LoRA pruned by SNIP)."
+        },
+    )
 
 
 @dataclass
@@ -100,14 +119,6 @@ class LoraConfig:
 
 @dataclass
 class DropConfig:
-    method: Literal["loradrop", "lora", "full", "vera", "tied_lora", "sparse_lora"] = field(
-        default="loradrop",
-        metadata={
-            "help": "loradrop (two stages), lora (plain LoRA, no stage 1), full (full fine-tuning), or the "
-            "paper's other baselines: vera (VeRA), tied_lora (Tied-LoRA, TL6), sparse_lora (Sparse "
-            "Adapter: LoRA pruned by SNIP)."
-        },
-    )
     sample_ratio: float = field(
         default=0.1,
         metadata={"help": "Stage 1: share of the training set in the stratified sample, in (0, 1]."},
@@ -177,8 +188,3 @@ class DropConfig:
             raise UsageError(f"--stage1_epochs must be > 0, got {self.stage1_epochs}")
         if self.stage1_max_steps is not None and self.stage1_max_steps <= 0:
             raise UsageError(f"--stage1_max_steps must be > 0, got {self.stage1_max_steps}")
-        if self.stop_after_stage1 and (self.method != "loradrop" or self.plan is not None):
-            raise UsageError(
-                "--stop_after_stage1 needs a stage 1: --method loradrop without --plan "
-                f"(got --method {self.method}{' with --plan' if self.plan is not None else ''})"
-            )

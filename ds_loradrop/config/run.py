@@ -17,6 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ds_loradrop.config.files import with_moved_keys
 from ds_loradrop.config.method import (
     DEFAULT_SNIP_EXAMPLES,
     DEFAULT_SPARSITY,
@@ -25,6 +26,7 @@ from ds_loradrop.config.method import (
     DEFAULT_VERA_R,
     METHOD_FLAGS,
     DropConfig,
+    FinetuningConfig,
     LoraConfig,
 )
 from ds_loradrop.config.sections import DataConfig, ModelConfig
@@ -38,6 +40,7 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     drop: DropConfig = field(default_factory=DropConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -50,11 +53,17 @@ class RunConfig:
         if self.data.max_seq_length is None:
             self.data.max_seq_length = task.default_max_seq_length
         self._check_and_fill_baseline_settings()
+        method, planned = self.finetuning.method, self.drop.plan is not None
+        if self.drop.stop_after_stage1 and (method != "loradrop" or planned):
+            raise UsageError(
+                "--stop_after_stage1 needs a stage 1: --method loradrop without --plan "
+                f"(got --method {method}{' with --plan' if planned else ''})"
+            )
         # VeRA and Tied-LoRA have their own rank (VeRA no alpha): LoRA's stay unset, so that a saved
         # run_config.json reads back without "--lora_r does not apply" errors.
-        if self.lora.lora_r is None and self.drop.method not in ("vera", "tied_lora"):
+        if self.lora.lora_r is None and self.finetuning.method not in ("vera", "tied_lora"):
             self.lora.lora_r = task.default_lora_r
-        if self.lora.lora_alpha is None and self.drop.method != "vera":
+        if self.lora.lora_alpha is None and self.finetuning.method != "vera":
             self.lora.lora_alpha = 2.0 * self.lora.lora_r
 
     @property
@@ -66,7 +75,7 @@ class RunConfig:
     def _check_and_fill_baseline_settings(self) -> None:
         """Refuse a baseline's flag given to another method and out-of-range values; fill the method's
         defaults."""
-        lora, method = self.lora, self.drop.method
+        lora, method = self.lora, self.finetuning.method
         for name, owner in METHOD_FLAGS.items():
             if getattr(lora, name) is not None and owner != method:
                 raise UsageError(f"--{name} is a setting of --method {owner}; this run is --method {method}")
@@ -119,7 +128,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> RunConfig:
-        """Rebuild from :meth:`to_dict` output; unknown sections or keys are an error."""
+        """Rebuild from :meth:`to_dict` output (or an earlier version's); unknown sections or keys are an
+        error."""
+        values = with_moved_keys(values)
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(values) - set(sections)
         if unknown:

@@ -15,7 +15,7 @@ DEFAULT_DATA_ROOT_ENV = "DS_LORADROP_DATA_ROOT"
 DEFAULT_DATA_ROOT = os.path.join("..", "shared", "data")
 
 # The defaults size the README's quick start (2 CPU ranks, about 15 minutes with setup): the pretrained
-# preset, 1,200 E2E rows, a global batch of 8, 200 validation inputs.
+# preset, 1,200 E2E training examples, a global batch of 8, 200 validation inputs.
 QUICK_START_TRAIN_SAMPLES = 1200
 QUICK_START_EVAL_SAMPLES = 200
 DEFAULT_MICRO_BATCH_SIZE = 4
@@ -78,7 +78,7 @@ class DataConfig:
     max_train_samples: int | None = field(
         default=QUICK_START_TRAIN_SAMPLES,
         metadata={
-            "help": "Use only the first N training rows (after reading); 0 = all of them. The default "
+            "help": "Use only the first N training examples (after reading); 0 = all of them. The default "
             f"({QUICK_START_TRAIN_SAMPLES}) sizes the quick start: enough for SmolLM2-135M to learn E2E."
         },
     )
@@ -93,8 +93,8 @@ class DataConfig:
     cache_tokenized: bool = field(
         default=True,
         metadata={
-            "help": "Keep the tokenised rows on disk (beside the model presets, keyed by the rows, the "
-            "tokenizer and the length) so that later runs on the same data skip tokenisation."
+            "help": "Keep the tokenised examples on disk (beside the model presets, keyed by the examples, "
+            "the tokenizer and the length) so that later runs on the same data skip tokenisation."
         },
     )
     # --task custom: your own data (ds_loradrop/data/tasks/custom.py).
@@ -140,7 +140,9 @@ class DataConfig:
                         f"--{name} is a setting of --task custom; this run is --task {self.task}"
                     )
         if self.max_train_samples is not None and self.max_train_samples < 0:
-            raise UsageError(f"--max_train_samples must be >= 0 (0 = all rows), got {self.max_train_samples}")
+            raise UsageError(
+                f"--max_train_samples must be >= 0 (0 = all of them), got {self.max_train_samples}"
+            )
         if self.max_train_samples == 0:
             self.max_train_samples = None
         if self.max_seq_length is not None and self.max_seq_length < 8:

@@ -23,14 +23,14 @@ IGNORE_INDEX = chat.IGNORE_INDEX
 
 
 def stratified_sample_indices(strata: list[str], ratio: float, seed: int) -> list[int]:
-    """A stratified random sample of ``round(ratio * N)`` (at least 1) rows.
+    """A stratified random sample of ``round(ratio * N)`` (at least 1) examples.
 
-    Each stratum gets ``floor(ratio * n_s)`` rows, and the rows left over go to the strata with the
-    largest remainders (ties by stratum name), so every stratum's share is within one row of
+    Each stratum gets ``floor(ratio * n_s)`` examples, and those left over go to the strata with the
+    largest remainders (ties by stratum name), so every stratum's share is within one example of
     ``ratio * n_s``. Rows within a stratum are drawn with ``random.Random(seed)``.
 
     Returns:
-        sampled row indices, ascending.
+        sampled indices, ascending.
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -51,9 +51,9 @@ def stratified_sample_indices(strata: list[str], ratio: float, seed: int) -> lis
     return sorted(sampled)
 
 
-def stratified_sample(rows: list[dict], ratio: float, seed: int) -> list[dict]:
-    """Stage 1's sample of tokenised ``rows`` (each with a ``stratum``), in row order."""
-    return [rows[i] for i in stratified_sample_indices([row["stratum"] for row in rows], ratio, seed)]
+def stratified_sample(examples: list[dict], ratio: float, seed: int) -> list[dict]:
+    """Stage 1's sample of tokenised ``examples`` (each with a ``stratum``), in their order."""
+    return [examples[i] for i in stratified_sample_indices([ex["stratum"] for ex in examples], ratio, seed)]
 
 
 def clip_prompt(prompt_ids: list[int], max_tokens: int, bos_token_id: int | None) -> list[int]:
@@ -69,7 +69,7 @@ def clip_prompt(prompt_ids: list[int], max_tokens: int, bos_token_id: int | None
 def tokenize_examples(
     examples: datasets.Dataset, tokenizer, max_seq_length: int
 ) -> tuple[datasets.Dataset, int]:
-    """Prompt + target + EOS as ``input_ids``; ``labels`` are -100 on the prompt. Chat rows (a
+    """Prompt + target + EOS as ``input_ids``; ``labels`` are -100 on the prompt. Chat examples (a
     ``messages`` column) are whole conversations with labels on the assistant turns
     (:func:`chat.encode_conversation`), cut at ``max_seq_length``.
 
@@ -176,30 +176,31 @@ def shard_evenly(num_examples: int, rank: int, world_size: int, batch_size: int)
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
 
 
-def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids`` / ``labels`` to the longest row; ``attention_mask`` marks real tokens."""
-    length = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One row per example: ``input_ids`` / ``labels`` right-padded to the longest; ``attention_mask``
+    marks real tokens."""
+    length = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[i, :n] = torch.tensor(ex["input_ids"])
+        labels[i, :n] = torch.tensor(ex["labels"])
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def pack(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """The rows as ONE sequence without padding (padding-free): ``position_ids`` restart at 0 for each
-    row, so the model's attention stays inside each row (transformers builds a block-diagonal causal
-    mask from them for SDPA / eager, FlashAttention takes them as sequence boundaries) and RoPE sees
-    each row's own positions. A row's first label is ignored: it would be predicted from the previous
-    row. ``attention_mask`` (all ones) marks the real tokens for the importance recorder; the model is
-    not given it. Shapes (1, total tokens)."""
-    input_ids = torch.tensor([t for row in rows for t in row["input_ids"]], dtype=torch.long)
-    labels = torch.tensor([t for row in rows for t in row["labels"]], dtype=torch.long)
-    position_ids = torch.cat([torch.arange(len(row["input_ids"])) for row in rows])
+def pack(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """The examples as ONE row without padding (padding-free): ``position_ids`` restart at 0 for each
+    example, so the model's attention stays inside each example (transformers builds a block-diagonal
+    causal mask from them for SDPA / eager, FlashAttention takes them as sequence boundaries) and RoPE
+    sees each example's own positions. An example's first label is ignored: it would be predicted from
+    the previous example. ``attention_mask`` (all ones) marks the real tokens for the importance
+    recorder; the model is not given it. Shapes (1, total tokens)."""
+    input_ids = torch.tensor([t for ex in examples for t in ex["input_ids"]], dtype=torch.long)
+    labels = torch.tensor([t for ex in examples for t in ex["labels"]], dtype=torch.long)
+    position_ids = torch.cat([torch.arange(len(ex["input_ids"])) for ex in examples])
     labels[position_ids == 0] = IGNORE_INDEX
     return {
         "input_ids": input_ids[None],

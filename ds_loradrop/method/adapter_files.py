@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ds_loradrop.errors import UsageError
 from ds_loradrop.method.lora import AdapterLayout, LoRAAdapter
-from ds_loradrop.method.placement import named_adapters
+from ds_loradrop.method.placement import inject_lora, named_adapters
 from ds_loradrop.method.plan import Plan
 from ds_loradrop.method.sparse_lora import SparseLoRAAdapter
 from ds_loradrop.method.tied_lora import TiedLoRAAdapter, TiedPair, tied_pair_name
@@ -188,17 +188,15 @@ def _adapter_builder(config: dict, state: dict[str, torch.Tensor], directory: st
     )
 
 
-def attach_saved_adapters(layout: AdapterLayout, directory: str) -> None:
-    """Rebuild the saved adapters (own, shared once, or none per layer) with their weights.
+def attach_saved_adapters(model: torch.nn.Module, directory: str) -> AdapterLayout:
+    """Wrap the saved adapter's targets of ``model`` and rebuild its adapters (own, shared once, or
+    none per layer) with their weights; returns the layout.
 
     Call before the model is handed to DeepSpeed. Raises UsageError if the saved targets or layer
     counts do not match the model.
     """
     config = read_adapter_config(directory)
-    if sorted(config["layers"]) != sorted(layout):
-        raise UsageError(
-            f"adapter targets {sorted(config['layers'])} do not match the model's {sorted(layout)}"
-        )
+    layout = inject_lora(model, list(config["layers"]))
     state = load_adapter_state(directory)
     build = _adapter_builder(config, state, directory)
     built: dict[str, torch.nn.Module] = {}
@@ -213,3 +211,4 @@ def attach_saved_adapters(layout: AdapterLayout, directory: str) -> None:
             if name not in built:
                 built[name] = build(name, wrapper)
             wrapper.adapter = built[name]
+    return layout

@@ -29,7 +29,7 @@ def final_adapters(
 
     ``plan``: LoRA-drop's layout; ``masks``: SNIP's; ``stage1_adapter_dir``: where ``--stage2_init carry``
     takes the retained layers' stage-1 weights from."""
-    lora, method = cfg.lora, cfg.drop.method
+    lora, method = cfg.lora, cfg.finetuning.method
     if method == "full":
         return None
     if method == "lora":
@@ -62,7 +62,7 @@ def final_adapters(
 
 def adapter_settings(cfg: RunConfig) -> dict:
     """What the adapter files record besides tensors, to rebuild the adapters of this run's method."""
-    lora, method = cfg.lora, cfg.drop.method
+    lora, method = cfg.lora, cfg.finetuning.method
     if method == "vera":
         return {
             "method": method,

@@ -14,13 +14,13 @@ from ds_loradrop.training.distributed import all_reduce_sum, get_world_size_and_
 def measure_importance(
     model,
     layout: AdapterLayout,
-    rows: list[dict],
+    examples: list[dict],
     *,
     batch_size: int,
     pad_token_id: int,
     device: torch.device,
 ) -> tuple[dict[str, list[float]], float]:
-    """Sums of ``||s B A x||^2`` over the non-padding tokens of ``rows``, all-reduced over ranks.
+    """Sums of ``||s B A x||^2`` over the non-padding tokens of ``examples``, all-reduced over ranks.
 
     Dropout is off (eval mode). A rank whose shard ran out still runs a forward (on a masked-out
     dummy batch) because ZeRO-3 gathers parameters collectively in every forward.
@@ -32,13 +32,13 @@ def measure_importance(
     recorder = ImportanceRecorder(layout)
     was_training = model.training
     model.eval()
-    # Sums do not depend on the order: batch rows of similar length so that little compute goes to padding.
-    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    # Sums do not depend on the order: batch examples of similar length so that little compute is padding.
+    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     with recorder.recording():
-        for positions in shard_evenly(len(rows), rank, world_size, batch_size):
+        for positions in shard_evenly(len(examples), rank, world_size, batch_size):
             indices = [by_length[p] for p in positions]
             is_dummy = not indices
-            batch = collate([rows[i] for i in (indices or [by_length[0]])], pad_token_id)
+            batch = collate([examples[i] for i in (indices or [by_length[0]])], pad_token_id)
             token_mask = batch["attention_mask"] * (0 if is_dummy else 1)
             recorder.set_token_mask(token_mask.to(device))
             # Only the adapters' inputs matter here: skip the LM head for all but one position.

@@ -18,15 +18,15 @@ from ds_loradrop.training.distributed import all_reduce_sum, get_world_size_and_
 from ds_loradrop.training.loop import token_loss_sum
 
 
-def scoring_rows(num_rows: int, num_examples: int, seed: int) -> list[int]:
-    """Indices of the examples SNIP scores on: a seeded random subset (all rows if there are fewer)."""
-    return sorted(random.Random(seed).sample(range(num_rows), min(num_examples, num_rows)))
+def scoring_indices(num_available: int, num_examples: int, seed: int) -> list[int]:
+    """Indices of the examples SNIP scores on: a seeded random subset (all of them if there are fewer)."""
+    return sorted(random.Random(seed).sample(range(num_available), min(num_examples, num_available)))
 
 
 def measure_saliency(
     model,
     adapters: dict[str, SparseLoRAAdapter],
-    rows: list[dict],
+    examples: list[dict],
     *,
     batch_size: int,
     pad_token_id: int,
@@ -46,11 +46,11 @@ def measure_saliency(
         )
     was_training = model.training
     model.eval()
-    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     try:
-        for positions in shard_evenly(len(rows), rank, world_size, batch_size):
+        for positions in shard_evenly(len(examples), rank, world_size, batch_size):
             indices = [by_length[p] for p in positions]
-            batch = collate([rows[i] for i in (indices or [by_length[0]])], pad_token_id)
+            batch = collate([examples[i] for i in (indices or [by_length[0]])], pad_token_id)
             output = model(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
             )

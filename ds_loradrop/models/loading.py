@@ -46,7 +46,7 @@ class TinyLlamaSpec:
     num_key_value_heads: int = 4
     max_position_embeddings: int = 512
     init_seed: int = 0
-    tokenizer_rows: int = 20000
+    tokenizer_examples: int = 20000
 
     def llama_config(self, vocab_size: int | None = None) -> LlamaConfig:
         return LlamaConfig(
@@ -155,7 +155,7 @@ def ensure_smollm2(cache_dir: str) -> str:
 
 def resolve_model_path(model: str, cache_dir: str | None, training_text: Callable[[int], list[str]]) -> str:
     """The checkpoint to load: ``model`` itself, or for a preset its cached directory (built on rank 0 —
-    tiny-llama from ``training_text(max_rows)`` — then shared with every rank). Call on every rank."""
+    tiny-llama from ``training_text(max_examples)`` — then shared with every rank). Call on every rank."""
     if model not in PRESETS:
         return model
     cache_dir = cache_dir or default_cache_dir()
@@ -164,7 +164,7 @@ def resolve_model_path(model: str, cache_dir: str | None, training_text: Callabl
         try:
             if model == TINY_LLAMA:
                 spec = TinyLlamaSpec()
-                built = ensure_tiny_llama(training_text(spec.tokenizer_rows), cache_dir, spec)
+                built = ensure_tiny_llama(training_text(spec.tokenizer_examples), cache_dir, spec)
             else:
                 built = ensure_smollm2(cache_dir)
         except Exception as error:

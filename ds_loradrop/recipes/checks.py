@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from ds_loradrop.config import SMOLLM2_135M, TINY_LLAMA, RunConfig
+from ds_loradrop.config.files import with_moved_keys
 from ds_loradrop.data.chat import require_chat_template
 from ds_loradrop.data.tasks import EvalExample, Task
 from ds_loradrop.errors import UsageError
@@ -55,14 +56,14 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
         hidden_size=model_config.hidden_size,
         accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
     )
-    if cfg.drop.method != "full":
+    if cfg.finetuning.method != "full":
         layout = inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
         if cfg.drop.plan is not None:
             check_given_plan(cfg, layout)
     if (
         cfg.drop.importance_pass == "last_epoch"
         and cfg.train.gradient_checkpointing
-        and cfg.drop.method == "loradrop"
+        and cfg.finetuning.method == "loradrop"
     ):
         raise UsageError(
             "--importance_pass last_epoch records the training forwards, which --gradient_checkpointing "
@@ -100,7 +101,7 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
         check_chat_template(cfg)
     # Data smaller than one global batch is refused now, not after files are written.
     batch.steps(examples.num_rows, cfg.train.num_train_epochs, cfg.train.max_steps)
-    if cfg.drop.method == "loradrop":
+    if cfg.finetuning.method == "loradrop":
         sample_size = max(1, round(cfg.drop.sample_ratio * examples.num_rows))
         batch.steps(sample_size, cfg.drop.stage1_epochs, cfg.stage1_max_steps, what="stage-1 sample")
     return CheckedInputs(
@@ -118,8 +119,8 @@ def check_given_plan(cfg: RunConfig, layout) -> None:
     from ds_loradrop.method.plan import Plan
 
     path = cfg.drop.plan
-    if cfg.drop.method != "loradrop":
-        raise UsageError(f"--plan is a LoRA-drop layout; --method {cfg.drop.method} does not use one")
+    if cfg.finetuning.method != "loradrop":
+        raise UsageError(f"--plan is a LoRA-drop layout; --method {cfg.finetuning.method} does not use one")
     if cfg.drop.stage2_init == "carry":
         raise UsageError("--stage2_init carry needs this run's stage-1 adapter, and --plan skips stage 1")
     try:
@@ -153,7 +154,7 @@ def load_eval_examples(cfg: RunConfig, task: Task) -> tuple[str, list[EvalExampl
 
 
 def load_training_examples(cfg: RunConfig, task: Task, eval_examples: list[EvalExample] | None = None):
-    """The training rows (``datasets.Dataset`` of prompt, target, stratum): the first
+    """The training examples (``datasets.Dataset`` of prompt, target, stratum): the first
     ``--max_train_samples`` of the training split, without the evaluated inputs when both splits are the
     same (those are loaded here when not given)."""
     if eval_examples is None:
@@ -166,14 +167,14 @@ def load_training_examples(cfg: RunConfig, task: Task, eval_examples: list[EvalE
 
 
 def load_validation_examples(cfg: RunConfig, task: Task, eval_split: str, eval_examples: list[EvalExample]):
-    """The first ``--val_loss_samples`` rows (input + reference) of the evaluated inputs, which are never
+    """The first ``--val_loss_samples`` examples (input + reference) of the evaluated inputs, which are never
     trained on; None when the validation loss is off."""
     if cfg.eval.val_loss_samples == 0:
         return None
     evaluated = {example.prompt for example in eval_examples}
-    rows = task.load_train(cfg.data.resolved_data_dir(), None, eval_split)
-    rows = rows.filter(lambda row: row["prompt"] in evaluated, keep_in_memory=True)
-    return rows.select(range(min(cfg.eval.val_loss_samples, len(rows))))
+    held_out = task.load_train(cfg.data.resolved_data_dir(), None, eval_split)
+    held_out = held_out.filter(lambda ex: ex["prompt"] in evaluated, keep_in_memory=True)
+    return held_out.select(range(min(cfg.eval.val_loss_samples, len(held_out))))
 
 
 def check_chat_template(cfg: RunConfig) -> None:
@@ -191,7 +192,7 @@ def check_save_best_by(cfg: RunConfig, task: Task) -> None:
     metric = cfg.train.save_best_by
     if metric is None:
         return
-    if cfg.drop.method == "full":
+    if cfg.finetuning.method == "full":
         raise UsageError("--save_best_by keeps the best adapter; --method full trains no adapter")
     if metric == "val_loss":
         if cfg.eval.val_loss_samples == 0:
@@ -208,8 +209,9 @@ def check_save_best_by(cfg: RunConfig, task: Task) -> None:
         )
 
 
-# What a resumed run may not change: the model, the data, the adapters and the LoRA-drop decisions.
-RESUME_FIXED_SECTIONS = ("model", "data", "lora", "drop")
+# What a resumed run may not change: the model, the data, the method, its adapters and the LoRA-drop
+# decisions.
+RESUME_FIXED_SECTIONS = ("model", "data", "finetuning", "lora", "drop")
 
 
 # Keys of those sections that change nothing learned.
@@ -230,7 +232,7 @@ def check_resume_matches(cfg: RunConfig, saved_config_path: str) -> None:
     if not os.path.isfile(saved_config_path):
         return
     with open(saved_config_path) as handle:
-        saved = json.load(handle)
+        saved = with_moved_keys(json.load(handle), saved_config_path)
     current = cfg.to_dict()
     changed = [
         f"{section}.{key}"

@@ -31,8 +31,9 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     parser.add_argument(
         "--config",
         default=None,
-        help="A YAML or JSON file sectioned like the settings (model:, data:, lora:, drop:, train:, eval:, "
-        "tracking:), e.g. recipes/e2e_loradrop.yaml or a finished run's run_config.json; flags override it.",
+        help="A YAML or JSON file sectioned like the settings (model:, data:, finetuning:, lora:, drop:, "
+        "train:, eval:, tracking:), e.g. recipes/e2e_loradrop.yaml or a finished run's run_config.json; "
+        "flags override it.",
     )
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher; unused.")
     config_file = config_file_of(argv)

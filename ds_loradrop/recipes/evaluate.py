@@ -10,7 +10,6 @@ from ds_loradrop.errors import UsageError
 from ds_loradrop.eval.evaluation import METRICS_NAME, PREDICTIONS_NAME, evaluate
 from ds_loradrop.eval.generation import prompt_token_budget
 from ds_loradrop.method.adapter_files import attach_saved_adapters, read_adapter_config
-from ds_loradrop.method.placement import inject_lora
 from ds_loradrop.models.loading import (
     load_for_deepspeed,
     load_model_config,
@@ -89,7 +88,7 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
     ds_engine.init_distributed()
     world_size, _ = get_world_size_and_rank()
     model_path = resolve_model_path(
-        model, cfg.model_cache_dir, lambda rows: task.training_text(data_dir, rows, "train")
+        model, cfg.model_cache_dir, lambda max_examples: task.training_text(data_dir, max_examples, "train")
     )
     model_config = load_model_config(model_path, cfg.trust_remote_code)
     ds_config, _ = resolve_ds_config(
@@ -102,8 +101,7 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     lm, zero3_loading = load_for_deepspeed(model_path, ds_config, cfg.trust_remote_code)
     if adapter_config is not None:
-        layout = inject_lora(lm, list(adapter_config["layers"]))
-        attach_saved_adapters(layout, cfg.adapter)
+        attach_saved_adapters(lm, cfg.adapter)
     engine = ds_engine.build_inference_engine(lm, ds_config)
     max_prompt_tokens = prompt_token_budget(model_config, eval_cfg.max_new_tokens or task.max_new_tokens)
     metrics = evaluate(

@@ -33,7 +33,7 @@ from ds_loradrop.method.adapter_files import (
     read_adapter_config,
 )
 from ds_loradrop.method.lora import LoRALinear
-from ds_loradrop.method.placement import inject_lora, merged_weight
+from ds_loradrop.method.placement import merged_weight
 from ds_loradrop.models.loading import load_causal_lm, load_tokenizer
 from ds_loradrop.run_files import FINAL_ADAPTER_DIR
 
@@ -53,8 +53,7 @@ def load_adapted_model(adapter_dir: str, dtype: torch.dtype = torch.float32, tru
     """(base model with the saved adapters attached, adapter config), on the CPU, unpartitioned."""
     config = read_adapter_config(adapter_dir)
     model = load_causal_lm(config["base_model"], dtype, trust_remote_code)
-    layout = inject_lora(model, list(config["layers"]))
-    attach_saved_adapters(layout, adapter_dir)
+    attach_saved_adapters(model, adapter_dir)
     return model.eval(), config
 
 

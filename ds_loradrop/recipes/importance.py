@@ -2,7 +2,7 @@
 plain PEFT LoRA adapter trained elsewhere, measured on a task's data exactly as stage 1 measures it,
 turned into a ``plan.json`` for a threshold that ``launch/train.py --plan`` trains without stage 1.
 
-The rows are the stage-1 sample a training run with the same settings would draw (same training rows,
+The examples are the stage-1 sample a training run with the same settings would draw (same training examples,
 held-out slice, tokenisation, stratified sample and seed), so the tool reproduces a run's ``plan.json``
 from its ``stage1_adapter/``. One process, on the GPU when there is one.
 """
@@ -132,7 +132,7 @@ def run_config_for(run_dir: str | None, overrides: dict[str, object]) -> RunConf
 
 
 def stage1_sample(cfg: RunConfig, tokenizer) -> list[dict]:
-    """The rows stage 1 of a run with ``cfg`` trains on and measures importance over."""
+    """The examples stage 1 of a run with ``cfg`` trains on and measures importance over."""
     from ds_loradrop.recipes.checks import load_training_examples
 
     task = cfg.data.build_task()
@@ -152,8 +152,8 @@ def adapter_importance(
     model_path = resolve_model_path(
         model_name,
         cfg.model.model_cache_dir,
-        lambda rows: cfg.data.build_task().training_text(
-            cfg.data.resolved_data_dir(), rows, cfg.data.train_split
+        lambda max_examples: cfg.data.build_task().training_text(
+            cfg.data.resolved_data_dir(), max_examples, cfg.data.train_split
         ),
     )
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
@@ -161,11 +161,11 @@ def adapter_importance(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_causal_lm(model_path, torch.float32, cfg.model.trust_remote_code)
     model.config.use_cache = False
-    layout = inject_lora(model, saved.targets)
     if saved.kind == "peft":
+        layout = inject_lora(model, saved.targets)
         attach_peft_adapters(model, layout, adapter_dir, saved)
     else:
-        attach_saved_adapters(layout, adapter_dir)
+        layout = attach_saved_adapters(model, adapter_dir)
         missing = [f"{t} layer {w.layer}" for t, ws in layout.items() for w in ws if w.adapter is None]
         if missing:
             raise UsageError(
@@ -173,7 +173,9 @@ def adapter_importance(
                 f"one on every layer (a stage-1 or plain LoRA adapter)"
             )
     model.to(device)  # after the adapters are attached: they are created on the CPU
-    logger.info(f"importance of {adapter_dir} ({saved.kind}, r={saved.r}) over {len(sample)} sampled rows")
+    logger.info(
+        f"importance of {adapter_dir} ({saved.kind}, r={saved.r}) over {len(sample)} sampled examples"
+    )
     sums, num_tokens = measure_importance(
         model, layout, sample, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, device=device
     )

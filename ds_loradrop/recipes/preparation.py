@@ -22,7 +22,7 @@ from ds_loradrop.method.methods import adapter_settings
 from ds_loradrop.method.placement import attach_own_adapters
 from ds_loradrop.method.plan import Plan, build_plan_for
 from ds_loradrop.method.probe import measure_importance, reduce_recorded
-from ds_loradrop.method.snip import measure_saliency, scoring_rows
+from ds_loradrop.method.snip import measure_saliency, scoring_indices
 from ds_loradrop.method.sparse_lora import (
     attach_sparse_adapters,
     global_keep_masks,
@@ -59,7 +59,7 @@ class Preparation:
 
 
 def prepare_method(ctx: RunContext) -> Preparation:
-    method = ctx.cfg.drop.method
+    method = ctx.cfg.finetuning.method
     if method == "loradrop" and ctx.cfg.drop.plan is not None:
         return Preparation(plan=use_given_plan(ctx))
     if method == "loradrop" and ctx.resume.finished_plan is not None:
@@ -84,9 +84,10 @@ def prepare_method(ctx: RunContext) -> Preparation:
 def run_stage1(ctx: RunContext) -> tuple[Plan, StageResult]:
     """Train LoRA on a stratified sample, measure importance, select on rank 0, broadcast, save."""
     cfg, drop, lora = ctx.cfg, ctx.cfg.drop, ctx.cfg.lora
-    sample = stratified_sample(ctx.rows, drop.sample_ratio, cfg.train.seed)
+    sample = stratified_sample(ctx.train_examples, drop.sample_ratio, cfg.train.seed)
     logger.info(
-        f"stage1: stratified sample of {len(sample)}/{len(ctx.rows)} examples (ratio {drop.sample_ratio})"
+        f"stage1: stratified sample of {len(sample)}/{len(ctx.train_examples)} examples "
+        f"(ratio {drop.sample_ratio})"
     )
     built = build_model(
         ctx,
@@ -205,7 +206,7 @@ def run_pruning(ctx: RunContext) -> tuple[dict[str, torch.Tensor], StageResult]:
     """``--method sparse_lora``: score LoRA's entries with SNIP on a seeded sample, keep the best
     ``1 - sparsity`` of them (rank 0 ranks, every rank checks it holds the same masks), save the masks."""
     cfg, lora, start = ctx.cfg, ctx.cfg.lora, time.perf_counter()
-    indices = scoring_rows(len(ctx.rows), lora.snip_examples, cfg.train.seed)
+    indices = scoring_indices(len(ctx.train_examples), lora.snip_examples, cfg.train.seed)
     # The same seed as the final model's adapters: training starts from the A that was scored.
     built = build_model(
         ctx,
@@ -216,7 +217,7 @@ def run_pruning(ctx: RunContext) -> tuple[dict[str, torch.Tensor], StageResult]:
     scores = measure_saliency(
         ds_engine.module_for_gradients_of_non_parameters(engine),
         sparse_adapters(built.layout),
-        [ctx.rows[i] for i in indices],
+        [ctx.train_examples[i] for i in indices],
         batch_size=ctx.batch.micro_batch_size,
         pad_token_id=ctx.tokenizer.pad_token_id,
         device=ctx.device,

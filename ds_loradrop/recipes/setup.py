@@ -92,8 +92,8 @@ def resolve_resume_point(cfg: RunConfig) -> ResumePoint:
         requested=True,
         checkpoint=checkpoint,
         state=read_state(checkpoint) if checkpoint is not None else None,
-        finished_plan=plan if cfg.drop.method == "loradrop" and os.path.isfile(plan) else None,
-        finished_masks=masks if cfg.drop.method == "sparse_lora" and os.path.isfile(masks) else None,
+        finished_plan=plan if cfg.finetuning.method == "loradrop" and os.path.isfile(plan) else None,
+        finished_masks=masks if cfg.finetuning.method == "sparse_lora" and os.path.isfile(masks) else None,
     )
 
 
@@ -107,8 +107,8 @@ class RunContext:
     device: torch.device
     model_path: str
     tokenizer: object  # a transformers tokenizer with a pad token
-    rows: list[dict]  # tokenised training examples: input_ids, attention_mask, labels, stratum
-    val_rows: list[dict]  # tokenised held-out rows for the validation loss (empty: none)
+    train_examples: list[dict]  # tokenised training examples: input_ids, attention_mask, labels, stratum
+    val_examples: list[dict]  # tokenised held-out examples for the validation loss (empty: none)
     num_truncated: int
     task: Task
     eval_split: str
@@ -155,8 +155,8 @@ def setup(cfg: RunConfig) -> RunContext:
         device=ds_engine.local_device(),
         model_path=data.model_path,
         tokenizer=data.tokenizer,
-        rows=data.rows,
-        val_rows=data.val_rows,
+        train_examples=data.train_examples,
+        val_examples=data.val_examples,
         num_truncated=data.num_truncated,
         task=task,
         eval_split=inputs.eval_split,
@@ -175,38 +175,38 @@ def setup(cfg: RunConfig) -> RunContext:
 class PreparedData:
     model_path: str
     tokenizer: object
-    rows: list[dict]
+    train_examples: list[dict]
     num_truncated: int
-    val_rows: list[dict]
+    val_examples: list[dict]
 
 
 def prepare_data(cfg: RunConfig, inputs: CheckedInputs, task: Task) -> PreparedData:
-    """The model files (a preset built), its tokenizer, and the tokenised training and validation rows."""
+    """The model files (a preset built), its tokenizer, and the tokenised training and validation examples."""
     data_dir = cfg.data.resolved_data_dir()
     model_path = resolve_model_path(
         cfg.model.model,
         cfg.model.model_cache_dir,
-        lambda max_rows: task.training_text(data_dir, max_rows, cfg.data.train_split),
+        lambda max_examples: task.training_text(data_dir, max_examples, cfg.data.train_split),
     )
     logger.info(f"model: {model_path}")
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     cache_root = (cfg.model.model_cache_dir or default_cache_dir()) if cfg.data.cache_tokenized else None
-    rows, num_truncated = tokenize_with_cache(
+    train_examples, num_truncated = tokenize_with_cache(
         inputs.examples, tokenizer, cfg.data.max_seq_length, cache_root=cache_root, what="training data"
     )
-    val_rows = []
+    val_examples = []
     if inputs.val_examples is not None:
-        val_rows, _ = tokenize_with_cache(
+        val_examples, _ = tokenize_with_cache(
             inputs.val_examples, tokenizer, cfg.data.max_seq_length, cache_root=cache_root, what="validation"
         )
-    if len(rows) == 0:
+    if len(train_examples) == 0:
         raise UsageError("no training example has a target token left after tokenisation")
     if num_truncated:
         logger.info(
             f"{num_truncated} of {len(inputs.examples)} examples truncated to "
             f"{cfg.data.max_seq_length} tokens"
         )
-    return PreparedData(model_path, tokenizer, rows, num_truncated, val_rows)
+    return PreparedData(model_path, tokenizer, train_examples, num_truncated, val_examples)
 
 
 def clear_previous_run(output_dir: str) -> None:
@@ -234,7 +234,7 @@ def write_resolved_configs(ctx: RunContext) -> None:
                 "global_batch_size": ctx.batch.global_batch_size,
                 "max_grad_norm": ctx.batch.max_grad_norm,
                 "dtype": str(ctx.dtype).removeprefix("torch."),
-                "num_train_examples": len(ctx.rows),
+                "num_train_examples": len(ctx.train_examples),
             },
         }
         write_json(os.path.join(ctx.output_dir, RUN_CONFIG_NAME), resolved)

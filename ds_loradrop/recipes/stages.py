@@ -59,7 +59,7 @@ def build_model(ctx: RunContext, attach: Callable[[AdapterLayout], None] | None,
 def train_model(
     ctx: RunContext,
     built: StageModel,
-    rows: list[dict],
+    examples: list[dict],
     *,
     name: str,
     num_steps: int,
@@ -139,7 +139,7 @@ def train_model(
 
     result = train_stage(
         engine,
-        rows,
+        examples,
         ctx.batch,
         name=name,
         num_steps=num_steps,
@@ -162,17 +162,17 @@ def train_model(
 
 
 def measure_validation_loss(ctx: RunContext, engine, name: str, step: int) -> float | None:
-    """The validation loss of the held-out rows (None without them), logged as ``<stage>/val_loss``."""
-    if not ctx.val_rows:
+    """The validation loss of the held-out examples (None without them), logged as ``<stage>/val_loss``."""
+    if not ctx.val_examples:
         return None
     loss = validation_loss(
         engine,
-        ctx.val_rows,
+        ctx.val_examples,
         batch_size=ctx.batch.micro_batch_size,
         pad_token_id=ctx.tokenizer.pad_token_id,
         device=ctx.device,
     )
-    logger.info(f"{name} step {step}: validation loss {loss:.4f} ({len(ctx.val_rows)} held-out rows)")
+    logger.info(f"{name} step {step}: validation loss {loss:.4f} ({len(ctx.val_examples)} held-out examples)")
     ctx.log.stage_metrics(name, {"val_loss": loss}, step)
     return loss
 

@@ -1,4 +1,4 @@
-"""Tokenised rows for a run, through the on-disk cache: rank 0 tokenises once (or finds the rows cached by
+"""Tokenised examples for a run, through the on-disk cache: rank 0 tokenises once (or finds them cached by
 an earlier run) and tells the other ranks where they are; a rank that cannot see that directory (a
 node-local cache on another node) tokenises for itself."""
 
@@ -15,7 +15,7 @@ logger = get_logger()
 def tokenize_with_cache(
     examples, tokenizer, max_seq_length: int, *, cache_root: str | None, what: str
 ) -> tuple[list[dict], int]:
-    """(rows with input_ids / labels / the examples' other columns, number truncated). Call on every
+    """(examples with input_ids / labels / the examples' other columns, number truncated). Call on every
     rank; ``cache_root`` None tokenises without the cache."""
     if cache_root is None:
         tokenized, num_truncated = tokenize_examples(examples, tokenizer, max_seq_length)
@@ -26,12 +26,12 @@ def tokenize_with_cache(
             path = cache_path(cache_root, cache_key(examples, tokenizer, max_seq_length))
             if load_cached(path) is not None:
                 logger.info(
-                    f"{what}: {len(examples)} rows' tokens loaded from the cache {path} (no tokenisation)"
+                    f"{what}: {len(examples)} examples' tokens loaded from the cache {path} (no tokenisation)"
                 )
             else:
                 tokenized, num_truncated = tokenize_examples(examples, tokenizer, max_seq_length)
                 save_cached(path, tokenized, num_truncated)
-                logger.info(f"{what}: {len(examples)} rows tokenised; cached in {path}")
+                logger.info(f"{what}: {len(examples)} examples tokenised; cached in {path}")
         except Exception as error:
             # release the waiting ranks; a usage error (e.g. a chat template that cannot be trained turn
             # by turn) stays one on every rank, so the job exits 2 and is not retried
@@ -42,7 +42,7 @@ def tokenize_with_cache(
         is_usage_error, message = failure
         if is_usage_error:
             raise UsageError(message.removeprefix("UsageError: "))
-        raise RuntimeError(f"rank 0 could not tokenise the {what} rows: {message}")
+        raise RuntimeError(f"rank 0 could not tokenise the {what}: {message}")
     # None: not visible from this rank's node
     tokenized, num_truncated = load_cached(path) or tokenize_examples(examples, tokenizer, max_seq_length)
     return tokenized.to_list(), num_truncated

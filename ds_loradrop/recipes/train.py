@@ -89,15 +89,17 @@ def train_final(ctx: RunContext, preparation: Preparation) -> FinalStage:
     cfg, plan = ctx.cfg, preparation.plan
     stage1_dir = os.path.join(ctx.output_dir, STAGE1_ADAPTER_DIR)
     built = build_model(ctx, final_adapters(cfg, plan, preparation.masks, stage1_dir), cfg.train.seed + 1)
-    if cfg.drop.method == "full":
+    if cfg.finetuning.method == "full":
         for param in built.model.parameters():
             param.requires_grad_(True)
     name = "stage2" if plan else "train"
     num_steps = ctx.batch.steps(
-        len(ctx.rows), cfg.train.num_train_epochs, cfg.train.max_steps, what=f"{name} data"
+        len(ctx.train_examples), cfg.train.num_train_epochs, cfg.train.max_steps, what=f"{name} data"
     )
     # The first stage evaluates the base model: stage 2 when LoRA-drop had no stage 1 in this run's design.
-    evaluate_base = cfg.train.eval_base_model and (cfg.drop.method != "loradrop" or cfg.drop.plan is not None)
+    evaluate_base = cfg.train.eval_base_model and (
+        cfg.finetuning.method != "loradrop" or cfg.drop.plan is not None
+    )
     save_settings = {"settings": adapter_settings(cfg), "base_model": ctx.model_path, "plan": plan}
     best = (
         BestAdapter(cfg.train.save_best_by, ctx.output_dir, built.layout, save_settings)
@@ -107,7 +109,7 @@ def train_final(ctx: RunContext, preparation: Preparation) -> FinalStage:
     engine, result = train_model(
         ctx,
         built,
-        ctx.rows,
+        ctx.train_examples,
         name=name,
         num_steps=num_steps,
         seed=cfg.train.seed + 1,
@@ -118,7 +120,7 @@ def train_final(ctx: RunContext, preparation: Preparation) -> FinalStage:
     result.eval_metrics = evaluate_run(ctx, engine, os.path.join(ctx.output_dir, EVAL_DIR), result.num_steps)
     if best is not None:
         best.consider(result.num_steps, {**result.eval_metrics, "val_loss": result.val_loss})
-    if cfg.drop.method == "full":
+    if cfg.finetuning.method == "full":
         save_full_model(ctx, engine, built.model, os.path.join(ctx.output_dir, FULL_MODEL_DIR))
     else:
         save_adapters(built.layout, os.path.join(ctx.output_dir, FINAL_ADAPTER_DIR), **save_settings)
@@ -142,7 +144,7 @@ def finish(ctx: RunContext, preparation: Preparation, final: FinalStage, start: 
     peak_per_rank = all_gather_object(peak_bytes)
     stages = [*preparation.stages, final.result]
     summary = RunSummary(
-        method=cfg.drop.method,
+        method=cfg.finetuning.method,
         world_size=ctx.batch.world_size,
         lora_parameters=count_full_lora_parameters(layout, cfg.reference_lora_r) if layout else 0,
         trainable_parameters=final.trainable_parameters,

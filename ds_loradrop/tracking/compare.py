@@ -74,7 +74,7 @@ def collect_runs(experiment: str, tracking_uri: str | None) -> list[RunRow]:
     ):
         params, metrics = run.data.params, run.data.metrics
         targets = [t.strip() for t in params.get("lora.lora_targets", "").split(",") if t.strip()]
-        method = params.get("drop.method", "?")
+        method = params.get("finetuning.method", params.get("drop.method", "?"))  # drop.: older runs
         is_loradrop = method == "loradrop"
         kept = {}
         for target in targets:

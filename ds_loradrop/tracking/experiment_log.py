@@ -95,7 +95,7 @@ class ExperimentLog:
                 "git_commit": git_commit(REPO_DIR),
                 "num_nodes": num_nodes,
                 "world_size": world_size,
-                "method": cfg.drop.method,
+                "method": cfg.finetuning.method,
                 "task": cfg.data.task,
                 "restarts": restarts,
             }

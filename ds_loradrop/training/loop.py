@@ -43,7 +43,7 @@ class StageResult:
     seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_metrics: dict = field(default_factory=dict)
-    val_loss: float | None = None  # on held-out rows at the stage's end
+    val_loss: float | None = None  # on held-out examples at the stage's end
 
     @property
     def final_loss(self) -> float:
@@ -82,7 +82,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_stage(
     engine,
-    rows: list[dict],
+    examples: list[dict],
     batch: BatchSettings,
     *,
     name: str,
@@ -99,7 +99,7 @@ def train_stage(
     before_forward: Callable[[int, dict], None] | None = None,
     start_step: int = 0,
 ) -> StageResult:
-    """Run ``num_steps`` optimizer steps over ``rows`` (epochs of seeded global batches).
+    """Run ``num_steps`` optimizer steps over ``examples`` (epochs of seeded global batches).
 
     ``after_step(step)`` runs on every rank after each optimizer step (e.g. periodic evaluation);
     ``log_metrics(metrics, step)`` receives loss, learning rate, gradient norm and target tokens per
@@ -118,7 +118,7 @@ def train_stage(
     engine.train()
     start = window_start = time.perf_counter()
     window_tokens = 0
-    lengths = [len(row["input_ids"]) for row in rows]
+    lengths = [len(example["input_ids"]) for example in examples]
     schedule = _global_batch_schedule(lengths, batch.global_batch_size, seed, group_by_length)
     # The bar is closed however the loop ends, so an error message starts on a line of its own.
     with (
@@ -134,9 +134,9 @@ def train_stage(
     ):
         for global_batch in itertools.islice(schedule, start_step, num_steps):
             micro_batches = [
-                pack([rows[i] for i in indices])
+                pack([examples[i] for i in indices])
                 if padding_free
-                else collate([rows[i] for i in indices], pad_token_id)
+                else collate([examples[i] for i in indices], pad_token_id)
                 for indices in rank_micro_batches(global_batch, rank, world_size, batch.micro_batch_size)
             ]
             loss, global_tokens = optimizer_step(

@@ -1,7 +1,7 @@
-"""Validation loss: the mean next-token loss over the target tokens of held-out rows, summed over ranks.
+"""Validation loss: the mean next-token loss over the target tokens of held-out examples, summed over ranks.
 
-Every rank scores every ``world_size``-th row in batches and runs the same number of forwards (an empty
-batch scores a row with no labels), because under ZeRO-3 every forward is a collective.
+Every rank scores every ``world_size``-th example in batches and runs the same number of forwards (an empty
+batch scores an example with no labels), because under ZeRO-3 every forward is a collective.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from ds_loradrop.training.loop import accepts_logits_to_keep, num_positions_to_s
 
 
 def validation_loss(
-    engine, rows: list[dict], *, batch_size: int, pad_token_id: int, device: torch.device
+    engine, examples: list[dict], *, batch_size: int, pad_token_id: int, device: torch.device
 ) -> float:
-    """Mean loss per target token over ``rows`` (``input_ids``, ``labels``), equal on every rank."""
+    """Mean loss per target token over ``examples`` (``input_ids``, ``labels``), equal on every rank."""
     world_size, rank = get_world_size_and_rank()
     was_training = engine.module.training
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target tokens
     with torch.no_grad():
-        for indices in shard_evenly(len(rows), rank, world_size, batch_size):
-            batch = collate([rows[i] for i in indices or [0]], pad_token_id)
+        for indices in shard_evenly(len(examples), rank, world_size, batch_size):
+            batch = collate([examples[i] for i in indices or [0]], pad_token_id)
             labels = batch["labels"].to(device)
             if not indices:
                 labels = torch.full_like(labels, IGNORE_INDEX)

@@ -1,4 +1,4 @@
-"""What a task is: its published split files, how a record becomes training rows and evaluation
+"""What a task is: its published split files, how a record becomes training examples and evaluation
 examples, its stratum key for the stage-1 sample, and its generation length.
 
 Readers return plain records (dicts) and raise UsageError naming the file and line of a malformed
@@ -71,8 +71,8 @@ class Task(ABC):
         """Parse one published split file into records."""
 
     @abstractmethod
-    def training_rows(self, record: dict) -> list[dict]:
-        """``{"prompt", "target", "stratum"}`` rows of one record (one per reference)."""
+    def training_examples(self, record: dict) -> list[dict]:
+        """``{"prompt", "target", "stratum"}`` training examples of one record (one per reference)."""
 
     @abstractmethod
     def eval_examples(self, records: list[dict], split: str) -> list[EvalExample]:
@@ -92,15 +92,16 @@ class Task(ABC):
         split: str = "train",
         exclude_prompts: set[str] = frozenset(),
     ) -> datasets.Dataset:
-        """Training rows (``prompt``, ``target``, ``stratum``) of ``split``: the first ``max_samples``
-        rows, leaving out rows whose prompt is in ``exclude_prompts`` (a held-out evaluation slice)."""
-        rows = [row for record in self.load_records(data_dir, split) for row in self.training_rows(record)]
-        rows = [row for row in rows if row["prompt"] not in exclude_prompts]
+        """Training examples (``prompt``, ``target``, ``stratum``) of ``split``: the first ``max_samples``
+        examples, leaving out those whose prompt is in ``exclude_prompts`` (a held-out evaluation slice)."""
+        records = self.load_records(data_dir, split)
+        examples = [ex for record in records for ex in self.training_examples(record)]
+        examples = [ex for ex in examples if ex["prompt"] not in exclude_prompts]
         if max_samples is not None:
-            rows = rows[:max_samples]
-        if not rows:
-            raise UsageError(f"task {self.name!r}: no training rows in the {split} split of {data_dir!r}")
-        return datasets.Dataset.from_list(rows)
+            examples = examples[:max_samples]
+        if not examples:
+            raise UsageError(f"task {self.name!r}: no training examples in the {split} split of {data_dir!r}")
+        return datasets.Dataset.from_list(examples)
 
     def load_eval(self, data_dir: str, split: str, max_samples: int | None = None) -> list[EvalExample]:
         examples = self.eval_examples(self.load_records(data_dir, split), split)
@@ -112,9 +113,9 @@ class Task(ABC):
             )
         return examples
 
-    def training_text(self, data_dir: str, max_rows: int = 20000, split: str = "train") -> list[str]:
-        """Text to train a tokenizer on: prompts and targets of the first rows."""
-        examples = self.load_train(data_dir, max_rows, split)
+    def training_text(self, data_dir: str, max_examples: int = 20000, split: str = "train") -> list[str]:
+        """Text to train a tokenizer on: prompts and targets of the first training examples."""
+        examples = self.load_train(data_dir, max_examples, split)
         return [text for ex in examples for text in (ex["prompt"], ex["target"])]
 
 

@@ -145,9 +145,9 @@ class CustomTask(Task):
             raise UsageError(f"{where}: no column {self.stratify_by!r} (--stratify_by) in this row")
         return parsed
 
-    # --- rows and examples -----------------------------------------------------------------------------
+    # --- training and evaluation examples ----------------------------------------------------------
 
-    def training_rows(self, record: dict) -> list[dict]:
+    def training_examples(self, record: dict) -> list[dict]:
         row = {"prompt": record["prompt"], "target": record["target"], "stratum": record["stratum"]}
         if "messages" in record:
             row["messages"] = chat.encode_json(record["messages"])

@@ -78,7 +78,7 @@ class DartTask(Task):
             )
         return records
 
-    def training_rows(self, record: dict) -> list[dict]:
+    def training_examples(self, record: dict) -> list[dict]:
         prompt = self.format_prompt(record["triples"])
         return [
             {"prompt": prompt, "target": " " + a["text"].strip(), "stratum": a["source"]}

@@ -56,7 +56,7 @@ class DialogSumTask(Task):
             )
         return records
 
-    def training_rows(self, record: dict) -> list[dict]:
+    def training_examples(self, record: dict) -> list[dict]:
         prompt = self.format_prompt(record["dialogue"])
         return [
             {"prompt": prompt, "target": " " + summary, "stratum": turn_bucket(record["dialogue"])}

@@ -35,7 +35,7 @@ class E2ETask(Task):
     def read_records(self, path: str) -> list[dict]:
         return read_csv(path, ("mr", "ref"))
 
-    def training_rows(self, record: dict) -> list[dict]:
+    def training_examples(self, record: dict) -> list[dict]:
         return [
             {
                 "prompt": self.format_prompt(record["mr"]),

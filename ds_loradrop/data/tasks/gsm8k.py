@@ -48,7 +48,7 @@ class Gsm8kTask(Task):
             )
         return records
 
-    def training_rows(self, record: dict) -> list[dict]:
+    def training_examples(self, record: dict) -> list[dict]:
         steps = min(record["answer"].strip().count("\n"), 8)
         return [
             {
