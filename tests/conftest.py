@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,34 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
     with torch.no_grad():
         for adapter in unique_adapters(model):
             adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=generator) * scale)
+
+
+def run_compare(experiment: str, tracking_uri: str, output_dir, env=None):
+    """``launch/compare.py`` over one experiment; returns the process and the rows of ``comparison.md``,
+    each row's cells (the run name first) keyed by run name. The caller asserts on the exit status."""
+    import subprocess
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "launch", "compare.py"),
+            "--experiment",
+            experiment,
+            "--tracking_uri",
+            tracking_uri,
+            "--output_dir",
+            str(output_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    table = Path(output_dir) / "comparison.md"
+    lines = table.read_text().splitlines() if table.is_file() else []
+    cells = ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])
+    return result, {row[0]: row for row in cells}
 
 
 def free_port() -> int:

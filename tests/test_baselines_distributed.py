@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_compare
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -226,27 +226,8 @@ def test_exports_give_the_trained_models_logits_or_name_the_formats_that_work(
 
 def test_compare_puts_every_method_in_one_table(baseline_runs, tmp_path):
     out, _, store = baseline_runs
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO_ROOT, "launch", "compare.py"),
-            "--experiment",
-            "baselines",
-            "--tracking_uri",
-            store,
-            "--output_dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result, rows = run_compare("baselines", store, tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = {
-        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
-        for line in (tmp_path / "comparison.md").read_text().splitlines()[2:]
-    }
     for method in METHODS:
         row = rows[f"{method}-one-rank"]
         assert row[1:3] == ["FINISHED", method]

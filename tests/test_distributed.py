@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_compare
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -251,27 +251,8 @@ def test_one_run_with_params_metrics_and_artifacts(runs, store, experiment, run_
 
 
 def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
-    import sys
-
-    from conftest import REPO_ROOT
-
     out, _ = runs
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO_ROOT, "launch", "compare.py"),
-            "--experiment",
-            "local-exp",
-            "--tracking_uri",
-            out["local_store"],
-            "--output_dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result, rows = run_compare("local-exp", out["local_store"], tmp_path)
     assert result.returncode == 0, result.stderr
     lines = (tmp_path / "comparison.md").read_text().splitlines()
     assert result.stdout.startswith("\n".join(lines))
@@ -279,7 +260,6 @@ def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
         "| run | status | method | selection | threshold | kept q_proj | kept v_proj | "
         "trainable params | % of LoRA | bleu | rouge_l |"
     )
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]}
     assert set(rows) == {"one-rank", "zero2-torchrun"}
     for name, output in (("one-rank", "one_rank"), ("zero2-torchrun", "zero2_torchrun")):
         with open(os.path.join(out[output], "summary.json")) as handle:

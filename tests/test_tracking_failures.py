@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, free_port, run_compare
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.integration
@@ -552,23 +552,9 @@ def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, whole, tmp_
         env,
     )
     assert lora.returncode == 0, lora.stderr[-3000:]
-    result = _run(
-        [
-            sys.executable,
-            os.path.join(REPO_ROOT, "launch", "compare.py"),
-            "--experiment",
-            "faults",
-            "--tracking_uri",
-            store,
-            "--output_dir",
-            str(tmp_path),
-        ],
-        env,
-    )
+    result, rows = run_compare("faults", store, tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith((tmp_path / "comparison.md").read_text())
-    lines = (tmp_path / "comparison.md").read_text().splitlines()
-    rows = {cells[0]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])}
     assert rows["lora"][1:9] == ["FINISHED", "lora", "-", "-", "8/8", "8/8", str(16 * 8 * 256), "100.0"]
     assert rows["failed"][1] == rows["diverged"][1] == "FAILED" and rows["preempted"][1] == "FINISHED"
     whole = json.loads((root / "whole" / "summary.json").read_text())

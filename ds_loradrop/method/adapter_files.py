@@ -30,9 +30,6 @@ from ds_loradrop.run_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PLA
 from ds_loradrop.training.distributed import barrier, is_rank_zero
 from ds_loradrop.training.engine import gathered_parameters
 
-WEIGHTS_NAME = ADAPTER_WEIGHTS_NAME
-CONFIG_NAME = ADAPTER_CONFIG_NAME
-
 
 def gather_adapter_state(layout: AdapterLayout) -> dict[str, torch.Tensor]:
     """CPU copies of every adapter's weights under canonical names. Call on every rank."""
@@ -65,14 +62,14 @@ def save_adapters(
     state = gather_adapter_state(layout)
     if is_rank_zero():
         os.makedirs(directory, exist_ok=True)
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "ds-loradrop"})
+        save_file(state, os.path.join(directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "ds-loradrop"})
         config = {
             **settings,
             "targets": list(layout),
             "base_model": base_model,
             "layers": adapter_usage(layout),
         }
-        with open(os.path.join(directory, CONFIG_NAME), "w") as handle:
+        with open(os.path.join(directory, ADAPTER_CONFIG_NAME), "w") as handle:
             json.dump(config, handle, indent=2)
         if plan is not None:
             plan.save(os.path.join(directory, PLAN_NAME))
@@ -80,7 +77,7 @@ def save_adapters(
 
 
 def load_adapter_state(directory: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(directory, WEIGHTS_NAME))
+    return load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
 
 
 def copy_into_adapters(layout: AdapterLayout, state: dict[str, torch.Tensor], names: list[str]) -> None:
@@ -95,10 +92,11 @@ def copy_into_adapters(layout: AdapterLayout, state: dict[str, torch.Tensor], na
 def read_config_file(directory: str) -> dict:
     """The adapter directory's ``adapter_config.json`` (any writer); UsageError unless it has that file,
     the weights file and valid JSON."""
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS_NAME)):
         raise UsageError(
-            f"{directory!r} is not an adapter directory ({CONFIG_NAME} and {WEIGHTS_NAME} expected)"
+            f"{directory!r} is not an adapter directory "
+            f"({ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} expected)"
         )
     try:
         with open(path) as handle:
@@ -110,7 +108,7 @@ def read_config_file(directory: str) -> dict:
 def read_adapter_config(directory: str) -> dict:
     """This project's adapter config; UsageError for anything else."""
     config = read_config_file(directory)
-    path = os.path.join(directory, CONFIG_NAME)
+    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     required = ("r", "base_model", "layers") + (() if adapter_method(config) == "vera" else ("lora_alpha",))
     missing = [key for key in required if key not in config]
     if missing:
@@ -184,7 +182,8 @@ def _adapter_builder(config: dict, state: dict[str, torch.Tensor], directory: st
 
         return build_tied
     raise UsageError(
-        f"{os.path.join(directory, CONFIG_NAME)!r} names method {method!r}, which this version does not know"
+        f"{os.path.join(directory, ADAPTER_CONFIG_NAME)!r} names method {method!r}, "
+        "which this version does not know"
     )
 
 

@@ -24,10 +24,7 @@ from safetensors.torch import save_file
 
 from ds_loradrop.errors import UsageError
 from ds_loradrop.method.adapter_files import (
-    CONFIG_NAME,
     LORA_FAMILY,
-    PLAN_NAME,
-    WEIGHTS_NAME,
     adapter_method,
     attach_saved_adapters,
     read_adapter_config,
@@ -35,16 +32,16 @@ from ds_loradrop.method.adapter_files import (
 from ds_loradrop.method.lora import LoRALinear
 from ds_loradrop.method.placement import merged_weight
 from ds_loradrop.models.loading import load_causal_lm, load_tokenizer
-from ds_loradrop.run_files import FINAL_ADAPTER_DIR
+from ds_loradrop.run_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, FINAL_ADAPTER_DIR, PLAN_NAME
 
 FORMATS = ("peft", "merged", "loradrop")
 
 
 def run_adapter_dir(run_dir: str) -> str:
     directory = os.path.join(run_dir, FINAL_ADAPTER_DIR)
-    if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+    if not os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS_NAME)):
         raise UsageError(
-            f"run {run_dir!r} has no final adapter ({directory}/{WEIGHTS_NAME}); was it finished?"
+            f"run {run_dir!r} has no final adapter ({directory}/{ADAPTER_WEIGHTS_NAME}); was it finished?"
         )
     return directory
 
@@ -140,7 +137,7 @@ def export_merged(adapter_dir: str, output_dir: str) -> None:
 
 def export_loradrop(adapter_dir: str, output_dir: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
-    for name in (WEIGHTS_NAME, CONFIG_NAME, PLAN_NAME):
+    for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, PLAN_NAME):
         if os.path.isfile(os.path.join(adapter_dir, name)):
             shutil.copy2(os.path.join(adapter_dir, name), os.path.join(output_dir, name))
 

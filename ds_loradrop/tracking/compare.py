@@ -109,20 +109,37 @@ def collect_runs(experiment: str, tracking_uri: str | None) -> list[RunRow]:
     return rows
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """The columns both tables share: the targets seen in any run and the metrics any run has."""
+
+    targets: list[str]
+    metric_names: list[str]
+
+    @classmethod
+    def of(cls, rows: list[RunRow]) -> _Columns:
+        return cls(
+            targets=sorted({t for row in rows for t in row.kept}),
+            metric_names=[m for m in EVAL_METRICS if any(m in row.metrics for row in rows)],
+        )
+
+    def header(self, *leading: str) -> list[str]:
+        return [
+            *leading,
+            "method",
+            "selection",
+            "threshold",
+            *[f"kept {t}" for t in self.targets],
+            "trainable params",
+            "% of LoRA",
+            *self.metric_names,
+        ]
+
+
 def table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
-    targets = sorted({t for row in rows for t in row.kept})
-    metric_names = [m for m in EVAL_METRICS if any(m in row.metrics for row in rows)]
-    header = [
-        "run",
-        "status",
-        "method",
-        "selection",
-        "threshold",
-        *[f"kept {t}" for t in targets],
-        "trainable params",
-        "% of LoRA",
-        *metric_names,
-    ]
+    columns = _Columns.of(rows)
+    targets, metric_names = columns.targets, columns.metric_names
+    header = columns.header("run", "status")
     body = []
     for row in rows:
         body.append(
@@ -186,21 +203,9 @@ def mean_std(values: list[float]) -> str:
 
 def grouped_table(groups: list[RunGroup]) -> tuple[list[str], list[list[str]]]:
     """One row per configuration: n, the seeds, kept layers, trainable parameters, metrics as mean ± std."""
-    rows = [row for group in groups for row in group.rows]
-    targets = sorted({t for row in rows for t in row.kept})
-    metric_names = [m for m in EVAL_METRICS if any(m in row.metrics for row in rows)]
-    header = [
-        "configuration",
-        "n",
-        "seeds",
-        "method",
-        "selection",
-        "threshold",
-        *[f"kept {t}" for t in targets],
-        "trainable params",
-        "% of LoRA",
-        *metric_names,
-    ]
+    columns = _Columns.of([row for group in groups for row in group.rows])
+    targets, metric_names = columns.targets, columns.metric_names
+    header = columns.header("configuration", "n", "seeds")
     body = []
     for group in groups:
         first = group.first
