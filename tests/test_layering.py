@@ -79,3 +79,34 @@ def test_deepspeed_is_imported_by_the_engine_module_only():
         )
     )
     assert importers == ["training/engine.py"]
+
+
+def test_every_imported_name_exists():
+    """Each ``from ds_loradrop.X import name`` anywhere (function-level imports too, in the library, the
+    entry points, the study and the benchmarks) names something X has: a renamed constant whose old name is
+    still imported somewhere fails here, not in a slow test that happens to reach the import."""
+    import importlib
+
+    roots = [PACKAGE, *(pathlib.Path(REPO_ROOT) / d for d in ("launch", "repro", "bench", "tests"))]
+    missing = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+                    continue
+                if node.module != "ds_loradrop" and not node.module.startswith("ds_loradrop."):
+                    continue
+                where = f"{path.relative_to(REPO_ROOT)}:{node.lineno}"
+                try:
+                    module = importlib.import_module(node.module)
+                except ImportError as error:
+                    missing.append(f"{where}: {node.module} does not import: {error}")
+                    continue
+                for alias in node.names:
+                    if hasattr(module, alias.name):
+                        continue
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ModuleNotFoundError:
+                        missing.append(f"{where}: {node.module}.{alias.name}")
+    assert not missing, "imported names that do not exist:\n" + "\n".join(missing)

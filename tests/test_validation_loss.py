@@ -70,7 +70,7 @@ def test_a_run_logs_the_validation_curve_keeps_the_best_adapter_and_reuses_token
         "--mlflow_tracking_uri", store,
     ]  # fmt: skip
     first = launch([sys.executable, TRAIN, *args, "--output_dir", str(tmp_path / "a")], env)
-    assert "training data: 96 rows tokenised; cached in" in first.stdout + first.stderr
+    assert "training data: 96 examples tokenised; cached in" in first.stdout + first.stderr
     out = tmp_path / "a"
     summary = json.loads((out / "summary.json").read_text())
     (stage,) = summary["stages"]
@@ -92,12 +92,12 @@ def test_a_run_logs_the_validation_curve_keeps_the_best_adapter_and_reuses_token
 
     second = launch([sys.executable, TRAIN, *args, "--output_dir", str(tmp_path / "b")], env)
     log = second.stdout + second.stderr
-    assert "training data: 96 rows' tokens loaded from the cache" in log
-    assert "no tokenisation" in log and "rows tokenised" not in log
+    assert "training data: 96 examples' tokens loaded from the cache" in log
+    assert "no tokenisation" in log and "examples tokenised" not in log
     again = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert again["stages"][0]["val_loss"] == stage["val_loss"]  # same rows, same run
 
     # other validation rows (a different selection of the same split): tokenised again, not reused
     fewer = [*args, "--val_loss_samples", "12", "--output_dir", str(tmp_path / "c")]
     log = launch([sys.executable, TRAIN, *fewer], env).stdout
-    assert "validation: 12 rows tokenised" in log and "training data: 96 rows' tokens loaded" in log
+    assert "validation: 12 examples tokenised" in log and "training data: 96 examples' tokens loaded" in log

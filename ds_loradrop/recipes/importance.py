@@ -20,9 +20,7 @@ from ds_loradrop.config import RunConfig
 from ds_loradrop.data.batching import stratified_sample, tokenize_examples
 from ds_loradrop.errors import UsageError
 from ds_loradrop.method.adapter_files import (
-    CONFIG_NAME,
     LORA_FAMILY,
-    WEIGHTS_NAME,
     adapter_method,
     attach_saved_adapters,
     read_config_file,
@@ -32,7 +30,7 @@ from ds_loradrop.method.placement import inject_lora
 from ds_loradrop.method.plan import Plan, build_plan_for
 from ds_loradrop.method.probe import measure_importance
 from ds_loradrop.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
-from ds_loradrop.training.checkpoint import RUN_CONFIG_NAME
+from ds_loradrop.run_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, RUN_CONFIG_NAME
 from ds_loradrop.training.distributed import get_logger
 
 logger = get_logger()
@@ -60,7 +58,7 @@ class SavedAdapter:
 def read_saved_adapter(directory: str) -> SavedAdapter:
     """Recognise this project's adapter directory or a plain PEFT LoRA one; UsageError otherwise."""
     config = read_config_file(directory)
-    config_path = os.path.join(directory, CONFIG_NAME)
+    config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if "layers" in config and "r" in config:
         method = adapter_method(config)
         if method not in (*LORA_FAMILY, "sparse_lora"):
@@ -94,7 +92,7 @@ def attach_peft_adapters(
     model: torch.nn.Module, layout: AdapterLayout, directory: str, saved: SavedAdapter
 ) -> None:
     """Own adapters with the PEFT file's ``lora_A`` / ``lora_B`` (same ``alpha / r`` scaling)."""
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    state = load_file(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
     names = {id(module): name for name, module in model.named_modules() if isinstance(module, LoRALinear)}
     for wrappers in layout.values():
         for wrapper in wrappers:
