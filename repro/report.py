@@ -2,7 +2,9 @@
 
 Every number is a mean ± sample standard deviation over the seeds that finished, with n. A difference to
 LoRA-drop (T = 0.9) is given with its standard error ``sqrt(s1^2/n1 + s2^2/n2)`` and called larger than
-the seed-to-seed spread when it exceeds two standard errors.
+the seed-to-seed spread when it exceeds two standard errors. A cell that reuses the same seed's LoRA-drop
+stage 1 (``plan_from``: the thresholds and ablations) is compared seed by seed instead: the mean of the
+per-seed differences ± its standard error, which a single seed already gives (without a spread).
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ def difference(ours: list[float], reference: list[float]) -> str:
     error = math.sqrt(s1**2 / len(ours) + s2**2 / len(reference))
     mark = " **" if error > 0 and abs(m1 - m2) > 2 * error else ""
     return f"{m1 - m2:+.2f} ± {error:.2f}{mark}"
+
+
+def paired_difference(ours: list[dict], reference: list[dict], metric: str) -> str:
+    """Per-seed differences to the reference runs of the same seeds: ``+0.42 ± 0.31 (paired, n=3)`` (mean ±
+    standard error of the differences, '**' beyond 2 SE), or ``-3.72 (seed 1)`` for one shared seed."""
+    by_seed = {r["seed"]: r["eval_metrics"][metric] for r in reference if metric in r["eval_metrics"]}
+    diffs = [
+        (r["seed"], r["eval_metrics"][metric] - by_seed[r["seed"]]) for r in ours if r["seed"] in by_seed
+    ]
+    if not diffs:
+        return "-"
+    if len(diffs) == 1:
+        return f"{diffs[0][1]:+.2f} (seed {diffs[0][0]})"
+    values = [d for _, d in diffs]
+    error = statistics.stdev(values) / math.sqrt(len(values))
+    mark = " **" if error > 0 and abs(statistics.mean(values)) > 2 * error else ""
+    return f"{statistics.mean(values):+.2f} ± {error:.2f}{mark} (paired, n={len(values)})"
 
 
 def runs_of(grid: Grid, cell: Cell, results: dict[str, list[dict]]) -> list[dict]:
@@ -160,9 +179,11 @@ def table(
             fmt(share, 1) if share else "-",
             *[fmt(metric_values(runs, m)) for m in metric_names],
             *[
-                difference(metric_values(runs, m), metric_values(reference, m))
-                if (cell.same_as or cell.name) != reference_cell
-                else "reference"
+                "reference"
+                if (cell.same_as or cell.name) == reference_cell
+                else paired_difference(runs, reference, m)
+                if cell.plan_from == reference_cell
+                else difference(metric_values(runs, m), metric_values(reference, m))
                 for m in metric_names[:1]
             ],
             fmt([r["wall_seconds"] / 60 for r in runs], 1),
@@ -233,7 +254,10 @@ def write_report(grid: Grid, results_dir: str, output: str) -> str:
             "seeds that "
             "finished (n); a difference to LoRA-drop is the difference of means ± its standard "
             "error, marked ** "
-            "where it exceeds two standard errors (larger than the seed-to-seed spread)."
+            "where it exceeds two standard errors (larger than the seed-to-seed spread). The threshold and "
+            "ablation cells reuse the same seed's LoRA-drop stage 1, so they are compared with it seed by "
+            "seed (paired: the mean of the per-seed differences ± its standard error; with one seed, the "
+            "difference alone)."
         ),
         "",
         "Run or extend it: `python repro/study.py run --grid " + grid.name + " --commit` (finished runs are "

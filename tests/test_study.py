@@ -101,3 +101,20 @@ def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
     assert " ± " in text and "reference" in text
     assert "`e2e/T0.5`: `" in text and "--plan" in text
     assert (tmp_path / "importance.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.unit
+def test_plan_cells_are_compared_with_lora_drop_seed_by_seed():
+    sys.path.insert(0, os.path.join(REPO_ROOT, "repro"))
+    from report import paired_difference
+
+    def runs(*bleus, seeds=(1, 2, 3)):
+        return [{"seed": s, "eval_metrics": {"bleu": b}} for s, b in zip(seeds, bleus, strict=False)]
+
+    reference = runs(55.0, 54.0, 56.0)
+    assert paired_difference(runs(52.0), reference, "bleu") == "-3.00 (seed 1)"
+    # a shift that the unpaired spread (±1 over seeds) would hide is beyond two paired standard errors
+    assert paired_difference(runs(54.0, 53.1, 54.9), reference, "bleu") == "-1.00 ± 0.06 ** (paired, n=3)"
+    # only seeds present on both sides are paired
+    assert paired_difference(runs(57.0, 55.0, seeds=(2, 3)), reference, "bleu").endswith("(paired, n=2)")
+    assert paired_difference(runs(50.0, seeds=(4,)), reference, "bleu") == "-"
