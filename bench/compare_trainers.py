@@ -7,7 +7,8 @@ Each round launches every contender of bench/trainer_peers.py once, in its own p
 drifts of a shared machine hit every contender alike. Printed per contender: useful (target) tokens/s
 and real tokens/s (median over rounds), FLOP utilisation against the best fp32 matmul this script
 measures with the same threads per rank, peak RSS per rank, and the ratios of ours to each peer (median
-over rounds of the per-round ratio, with its range).
+over rounds of the per-round ratio, with its range). Ours' three contenders alternate in one process in
+the timed rounds; after the rounds each runs once more alone (untimed) for its peak memory.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--global_batch_size", type=int, default=8)
     parser.add_argument("--ds_config", default=os.path.join(REPO_ROOT, "ds_configs", "zero2.json"))
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument(
+        "--no_memory_alone",
+        dest="memory_alone",
+        action="store_false",
+        help="skip the extra runs of each of ours alone (its peak memory as a run of its own: the timed "
+        "rounds alternate all three in one process)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
@@ -48,13 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def launch_command(args, contender: str, out: str) -> list[str]:
+def launch_command(args, contender: str, out: str, alone: str | None = None) -> list[str]:
     script = os.path.join(REPO_ROOT, "bench", "trainer_peers.py")
     flags = [
         "--contender", contender, "--model", args.model, "--task", args.task, "--ds_config", args.ds_config,
         "--global_batch_size", str(args.global_batch_size), "--steps", str(args.steps),
         "--warmup_steps", str(args.warmup_steps), "--json", out,
         *(["--data_dir", args.data_dir] if args.data_dir else []),
+        *(["--alone", alone] if alone else []),
     ]  # fmt: skip
     if args.ranks == 1:
         return [sys.executable, script, *flags]
@@ -109,24 +118,39 @@ def flops_per_real_token(model: str) -> float:
     return 4.0 * sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
+def launch_one(args, env: dict, contender: str, out: str, what: str, alone: str | None = None) -> dict:
+    """One contender's process; its result file (exits with an ``error:`` line when it failed)."""
+    done = subprocess.run(
+        launch_command(args, contender, out, alone),
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        sys.exit(f"error: {contender} failed in {what}:\n{(done.stdout + done.stderr)[-3000:]}")
+    with open(out) as handle:
+        return json.load(handle)
+
+
+def alone_peak_rss(args, env: dict, directory: str) -> dict:
+    """Each of ours in a process of its own: name -> peak RSS bytes per rank (not timed)."""
+    peaks = {}
+    for name in OURS:
+        result = launch_one(
+            args, env, "ours", os.path.join(directory, f"{name}-alone.json"), f"{name} alone", name
+        )
+        peaks[name] = result["peak_rss_bytes_per_rank"]
+        print(f"{name} alone (memory) done", file=sys.stderr, flush=True)
+    return peaks
+
+
 def run_round(args, env: dict, directory: str, round_index: int) -> dict:
     measured = {}
     for contender in args.contenders:
         out = os.path.join(directory, f"{contender}-{round_index}.json")
-        done = subprocess.run(
-            launch_command(args, contender, out),
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            sys.exit(
-                f"error: {contender} failed in round {round_index}:\n{(done.stdout + done.stderr)[-3000:]}"
-            )
-        with open(out) as handle:
-            result = json.load(handle)
+        result = launch_one(args, env, contender, out, f"round {round_index}")
         for name, value in result.items():
             if isinstance(value, dict):
                 measured[name] = {**value, "peak_rss_bytes_per_rank": result["peak_rss_bytes_per_rank"]}
@@ -134,7 +158,12 @@ def run_round(args, env: dict, directory: str, round_index: int) -> dict:
     return measured
 
 
-def summarise(rounds: list[dict], peak_flops: float, per_token: float, ranks: int) -> dict:
+def summarise(
+    rounds: list[dict], peak_flops: float, per_token: float, ranks: int, alone_rss: dict | None = None
+) -> dict:
+    """Medians over rounds; ours' peak RSS from its runs alone where ``alone_rss`` has them (the rounds'
+    shared process holds three runs)."""
+    alone_rss = alone_rss or {}
     names = [n for n in (*PEERS, *OURS) if all(n in r for r in rounds)]
     summary = {}
     for name in names:
@@ -145,8 +174,15 @@ def summarise(rounds: list[dict], peak_flops: float, per_token: float, ranks: in
             "real_tokens_per_second": statistics.median(real),
             "flop_utilization": statistics.median(real) * per_token / (peak_flops * ranks),
             "peak_rss_gib_per_rank": [
-                max(r[name]["peak_rss_bytes_per_rank"][k] for r in rounds) / 2**30 for k in range(ranks)
+                (
+                    alone_rss[name][k]
+                    if name in alone_rss
+                    else max(r[name]["peak_rss_bytes_per_rank"][k] for r in rounds)
+                )
+                / 2**30
+                for k in range(ranks)
             ],
+            "peak_rss_measured": "alone" if name in alone_rss else "in the rounds",
             "per_round_useful_tokens_per_second": useful,
         }
     ratios = {}
@@ -177,6 +213,8 @@ def report(args, summary: dict, peak_flops: float) -> str:
     ]
     for name, value in summary["contenders"].items():
         rss = ", ".join(f"{v:.2f}" for v in value["peak_rss_gib_per_rank"])
+        if name in OURS and value["peak_rss_measured"] != "alone":
+            rss += " (three runs in one process)"
         lines.append(
             f"| {name} | {value['useful_tokens_per_second']:.0f} | {value['real_tokens_per_second']:.0f} | "
             f"{100 * value['flop_utilization']:.1f}% | {rss} |"
@@ -200,9 +238,11 @@ def main(argv=None) -> dict:
     peak_before = matmul_peak_flops(threads)
     with tempfile.TemporaryDirectory() as directory:
         rounds = [run_round(args, env, directory, k) for k in range(args.rounds)]
+        measure_alone = args.memory_alone and "ours" in args.contenders
+        alone = alone_peak_rss(args, env, directory) if measure_alone else {}
     peak = max(peak_before, matmul_peak_flops(threads))
     per_token = flops_per_real_token(args.model)
-    summary = summarise(rounds, peak, per_token, args.ranks)
+    summary = summarise(rounds, peak, per_token, args.ranks, alone)
     summary["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
     summary["matmul_peak_gflops_per_rank"] = peak / 1e9
     print(report(args, summary, peak), flush=True)

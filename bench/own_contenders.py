@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 
 from train_throughput import OursContender, PeerContender, plan_from
 
@@ -36,46 +37,61 @@ def real_tokens_of(rows: list[dict], batches: list[list[int]]) -> int:
 
 
 def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict:
+    """LoRA, LoRA-drop (its plan from the importance of LoRA's adapters after the warm-up) and LoRA
+    padding-free, alternating every ``--chunk_steps`` steps; with ``--alone NAME`` only that one, so that the
+    process's peak memory is that of one run (LoRA-drop's still includes the warm-up of the LoRA run its plan
+    comes from, which is freed before LoRA-drop is built: the same model with more adapters)."""
     from trainer_peers import load_model
 
     warmup, total = args.warmup_steps, args.warmup_steps + args.steps
+    alone = getattr(args, "alone", None)
+    wanted = {alone} if alone else {"ours", "ours_loradrop", "ours_padding_free"}
     model, _ = load_model(args)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    # Interleaved, every contender starts from the same weights; alone, the one model load is the start.
+    initial = {k: v.clone() for k, v in model.state_dict().items()} if not alone else None
     # OursContender sizes its learning-rate schedule from warm-up + steps: all of them here
     args = argparse.Namespace(**{**vars(args), "steps": total, "warmup_steps": 0})
 
     def fresh():
         fresh_model, _ = load_model(args)
-        fresh_model.load_state_dict(initial)
+        if initial is not None:
+            fresh_model.load_state_dict(initial)
         return fresh_model
 
-    lora = OursContender(
-        args,
-        model,
-        lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
-        pad_token_id,
-        ds_config=ds_config,
-    )
-    lora.train(rows, 0, warmup, timed=False)
-    plan = plan_from(lora, rows, pad_token_id, args.seed)
-    loradrop = OursContender(
-        args,
-        fresh(),
-        lambda lay: attach_planned_adapters(lay, plan, args.lora_r, 2 * args.lora_r, 0.0),
-        pad_token_id,
-        ds_config=ds_config,
-    )
-    loradrop.train(rows, 0, warmup, timed=False)
-    packed = OursContender(
-        args,
-        fresh(),
-        lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
-        pad_token_id,
-        ds_config=ds_config,
-        padding_free=True,
-    )
-    packed.train(rows, 0, warmup, timed=False)
-    named = (("ours", lora), ("ours_loradrop", loradrop), ("ours_padding_free", packed))
+    def own(base, padding_free=False):
+        return OursContender(
+            args,
+            base,
+            lambda lay: attach_own_adapters(lay, args.lora_r, 2 * args.lora_r, 0.0),
+            pad_token_id,
+            ds_config=ds_config,
+            padding_free=padding_free,
+        )
+
+    named = []
+    if wanted & {"ours", "ours_loradrop"}:
+        lora = own(model)
+        lora.train(rows, 0, warmup, timed=False)
+        if "ours" in wanted:
+            named.append(("ours", lora))
+        if "ours_loradrop" in wanted:
+            plan = plan_from(lora, rows, pad_token_id, args.seed)
+            if "ours" not in wanted:
+                del lora, model
+                gc.collect()
+            loradrop = OursContender(
+                args,
+                fresh(),
+                lambda lay: attach_planned_adapters(lay, plan, args.lora_r, 2 * args.lora_r, 0.0),
+                pad_token_id,
+                ds_config=ds_config,
+            )
+            loradrop.train(rows, 0, warmup, timed=False)
+            named.append(("ours_loradrop", loradrop))
+    if "ours_padding_free" in wanted:
+        packed = own(fresh() if named else model, padding_free=True)
+        packed.train(rows, 0, warmup, timed=False)
+        named.append(("ours_padding_free", packed))
     with profiled(args.profile) as profiler:
         for first in range(warmup, total, args.chunk_steps):
             for _, contender in named:

@@ -65,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", required=True, help="where rank 0 writes the result")
     parser.add_argument("--profile", action="store_true", help="ours: print the top operators")
+    parser.add_argument(
+        "--alone",
+        default=None,
+        choices=("ours", "ours_loradrop", "ours_padding_free"),
+        help="ours: train only this one of ours' contenders (its peak memory as a run of its own)",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     return parser.parse_args(argv)
 

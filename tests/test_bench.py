@@ -198,6 +198,10 @@ def test_trainer_comparison_runs_every_contender_on_two_ranks(tmp_path, e2e_dir)
     for name, value in contenders.items():
         assert value["useful_tokens_per_second"] > 0 and value["real_tokens_per_second"] > 0, name
         assert len(value["peak_rss_gib_per_rank"]) == 2, name
+        # ours' memory comes from a run of its own, not from the shared process of the timed rounds
+        assert value["peak_rss_measured"] == ("alone" if name.startswith("ours") else "in the rounds"), name
+    assert "ours_loradrop alone (memory) done" in result.stderr
+    assert "three runs in one process" not in result.stdout
     for peer in ("peer_loop", "hf_trainer", "sft_trainer"):
         assert f"ours/{peer} (useful tokens/s): " in result.stdout
     assert "| contender | useful tokens/s | real tokens/s | FLOP utilisation |" in result.stdout
