@@ -11,6 +11,7 @@ from train_throughput import OursContender, PeerContender, plan_from
 
 from ds_loradrop.data.batching import global_batches
 from ds_loradrop.method.placement import attach_own_adapters, attach_planned_adapters
+from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import get_world_size_and_rank
 
 
@@ -40,7 +41,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
     """LoRA, LoRA-drop (its plan from the importance of LoRA's adapters after the warm-up) and LoRA
     padding-free, alternating every ``--chunk_steps`` steps; with ``--alone NAME`` only that one, so that the
     process's peak memory is that of one run (LoRA-drop's still includes the warm-up of the LoRA run its plan
-    comes from, which is freed before LoRA-drop is built: the same model with more adapters)."""
+    comes from, whose engine is destroyed and freed before LoRA-drop is built)."""
     from trainer_peers import load_model
 
     warmup, total = args.warmup_steps, args.warmup_steps + args.steps
@@ -77,6 +78,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
         if "ours_loradrop" in wanted:
             plan = plan_from(lora, rows, pad_token_id, args.seed)
             if "ours" not in wanted:
+                ds_engine.destroy_engine(lora.engine)  # as launch/train.py does between its stages
                 del lora, model
                 gc.collect()
             loradrop = OursContender(
