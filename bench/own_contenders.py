@@ -14,6 +14,9 @@ from ds_loradrop.method.placement import attach_own_adapters, attach_planned_ada
 from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import get_world_size_and_rank
 
+# ours' contenders in the order they alternate (the names trainer_peers --alone takes)
+OURS = ("ours", "ours_loradrop", "ours_padding_free")
+
 
 class Totals:
     """What trainer_peers.main reads of a contender: this rank's seconds, useful and real tokens."""
@@ -46,7 +49,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
 
     warmup, total = args.warmup_steps, args.warmup_steps + args.steps
     alone = getattr(args, "alone", None)
-    wanted = {alone} if alone else {"ours", "ours_loradrop", "ours_padding_free"}
+    wanted = {alone} if alone else set(OURS)
     model, _ = load_model(args)
     # Interleaved, every contender starts from the same weights; alone, the one model load is the start.
     initial = {k: v.clone() for k, v in model.state_dict().items()} if not alone else None

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
+from own_contenders import OURS
 
 from ds_loradrop.data.batching import IGNORE_INDEX, tokenize_examples
 from ds_loradrop.data.tasks import get_task
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--alone",
         default=None,
-        choices=("ours", "ours_loradrop", "ours_padding_free"),
+        choices=OURS,
         help="ours: train only this one of ours' contenders (its peak memory as a run of its own)",
     )
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
