@@ -25,9 +25,10 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from own_contenders import OURS  # bench/ is this script's directory, first on sys.path
+
 CONTENDERS = ("peer_loop", "hf_trainer", "sft_trainer", "ours")  # ours also measures ours_loradrop
 PEERS = ("peer_loop", "hf_trainer", "sft_trainer")
-OURS = ("ours", "ours_loradrop", "ours_padding_free")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -200,7 +200,7 @@ def _checkpointing_job(out: dict, e2e_dir: str, output_dir, store: str) -> list[
 def faults(runs, tmp_path_factory, e2e_dir):
     """The reference configuration with --save_steps 2: SIGKILL of rank 1 after the stage-2 step-2
     checkpoint; --resume auto (with --eval_steps 1 so that a step lasts long enough to be preempted) and
-    SIGTERM to the whole job once stage 2 is running again; --resume auto to the end."""
+    SIGTERM to the whole job once stage 2's loop is running again (after step 3); --resume auto to the end."""
     out, _ = runs
     root = tmp_path_factory.mktemp("faults")
     env = job_env(root)
@@ -223,6 +223,9 @@ def faults(runs, tmp_path_factory, e2e_dir):
     preempted = Job([*args, "--resume", "auto", "--eval_steps", "1"], env)
     try:
         preempted.wait_for(r"stage2: resumed from")
+        # Inside the training loop (outside it a signal stops the job at once, by design): the first
+        # step after the resume has run once its validation loss is logged.
+        preempted.wait_for(r"stage2 step 3: validation loss")
         preempted.signal_all(signal.SIGTERM)
         facts["term_ended"] = preempted.wait_for_end(timeout=120)
     finally:
