@@ -3,14 +3,20 @@
 Reported: about one short 2-rank ZeRO-3 job in eight ended with rank 1 aborting after ``done in ...``
 ("terminate called without an active exception", launcher status -6), so a finished job exited as
 failed. The cause: a gloo process group still alive at interpreter exit (a plain 2-rank gloo program that
-does not destroy it aborted in 7 of 35 runs here, 0 of 15 once it does). Every rank now destroys it
-(``engine.shutdown_distributed``; the test checks both ranks did). The short job runs ``REPETITIONS``
-times: were the fault still one in eight, all would pass with probability (7/8)^20 = 7 %.
+does not destroy it aborted in 7 of 35 runs here, 0 of 15 once it does; ``finished_gloo_program.py`` with
+``--no_teardown`` aborted in 1 of 12). Every rank now destroys it (``engine.shutdown_distributed``).
+
+Two checks, each where it is cheap:
+- a real training job, launched a few times: both ranks run the teardown and the job exits 0;
+- the teardown itself, ``REPETITIONS`` times, in a program that only starts the process group, runs the
+  collectives a job runs and tears down (a third of a training launch's time). Were the fault still one
+  in eight, all would pass with probability (7/8)^20 = 7 %.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 from conftest import REPO_ROOT
@@ -19,15 +25,19 @@ from launching import DEEPSPEED, TRAIN, free_port, job_env
 pytestmark = pytest.mark.distributed
 
 REPETITIONS = int(os.environ.get("DS_LORADROP_EXIT_REPETITIONS", "20"))
+TRAINING_REPETITIONS = 3
+PROGRAM = os.path.join(REPO_ROOT, "tests", "finished_gloo_program.py")
 
 
-def test_a_short_two_rank_job_exits_cleanly_every_time(tmp_path, e2e_dir):
-    import subprocess
+def _exited_badly(done: subprocess.CompletedProcess) -> bool:
+    return done.returncode != 0 or "terminate called" in done.stdout + done.stderr
 
+
+def test_a_finished_training_job_tears_down_on_every_rank_and_exits_0(tmp_path, e2e_dir):
     env = job_env(tmp_path)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     failures = []
-    for attempt in range(REPETITIONS):
+    for attempt in range(TRAINING_REPETITIONS):
         command = [
             DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
             "--model", "tiny-llama", "--data_dir", e2e_dir, "--method", "lora",
@@ -41,6 +51,19 @@ def test_a_short_two_rank_job_exits_cleanly_every_time(tmp_path, e2e_dir):
         assert "done in" in log, log[-4000:]
         for rank in (0, 1):  # the teardown that removed the abort ran on every rank
             assert f"[ds_loradrop rank{rank}] destroying the process group" in log
-        if done.returncode != 0 or "terminate called" in log:
+        if _exited_badly(done):
             failures.append((attempt, done.returncode, log[-2000:]))
-    assert not failures, f"{len(failures)} of {REPETITIONS} finished jobs exited badly: {failures[0]}"
+    assert not failures, f"{len(failures)} of {TRAINING_REPETITIONS} jobs exited badly: {failures[0]}"
+
+
+def test_the_teardown_keeps_finished_two_rank_programs_from_aborting(tmp_path):
+    env = job_env(tmp_path)
+    failures = []
+    for attempt in range(REPETITIONS):
+        command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), PROGRAM]
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+        log = done.stdout + done.stderr
+        assert "finished rank 0" in log and "finished rank 1" in log, log[-4000:]
+        if _exited_badly(done):
+            failures.append((attempt, done.returncode, log[-2000:]))
+    assert not failures, f"{len(failures)} of {REPETITIONS} finished programs exited badly: {failures[0]}"
