@@ -38,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--ranks", type=int, default=2, choices=(1, 2))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps: one epoch over the rows")
+    parser.add_argument("--warmup_epochs", type=int, default=1, help="untimed epochs over the same rows")
     parser.add_argument("--global_batch_size", type=int, default=8)
     parser.add_argument("--ds_config", default=os.path.join(REPO_ROOT, "ds_configs", "zero2.json"))
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.steps < 1:
-        parser.error("--rounds and --steps must be >= 1")
+    if args.rounds < 1 or args.steps < 1 or args.warmup_epochs < 0:
+        parser.error("--rounds and --steps must be >= 1, --warmup_epochs >= 0")
     return args
 
 
@@ -62,7 +62,7 @@ def launch_command(args, contender: str, out: str, alone: str | None = None) -> 
     flags = [
         "--contender", contender, "--model", args.model, "--task", args.task, "--ds_config", args.ds_config,
         "--global_batch_size", str(args.global_batch_size), "--steps", str(args.steps),
-        "--warmup_steps", str(args.warmup_steps), "--json", out,
+        "--warmup_epochs", str(args.warmup_epochs), "--json", out,
         *(["--data_dir", args.data_dir] if args.data_dir else []),
         *(["--alone", alone] if alone else []),
     ]  # fmt: skip
@@ -198,14 +198,24 @@ def summarise(
                 )
             ]
             ratios[f"{ours}/{peer}"] = {"median": statistics.median(per_round), "per_round": per_round}
-    return {"contenders": summary, "ratios": ratios}
+    return {"contenders": summary, "ratios": ratios, "timed_tokens": timed_tokens(rounds, names)}
+
+
+def timed_tokens(rounds: list[dict], names: list[str]) -> dict:
+    """The (useful, real) tokens each contender timed per round; every contender times the same epoch of
+    the same rows, so they must agree (``same``): a ratio of tokens/s is then a ratio of seconds."""
+    counts = {
+        name: sorted({(r[name]["useful_tokens"], r[name]["real_tokens"]) for r in rounds}) for name in names
+    }
+    return {"same": len({tuple(c) for c in counts.values()}) <= 1, "per_contender": counts}
 
 
 def report(args, summary: dict, peak_flops: float) -> str:
     lines = [
         (
             f"{args.model}, task {args.task}, {args.ranks} rank(s), global batch {args.global_batch_size}, "
-            f"{args.steps} timed steps after {args.warmup_steps}, {args.rounds} round(s), fp32, "
+            f"{args.steps} timed steps (one epoch of {args.steps * args.global_batch_size} rows) after "
+            f"{args.warmup_epochs} untimed epoch(s) over them, {args.rounds} round(s), fp32, "
             f"matmul peak {peak_flops / 1e9:.0f} GFLOP/s per rank"
         ),
         "",
@@ -220,6 +230,12 @@ def report(args, summary: dict, peak_flops: float) -> str:
             f"| {name} | {value['useful_tokens_per_second']:.0f} | {value['real_tokens_per_second']:.0f} | "
             f"{100 * value['flop_utilization']:.1f}% | {rss} |"
         )
+    tokens = summary["timed_tokens"]
+    if tokens["same"]:
+        useful, real = next(iter(tokens["per_contender"].values()), [(0, 0)])[0]
+        lines += ["", f"every contender timed the same rows: {useful} useful / {real} real tokens per round"]
+    else:
+        lines += ["", f"WARNING: the contenders timed different tokens: {tokens['per_contender']}"]
     lines.append("")
     for name, value in summary["ratios"].items():
         per_round = ", ".join(f"{v:.2f}" for v in value["per_round"])

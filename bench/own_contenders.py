@@ -9,7 +9,6 @@ import gc
 
 from train_throughput import OursContender, PeerContender, plan_from
 
-from ds_loradrop.data.batching import global_batches
 from ds_loradrop.method.placement import attach_own_adapters, attach_planned_adapters
 from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import get_world_size_and_rank
@@ -36,16 +35,12 @@ def profiled(enabled: bool):
         yield profiler
 
 
-def real_tokens_of(rows: list[dict], batches: list[list[int]]) -> int:
-    return sum(len(rows[i]["input_ids"]) for batch in batches for i in batch)
-
-
 def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict:
     """LoRA, LoRA-drop (its plan from the importance of LoRA's adapters after the warm-up) and LoRA
     padding-free, alternating every ``--chunk_steps`` steps; with ``--alone NAME`` only that one, so that the
     process's peak memory is that of one run (LoRA-drop's still includes the warm-up of the LoRA run its plan
     comes from, whose engine is destroyed and freed before LoRA-drop is built)."""
-    from trainer_peers import load_model
+    from trainer_peers import epoch_tokens, load_model
 
     warmup, total = args.warmup_steps, args.warmup_steps + args.steps
     alone = getattr(args, "alone", None)
@@ -104,8 +99,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
     if profiler is not None and get_world_size_and_rank()[1] == 0:
         print(f"## top operators by self CPU time, rank 0, the timed steps of {[n for n, _ in named]}")
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    lengths = [len(r["input_ids"]) for r in rows]
-    real = real_tokens_of(rows, global_batches(lengths, args.global_batch_size, args.seed, 0)[warmup:total])
+    real = epoch_tokens(rows)[1]  # the timed steps are one whole epoch (trainer_peers.task_rows)
     _, rank = get_world_size_and_rank()
     return {
         name: Totals(c.timings.seconds, c.timings.target_tokens if rank == 0 else 0, real if rank == 0 else 0)
@@ -114,9 +108,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
 
 
 def run_peer_loop(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict:
-    import random
-
-    from trainer_peers import load_model
+    from trainer_peers import epoch_tokens, load_model
 
     del ds_config  # the plain loop has no DeepSpeed (DDP on several ranks)
     warmup, total = args.warmup_steps, args.warmup_steps + args.steps
@@ -124,10 +116,7 @@ def run_peer_loop(args, rows: list[dict], ds_config: dict, pad_token_id: int) ->
     peer = PeerContender(args, model, pad_token_id)
     peer.train(rows, 0, warmup, timed=False)
     peer.train(rows, warmup, total)
-    order = list(range(len(rows)))
-    random.Random(args.seed).shuffle(order)
-    size = args.global_batch_size
-    real = real_tokens_of(rows, [order[s * size : (s + 1) * size] for s in range(warmup, total)])
+    real = epoch_tokens(rows)[1]  # the timed steps are one whole epoch (trainer_peers.task_rows)
     _, rank = get_world_size_and_rank()
     return {
         "peer_loop": Totals(

@@ -44,6 +44,7 @@ def main() -> None:
         print(
             prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40)
         )
+    ds_engine.shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -187,6 +187,13 @@ def target_tokens(rows: list[dict]) -> int:
     return sum(sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX) for row in rows)
 
 
+def random_epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    """The peer's order of the rows in ``epoch``: a seeded shuffle, a new one every epoch."""
+    order = list(range(num_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
 class PeerContender:
     """PEFT LoRA and a plain PyTorch loop (DDP on several ranks): random batches padded to their longest."""
 
@@ -213,15 +220,17 @@ class PeerContender:
         self.timings = ChunkTimings()
 
     def train(self, rows: list[dict], first_step: int, last_step: int, timed: bool = True) -> None:
-        """Steps ``first_step + 1 .. last_step`` of one epoch over ``rows`` in a seeded random order."""
-        order = list(range(len(rows)))
-        random.Random(self.args.seed).shuffle(order)
+        """Steps ``first_step + 1 .. last_step`` over ``rows``: epochs of the rows in a seeded random order
+        (:func:`random_epoch_order`), each cut into global batches (an incomplete last one is dropped)."""
         size = self.args.global_batch_size
+        steps_per_epoch = len(rows) // size
         self.trained.train()
         faults_before, num_target_tokens = minor_page_faults(), 0
         start = time.perf_counter()
         for step in range(first_step, last_step):
-            global_batch = order[step * size : (step + 1) * size]
+            epoch, index = divmod(step, steps_per_epoch)
+            order = random_epoch_order(len(rows), self.args.seed, epoch)
+            global_batch = order[index * size : (index + 1) * size]
             mine = global_batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
             batch = collate([rows[i] for i in mine], self.pad_token_id)
             loss = self.trained(
@@ -557,3 +566,5 @@ if __name__ == "__main__":
         if arguments.json:
             with open(arguments.json, "w") as handle:
                 json.dump({k: v for k, v in outcome.items()}, handle, indent=2)
+    # a gloo process group alive at interpreter exit can abort a finished rank (tests/test_clean_exit.py)
+    ds_engine.shutdown_distributed()

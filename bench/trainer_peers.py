@@ -17,9 +17,14 @@ rate, gradient clipping 1.0, global batch):
   adapters after the warm-up, and ``ours_padding_free``: ``ours`` with ``--padding_free`` (each
   micro-batch one sequence, LM head only at target positions); the three alternate in chunks of steps.
 
-Each trains ``--warmup_steps`` untimed, then ``--steps`` timed; useful tokens are non-padding target
-tokens (the loss positions), real tokens the non-padding input tokens. The result (JSON) holds per
-contender: seconds, useful and real tokens, peak RSS per rank.
+The rows are the task's first ``--steps`` global batches' worth of training rows: one epoch is
+``--steps`` steps. Each contender trains ``--warmup_epochs`` epochs over them untimed, then one timed
+epoch, so every contender times exactly the same rows, each once, in whatever order its sampler picks
+(with only part of an epoch timed, length grouping would put different rows, of different lengths, in
+each contender's timed steps: DialogSum's rows run from about 100 to 768 tokens). Useful tokens are
+non-padding target tokens (the loss positions), real tokens the non-padding input tokens; both are the
+same for every contender. The result (JSON) holds per contender: seconds, useful and real tokens, peak
+RSS per rank.
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default=None, help="default: ../shared/data/<task>")
     parser.add_argument("--ds_config", default=os.path.join(REPO_ROOT, "ds_configs", "zero2.json"))
     parser.add_argument("--global_batch_size", type=int, default=8)
-    parser.add_argument("--warmup_steps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup_epochs", type=int, default=1, help="untimed epochs over the rows")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps: one epoch over the rows")
     parser.add_argument("--chunk_steps", type=int, default=2, help="ours: alternation with ours_loradrop")
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
@@ -73,17 +78,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="ours: train only this one of ours' contenders (its peak memory as a run of its own)",
     )
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup_epochs < 0:
+        parser.error("--steps must be >= 1 and --warmup_epochs >= 0")
+    args.warmup_steps = args.warmup_epochs * args.steps  # the untimed steps before the timed epoch
+    return args
 
 
 def task_rows(args, tokenizer) -> list[dict]:
-    """The first (warm-up + timed) global batches' worth of the task's training rows, tokenised as the
-    trainer tokenises them (prompt + target + EOS, labels -100 on the prompt)."""
+    """The task's first ``--steps`` global batches' worth of training rows (one epoch), tokenised as the
+    trainer tokenises them (prompt + target + EOS, labels -100 on the prompt; rows left without a target
+    are dropped, and the next rows take their place)."""
     task = get_task(args.task)
     data_dir = args.data_dir or os.path.join(REPO_ROOT, "..", "shared", "data", args.task)
-    examples = task.load_train(data_dir, (args.warmup_steps + args.steps) * args.global_batch_size)
+    wanted = args.steps * args.global_batch_size
+    examples = task.load_train(data_dir, wanted + max(8, wanted // 10))
     tokenized, _ = tokenize_examples(examples, tokenizer, MAX_SEQ_LENGTH[args.task])
-    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized.to_list()]
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in tokenized.to_list()][:wanted]
+    if len(rows) < wanted:
+        raise SystemExit(f"error: {args.task} has {len(rows)} usable training rows, --steps needs {wanted}")
+    return rows
+
+
+def epoch_tokens(rows: list[dict]) -> tuple[int, int]:
+    """(useful, real) tokens of one epoch over ``rows``: what every contender's timed epoch holds."""
+    useful = sum(sum(1 for label in r["labels"][1:] if label != IGNORE_INDEX) for r in rows)
+    return useful, sum(len(r["input_ids"]) for r in rows)
 
 
 def model_path(model: str) -> str:
@@ -178,6 +198,9 @@ def hf_trainer_arguments(args, ds_config: dict, world_size: int, output_dir: str
         bf16=False,  # fp32 like every contender (SFTConfig defaults to bf16)
         disable_tqdm=True,
         remove_unused_columns=False,
+        # Without a GPU, accelerate counts the ranks only with use_cpu: otherwise it sees one process and
+        # leaves the data unsharded, every rank training the same batches (found 2026-12-04).
+        use_cpu=not torch.cuda.is_available(),
         **extra,
     )
 

@@ -168,7 +168,7 @@ def test_trainer_comparison_runs_every_contender_on_two_ranks(tmp_path, e2e_dir)
         "1",
         "--steps",
         "2",
-        "--warmup_steps",
+        "--warmup_epochs",
         "1",
         "--global_batch_size",
         "4",
@@ -205,3 +205,10 @@ def test_trainer_comparison_runs_every_contender_on_two_ranks(tmp_path, e2e_dir)
     for peer in ("peer_loop", "hf_trainer", "sft_trainer"):
         assert f"ours/{peer} (useful tokens/s): " in result.stdout
     assert "| contender | useful tokens/s | real tokens/s | FLOP utilisation |" in result.stdout
+    # every contender times one whole epoch of the same rows (its sampler picks the order), so all count
+    # the same tokens: those of the 2 x 4 rows, whatever the contender's batching
+    timed = numbers["timed_tokens"]
+    assert timed["same"], timed
+    useful, real = timed["per_contender"]["ours"][0]
+    assert 0 < useful < real
+    assert f"every contender timed the same rows: {useful} useful / {real} real tokens" in result.stdout
