@@ -35,12 +35,18 @@ def profiled(enabled: bool):
         yield profiler
 
 
+def epoch_real_tokens(rows: list[dict]) -> int:
+    """Real tokens of one epoch over ``rows``: what every contender's timed steps hold (trainer_peers
+    times exactly one whole epoch)."""
+    return sum(len(r["input_ids"]) for r in rows)
+
+
 def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict:
     """LoRA, LoRA-drop (its plan from the importance of LoRA's adapters after the warm-up) and LoRA
     padding-free, alternating every ``--chunk_steps`` steps; with ``--alone NAME`` only that one, so that the
     process's peak memory is that of one run (LoRA-drop's still includes the warm-up of the LoRA run its plan
     comes from, whose engine is destroyed and freed before LoRA-drop is built)."""
-    from trainer_peers import epoch_tokens, load_model
+    from trainer_peers import load_model
 
     warmup, total = args.warmup_steps, args.warmup_steps + args.steps
     alone = getattr(args, "alone", None)
@@ -99,7 +105,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
     if profiler is not None and get_world_size_and_rank()[1] == 0:
         print(f"## top operators by self CPU time, rank 0, the timed steps of {[n for n, _ in named]}")
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    real = epoch_tokens(rows)[1]  # the timed steps are one whole epoch (trainer_peers.task_rows)
+    real = epoch_real_tokens(rows)
     _, rank = get_world_size_and_rank()
     return {
         name: Totals(c.timings.seconds, c.timings.target_tokens if rank == 0 else 0, real if rank == 0 else 0)
@@ -108,7 +114,7 @@ def run_ours(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict
 
 
 def run_peer_loop(args, rows: list[dict], ds_config: dict, pad_token_id: int) -> dict:
-    from trainer_peers import epoch_tokens, load_model
+    from trainer_peers import load_model
 
     del ds_config  # the plain loop has no DeepSpeed (DDP on several ranks)
     warmup, total = args.warmup_steps, args.warmup_steps + args.steps
@@ -116,7 +122,7 @@ def run_peer_loop(args, rows: list[dict], ds_config: dict, pad_token_id: int) ->
     peer = PeerContender(args, model, pad_token_id)
     peer.train(rows, 0, warmup, timed=False)
     peer.train(rows, warmup, total)
-    real = epoch_tokens(rows)[1]  # the timed steps are one whole epoch (trainer_peers.task_rows)
+    real = epoch_real_tokens(rows)
     _, rank = get_world_size_and_rank()
     return {
         "peer_loop": Totals(

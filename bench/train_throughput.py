@@ -227,10 +227,12 @@ class PeerContender:
         self.trained.train()
         faults_before, num_target_tokens = minor_page_faults(), 0
         start = time.perf_counter()
+        orders: dict[int, list[int]] = {}
         for step in range(first_step, last_step):
             epoch, index = divmod(step, steps_per_epoch)
-            order = random_epoch_order(len(rows), self.args.seed, epoch)
-            global_batch = order[index * size : (index + 1) * size]
+            if epoch not in orders:
+                orders[epoch] = random_epoch_order(len(rows), self.args.seed, epoch)
+            global_batch = orders[epoch][index * size : (index + 1) * size]
             mine = global_batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
             batch = collate([rows[i] for i in mine], self.pad_token_id)
             loss = self.trained(

@@ -100,12 +100,6 @@ def task_rows(args, tokenizer) -> list[dict]:
     return rows
 
 
-def epoch_tokens(rows: list[dict]) -> tuple[int, int]:
-    """(useful, real) tokens of one epoch over ``rows``: what every contender's timed epoch holds."""
-    useful = sum(sum(1 for label in r["labels"][1:] if label != IGNORE_INDEX) for r in rows)
-    return useful, sum(len(r["input_ids"]) for r in rows)
-
-
 def model_path(model: str) -> str:
     """A hub id / path, or a preset as training builds it (tiny-llama's tokenizer from E2E text)."""
     e2e_dir = os.path.join(REPO_ROOT, "..", "shared", "data", "e2e")
