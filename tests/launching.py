@@ -7,6 +7,7 @@ or 1 rank x micro 4 x accumulation 2) and tiny models really partitioned
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -74,6 +75,16 @@ def write_ds_config(path, stage: int) -> str:
     return str(path)
 
 
+def leftover_shm_buffers(command) -> list[str]:
+    """DeepSpeed CPU all-reduce buffers still in /dev/shm for the job ``command`` launched on its
+    ``--master_port``. Each is 66 MB of memory; a finished job must leave none (``engine.init_distributed``
+    unlinks them), or a test suite of a few hundred launches fills the machine's memory."""
+    if "--master_port" not in command:
+        return []
+    port = command[command.index("--master_port") + 1]
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+
+
 def launch(command, env, timeout: int = 900) -> subprocess.CompletedProcess:
     result = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -81,6 +92,7 @@ def launch(command, env, timeout: int = 900) -> subprocess.CompletedProcess:
     assert result.returncode == 0, (
         f"{command}\nSTDOUT\n{result.stdout[-6000:]}\nSTDERR\n{result.stderr[-6000:]}"
     )
+    assert not leftover_shm_buffers(command), leftover_shm_buffers(command)
     return result
 
 

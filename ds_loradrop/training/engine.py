@@ -1,6 +1,7 @@
 """Everything that touches DeepSpeed, wrapped once. Knows nothing of LoRA-drop.
 
-- :func:`init_distributed`: one process group for ``deepspeed``, ``torchrun`` and plain ``python``.
+- :func:`init_distributed`: one process group for ``deepspeed``, ``torchrun`` and plain ``python``;
+  on CPU ranks it also unlinks DeepSpeed's shared-memory all-reduce buffers once every rank has mapped them.
 - :func:`zero3_weight_loading`: keeps an ``HfDeepSpeedConfig`` alive so that
   ``from_pretrained`` loads weights straight into ZeRO-3 partitions.
 - :func:`build_engine`: ``deepspeed.initialize`` with our optimizer and LR schedule.
@@ -22,7 +23,12 @@ from deepspeed.accelerator import get_accelerator
 from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
-from ds_loradrop.training.distributed import get_local_world_size, get_logger
+from ds_loradrop.training.distributed import (
+    barrier,
+    get_local_world_size,
+    get_logger,
+    get_world_size_and_rank,
+)
 from ds_loradrop.training.ds_config import zero_stage
 
 # torch's gloo default is 30 minutes; a dead or stuck peer should fail the job sooner.
@@ -48,10 +54,38 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    elif "OMP_NUM_THREADS" not in os.environ:
+        return
+    _unlink_shm_allreduce_buffer()
+    if "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one machine share its cores; torch's default of one thread per core in every
         # rank oversubscribes them (measured: ZeRO-2 on 2 ranks x 2 cores ran 4x slower).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // get_local_world_size()))
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_allreduce_buffer_name(rank: int) -> str:
+    """The shared-memory name DeepSpeed's CPU all-reduce gives ``rank``'s buffer (csrc/cpu/comm/shm.cpp)."""
+    addr = os.environ.get("MASTER_ADDR", "")
+    port = os.environ.get("MASTER_PORT", "")
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer once every rank has mapped it.
+
+    When all ranks of a job are on one machine, DeepSpeed's CPU communication backend has each rank
+    create a 66 MB buffer in ``/dev/shm`` and map every peer's, and never unlinks them. ``/dev/shm`` is
+    memory, so every finished (or killed) job left 66 MB per rank behind: a few hundred 2-rank launches
+    filled a 24 GiB machine and the kernel killed a rank (seen in CI: a rank died with -9 mid-step). The
+    buffers are all mapped by the end of ``deepspeed.init_distributed``; after a barrier the names are no
+    longer needed, and the memory is freed when the last rank holding a mapping exits, however it exits.
+    """
+    barrier()
+    _, rank = get_world_size_and_rank()
+    with contextlib.suppress(FileNotFoundError):  # not created: ranks on several machines, or one rank
+        os.unlink(os.path.join(SHM_DIR, shm_allreduce_buffer_name(rank)))
 
 
 def local_device() -> torch.device:
