@@ -335,6 +335,7 @@ def main(args) -> None:
     if rank == 0:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)
+    ds_engine.release_shm_allreduce_buffer()  # accelerate started the HF trainers' process group
     ds_engine.shutdown_distributed()
 
 

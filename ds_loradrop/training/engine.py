@@ -55,7 +55,7 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return
-    _unlink_shm_allreduce_buffer()
+    release_shm_allreduce_buffer()
     if "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one machine share its cores; torch's default of one thread per core in every
         # rank oversubscribes them (measured: ZeRO-2 on 2 ranks x 2 cores ran 4x slower).
@@ -72,7 +72,7 @@ def shm_allreduce_buffer_name(rank: int) -> str:
     return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
-def _unlink_shm_allreduce_buffer() -> None:
+def release_shm_allreduce_buffer() -> None:
     """Unlink this rank's DeepSpeed shared-memory all-reduce buffer once every rank has mapped it.
 
     When all ranks of a job are on one machine, DeepSpeed's CPU communication backend has each rank
@@ -81,6 +81,8 @@ def _unlink_shm_allreduce_buffer() -> None:
     filled a 24 GiB machine and the kernel killed a rank (seen in CI: a rank died with -9 mid-step). The
     buffers are all mapped by the end of ``deepspeed.init_distributed``; after a barrier the names are no
     longer needed, and the memory is freed when the last rank holding a mapping exits, however it exits.
+    Call on every rank (a barrier); processes whose process group another library started (accelerate)
+    call it themselves.
     """
     barrier()
     _, rank = get_world_size_and_rank()
