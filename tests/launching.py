@@ -78,7 +78,7 @@ def write_ds_config(path, stage: int) -> str:
 def leftover_shm_buffers(command) -> list[str]:
     """DeepSpeed CPU all-reduce buffers still in /dev/shm for the job ``command`` launched on its
     ``--master_port``. Each is 66 MB of memory; a finished job must leave none (``engine.init_distributed``
-    unlinks them), or a test suite of a few hundred launches fills the machine's memory."""
+    unlinks them), or the suite's launches fill the machine's memory."""
     if "--master_port" not in command:
         return []
     port = command[command.index("--master_port") + 1]

@@ -77,7 +77,7 @@ def release_shm_allreduce_buffer() -> None:
 
     When all ranks of a job are on one machine, DeepSpeed's CPU communication backend has each rank
     create a 66 MB buffer in ``/dev/shm`` and map every peer's, and never unlinks them. ``/dev/shm`` is
-    memory, so every finished (or killed) job left 66 MB per rank behind: a few hundred 2-rank launches
+    memory, so every finished (or killed) job left 66 MB per rank behind: a test suite's 2-rank launches
     filled a 24 GiB machine and the kernel killed a rank (seen in CI: a rank died with -9 mid-step). The
     buffers are all mapped by the end of ``deepspeed.init_distributed``; after a barrier the names are no
     longer needed, and the memory is freed when the last rank holding a mapping exits, however it exits.
