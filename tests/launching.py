@@ -16,6 +16,8 @@ import sys
 
 from conftest import REPO_ROOT
 
+from ds_loradrop.training.engine import shm_allreduce_buffer_path
+
 TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
 EVALUATE = os.path.join(REPO_ROOT, "launch", "evaluate.py")
 NODE_LAUNCH = os.path.join(REPO_ROOT, "launch", "node_launch.sh")
@@ -75,14 +77,15 @@ def write_ds_config(path, stage: int) -> str:
     return str(path)
 
 
-def leftover_shm_buffers(command) -> list[str]:
-    """DeepSpeed CPU all-reduce buffers still in /dev/shm for the job ``command`` launched on its
+def assert_no_shm_buffers_left(command) -> None:
+    """No DeepSpeed CPU all-reduce buffer is left in /dev/shm for the job ``command`` launched on its
     ``--master_port``. Each is 66 MB of memory; a finished job must leave none (``engine.init_distributed``
     unlinks them), or the suite's launches fill the machine's memory."""
     if "--master_port" not in command:
-        return []
+        return
     port = command[command.index("--master_port") + 1]
-    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+    leftover = glob.glob(shm_allreduce_buffer_path("*", port, "*"))
+    assert not leftover, leftover
 
 
 def launch(command, env, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -92,7 +95,7 @@ def launch(command, env, timeout: int = 900) -> subprocess.CompletedProcess:
     assert result.returncode == 0, (
         f"{command}\nSTDOUT\n{result.stdout[-6000:]}\nSTDERR\n{result.stderr[-6000:]}"
     )
-    assert not leftover_shm_buffers(command), leftover_shm_buffers(command)
+    assert_no_shm_buffers_left(command)
     return result
 
 

@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 from conftest import REPO_ROOT
-from launching import DEEPSPEED, TRAIN, free_port, job_env, leftover_shm_buffers
+from launching import DEEPSPEED, TRAIN, assert_no_shm_buffers_left, free_port, job_env
 
 pytestmark = pytest.mark.distributed
 
@@ -51,7 +51,7 @@ def test_a_finished_training_job_tears_down_on_every_rank_and_exits_0(tmp_path, 
         assert "done in" in log, log[-4000:]
         for rank in (0, 1):  # the teardown that removed the abort ran on every rank
             assert f"[ds_loradrop rank{rank}] destroying the process group" in log
-        assert not leftover_shm_buffers(command), leftover_shm_buffers(command)
+        assert_no_shm_buffers_left(command)
         if _exited_badly(done):
             failures.append((attempt, done.returncode, log[-2000:]))
     assert not failures, f"{len(failures)} of {TRAINING_REPETITIONS} jobs exited badly: {failures[0]}"
@@ -65,7 +65,7 @@ def test_the_teardown_keeps_finished_two_rank_programs_from_aborting(tmp_path):
         done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
         log = done.stdout + done.stderr
         assert "finished rank 0" in log and "finished rank 1" in log, log[-4000:]
-        assert not leftover_shm_buffers(command), leftover_shm_buffers(command)
+        assert_no_shm_buffers_left(command)
         if _exited_badly(done):
             failures.append((attempt, done.returncode, log[-2000:]))
     assert not failures, f"{len(failures)} of {REPETITIONS} finished programs exited badly: {failures[0]}"

@@ -65,11 +65,10 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -
 SHM_DIR = "/dev/shm"
 
 
-def shm_allreduce_buffer_name(rank: int) -> str:
-    """The shared-memory name DeepSpeed's CPU all-reduce gives ``rank``'s buffer (csrc/cpu/comm/shm.cpp)."""
-    addr = os.environ.get("MASTER_ADDR", "")
-    port = os.environ.get("MASTER_PORT", "")
-    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+def shm_allreduce_buffer_path(master_addr: str, master_port: str, rank: int | str) -> str:
+    """Where DeepSpeed's CPU all-reduce puts ``rank``'s buffer for a job (csrc/cpu/comm/shm.cpp names it)."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+    return os.path.join(SHM_DIR, name)
 
 
 def release_shm_allreduce_buffer() -> None:
@@ -86,8 +85,10 @@ def release_shm_allreduce_buffer() -> None:
     """
     barrier()
     _, rank = get_world_size_and_rank()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    path = shm_allreduce_buffer_path(addr, port, rank)
     with contextlib.suppress(FileNotFoundError):  # not created: ranks on several machines, or one rank
-        os.unlink(os.path.join(SHM_DIR, shm_allreduce_buffer_name(rank)))
+        os.unlink(path)
 
 
 def local_device() -> torch.device:
