@@ -15,6 +15,8 @@ import signal
 # none of these: they would fail the same way again.
 USAGE_EXIT_STATUS = 2
 DIVERGED_EXIT_STATUS = 3
+# Any other exception (a failed collective, an I/O error): retried by a self-restarting job.
+FAILURE_EXIT_STATUS = 1
 
 
 class UsageError(ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import traceback
 from collections.abc import Callable
 
 from transformers import HfArgumentParser
@@ -13,11 +14,13 @@ from ds_loradrop.config import CONFIG_SECTIONS, EvalConfig, RunConfig
 from ds_loradrop.config.files import flag_defaults, read_config_file
 from ds_loradrop.errors import (
     DIVERGED_EXIT_STATUS,
+    FAILURE_EXIT_STATUS,
     USAGE_EXIT_STATUS,
     Terminated,
     TrainingDiverged,
     UsageError,
 )
+from ds_loradrop.training.distributed import exit_process
 
 
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
@@ -75,15 +78,19 @@ def parse_eval_config(argv: list[str] | None = None):
 
 def run_main(main: Callable[[], object]) -> None:
     """Run ``main``; a UsageError becomes one ``error: ...`` line on stderr and exit status 2, a diverged
-    loss one line and status 3, SIGTERM / SIGINT status 128 + the signal."""
+    loss one line and status 3, SIGTERM / SIGINT status 128 + the signal, any other exception its
+    traceback and status 1 (also after a failed collective, when the process group is still alive)."""
     try:
         main()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(USAGE_EXIT_STATUS)
+        exit_process(USAGE_EXIT_STATUS)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(DIVERGED_EXIT_STATUS)
+        exit_process(DIVERGED_EXIT_STATUS)
     except Terminated as stop:
         print(f"stopped: {stop}", file=sys.stderr, flush=True)
-        sys.exit(128 + stop.signal_number)
+        exit_process(128 + stop.signal_number)
+    except Exception:  # noqa: BLE001 - the entry point's last handler: its traceback, then status 1
+        traceback.print_exc()
+        exit_process(FAILURE_EXIT_STATUS)
