@@ -335,7 +335,8 @@ def main(args) -> None:
     if rank == 0:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)
-    ds_engine.release_shm_allreduce_buffer()  # accelerate started the HF trainers' process group
+    if args.contender not in ("peer_loop", "ours"):  # accelerate started this process group
+        ds_engine.release_shm_allreduce_buffer()
     ds_engine.shutdown_distributed()
 
 
