@@ -19,9 +19,11 @@ progress file; it takes hours on a 2-core machine.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +34,8 @@ sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from grid import GRIDS, Cell, Grid
+
+from ds_loradrop.errors import DIVERGED_EXIT_STATUS
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,7 @@ def collect_result(out: str, grid: Grid, cell: Cell, seed: int, command: list[st
         }
         if plan
         else None,
-        "git_commit": subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip(),
+        "git_commit": git_commit(),
     }
 
 
@@ -208,29 +210,93 @@ def run_one(
     start = time.perf_counter()
     status = launch_logged(command, log_path)
     seconds = time.perf_counter() - start
-    if status != 0:
+    path = dirs.result_path(grid, cell, seed)
+    if status == DIVERGED_EXIT_STATUS:
+        # A diverged loss is an outcome of the setting (a learning rate too high), not a fault: recorded,
+        # with no metrics, so a learning-rate grid can go on.
+        result = diverged_result(grid, cell, seed, command, seconds)
+        written = [write_result(path, result)]
+        progress(f"done {cell.name} seed {seed} in {seconds:.0f}s: diverged")
+    elif status != 0:
         raise RuntimeError(
             f"{cell.name} seed {seed}: exit status {status} after {seconds:.0f}s; "
             f"see {log_path} (rerunning the study resumes it)"
         )
-    result = collect_result(out, grid, cell, seed, command, seconds)
-    path = dirs.result_path(grid, cell, seed)
+    else:
+        result = collect_result(out, grid, cell, seed, command, seconds)
+        # The predictions first: a result file is the mark of a finished run.
+        written = [copy_predictions(out, predictions_path(path)), write_result(path, result)]
+        scores = ", ".join(
+            f"{k} {v:.2f}" for k, v in result["eval_metrics"].items() if k in ("bleu", "rouge_l", "accuracy")
+        )
+        progress(f"done {cell.name} seed {seed} in {seconds:.0f}s: {scores}")
+    if commit:
+        subprocess.run(["git", "add", *written], cwd=REPO_ROOT, check=True)
+        subprocess.run(
+            ["git", "commit", "-q", "-m", f"study {grid.name}: {cell.name} seed {seed}", "--", *written],
+            cwd=REPO_ROOT,
+            check=True,
+        )
+
+
+def predictions_path(result_path: str) -> str:
+    """``seed<N>.json`` -> ``seed<N>.predictions.jsonl.gz`` beside it."""
+    return result_path[: -len(".json")] + ".predictions.jsonl.gz"
+
+
+def copy_predictions(out: str, target: str) -> str:
+    """The run's evaluated predictions (``eval/predictions.jsonl``), gzip-compressed to ``target``, so that
+    a score can be recomputed or rescored (lowercased, per source) from the committed files."""
+    source = os.path.join(out, "eval", "predictions.jsonl")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = target + ".tmp"
+    with open(source, "rb") as src, gzip.GzipFile(staging, "wb", mtime=0) as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(staging, target)
+    return target
+
+
+def write_result(path: str, result: dict) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = path + ".tmp"
     with open(staging, "w") as handle:
         json.dump(result, handle, indent=2)
     os.replace(staging, path)
-    scores = ", ".join(
-        f"{k} {v:.2f}" for k, v in result["eval_metrics"].items() if k in ("bleu", "rouge_l", "accuracy")
-    )
-    progress(f"done {cell.name} seed {seed} in {seconds:.0f}s: {scores}")
-    if commit:
-        subprocess.run(["git", "add", path], cwd=REPO_ROOT, check=True)
-        subprocess.run(
-            ["git", "commit", "-q", "-m", f"study {grid.name}: {cell.name} seed {seed}", "--", path],
-            cwd=REPO_ROOT,
-            check=True,
-        )
+    return path
+
+
+def diverged_result(grid: Grid, cell: Cell, seed: int, command: list[str], seconds: float) -> dict:
+    return {
+        "grid": grid.name,
+        "cell": cell.name,
+        "seed": seed,
+        "table": cell.table,
+        "label": cell.label,
+        "command": shlex.join([os.path.basename(command[0]), *command[1:]]),
+        "wall_seconds_launch": round(seconds, 1),
+        "diverged": True,
+        "eval_metrics": {},
+        "git_commit": git_commit(),
+    }
+
+
+def git_commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+
+def wait_while_paused(dirs: StudyDirs, grid: Grid, progress: Progress) -> None:
+    """Between runs, wait while ``<runs>/<grid>/PAUSE`` exists: a benchmark that must be timed on a quiet
+    machine creates it, waits for the running cell to end (``progress.log`` says "paused"), and removes
+    it afterwards."""
+    flag = os.path.join(dirs.grid_runs(grid), "PAUSE")
+    if not os.path.exists(flag):
+        return
+    progress(f"paused: {flag} exists")
+    while os.path.exists(flag):
+        time.sleep(10)
+    progress("resumed")
 
 
 def run(
@@ -242,6 +308,7 @@ def run(
     ]
     progress(f"grid {grid.name}: {len(pending)} runs to do")
     for cell, seed in pending:
+        wait_while_paused(dirs, grid, progress)
         run_one(dirs, grid, cell, seed, python, progress, commit)
     progress(f"grid {grid.name}: all runs done")
     return len(pending)

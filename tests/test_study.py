@@ -70,6 +70,12 @@ def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
             assert len(half["retained"][target]) <= len(drop["retained"][target])
         assert half["trainable_parameters"] <= drop["trainable_parameters"] < lora["trainable_parameters"]
     assert _json(results / "lora" / "seed1.json")["eval_metrics"] != {}
+    # every finished run commits its predictions beside its result, one line per evaluated input
+    import gzip
+
+    with gzip.open(results / "loradrop" / "seed2.predictions.jsonl.gz", "rt") as handle:
+        predictions = [json.loads(line) for line in handle]
+    assert len(predictions) == 6 and all(p["prediction"] is not None for p in predictions)
     half_seed1 = _json(results / "T0.5" / "seed1.json")
 
     # finished runs are skipped; a run without a result file continues from its newest checkpoint
@@ -118,3 +124,33 @@ def test_plan_cells_are_compared_with_lora_drop_seed_by_seed():
     # only seeds present on both sides are paired
     assert paired_difference(runs(57.0, 55.0, seeds=(2, 3)), reference, "bleu").endswith("(paired, n=2)")
     assert paired_difference(runs(50.0, seeds=(4,)), reference, "bleu") == "-"
+
+
+@pytest.mark.unit
+def test_a_diverged_run_is_recorded_without_metrics_and_the_grid_goes_on(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(REPO_ROOT, "repro"))
+    import study
+    from grid import TINY
+
+    from ds_loradrop.errors import DIVERGED_EXIT_STATUS
+
+    dirs = study.StudyDirs(str(tmp_path / "results"), str(tmp_path / "runs"))
+    launched = []
+
+    def fake_launch(command, log_path):
+        launched.append(command)
+        return DIVERGED_EXIT_STATUS
+
+    monkeypatch.setattr(study, "launch_logged", fake_launch)
+    assert study.run(dirs, TINY, ["e2e/lora"], [1, 2], sys.executable, commit=False) == 2
+    assert len(launched) == 2
+    result = _json(tmp_path / "results" / "tiny" / "e2e" / "lora" / "seed2.json")
+    assert result["diverged"] is True and result["eval_metrics"] == {} and "--seed 2" in result["command"]
+
+    def failing_launch(command, log_path):
+        return 1
+
+    monkeypatch.setattr(study, "launch_logged", failing_launch)
+    with pytest.raises(RuntimeError, match="exit status 1"):
+        study.run(dirs, TINY, ["e2e/loradrop"], [1], sys.executable, commit=False)
+    assert not (tmp_path / "results" / "tiny" / "e2e" / "loradrop" / "seed1.json").exists()
