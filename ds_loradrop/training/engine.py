@@ -164,6 +164,44 @@ def build_engine(
     return engine
 
 
+def describe_precision(engine) -> dict[str, str]:
+    """The dtypes a training engine holds, after its first optimizer step (Adam's moments exist from then):
+
+    - ``frozen``: the module's frozen weights (the base model), what the forward computes in;
+    - ``trainable``: the trainable parameters as the module holds them (cast with the module under bf16);
+    - ``master_weights``: the copy the optimizer updates (ZeRO keeps an fp32 partition of it under bf16);
+    - ``optimizer_state``: Adam's first and second moments.
+
+    Several dtypes in one role are joined with ``+``; a role with no tensor is ``"none"``.
+    """
+
+    def names(tensors) -> str:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+        return "+".join(dtypes) or "none"
+
+    params = list(engine.module.parameters())
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", zero)  # ZeRO wraps the torch optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3 hands them to the optimizer only per step
+        master = list(zero.fp32_partitioned_groups_flat)
+    elif hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        master = list(zero.single_partition_of_fp32_groups)
+    else:
+        master = [p for group in inner.param_groups for p in group["params"]]
+    moments = [
+        value
+        for state in inner.state.values()
+        for key, value in state.items()
+        if key in ("exp_avg", "exp_avg_sq") and torch.is_tensor(value)
+    ]
+    return {
+        "frozen": names(p for p in params if not p.requires_grad),
+        "trainable": names(p for p in params if p.requires_grad),
+        "master_weights": names(master),
+        "optimizer_state": names(moments),
+    }
+
+
 def destroy_engine(engine) -> None:
     """Remove the engine's hooks so the process can build another one (stage 2)."""
     engine.destroy()
