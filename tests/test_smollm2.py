@@ -28,14 +28,6 @@ def _read_json(path: str) -> dict:
         return json.load(handle)
 
 
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory):
-    from ds_loradrop.models.loading import ensure_smollm2
-
-    cache = tmp_path_factory.mktemp("smollm2_cache")
-    return str(cache), ensure_smollm2(str(cache))
-
-
 def test_conversion_is_a_plain_checkpoint_with_the_gguf_models_logits(smollm2_cache):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
