@@ -110,20 +110,14 @@ def run_compare(experiment: str, tracking_uri: str, output_dir, env=None):
     return result, {row[0]: row for row in cells}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free loopback port, stopped after the session."""
     import subprocess
     import time
     import urllib.request
+
+    from ds_loradrop.training.distributed import free_port
 
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()

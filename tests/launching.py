@@ -10,12 +10,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
 from conftest import REPO_ROOT
 
+from ds_loradrop.training.distributed import free_port  # noqa: F401 (the tests import it from here)
 from ds_loradrop.training.engine import shm_allreduce_buffer_path
 
 TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
@@ -52,12 +52,6 @@ COMMON = [
     "--eval_batch_size",
     "3",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_ds_config(path, stage: int) -> str:

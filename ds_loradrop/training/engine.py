@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from ds_loradrop.training.distributed import (
     barrier,
+    free_port,
     get_local_world_size,
     get_logger,
     get_world_size_and_rank,
@@ -35,12 +35,6 @@ from ds_loradrop.training.ds_config import zero_stage
 DEFAULT_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
     """Initialise the process group; a plain ``python`` start becomes a world of one rank.
 
@@ -49,7 +43,7 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(timeout=timeout, verbose=False)
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":

@@ -235,6 +235,16 @@ def lora_drop_model_states(
     return round(weights + gathered + grads_and_optimizer - on_cpu), round(on_cpu)
 
 
+def loading_bytes(shape: ModelShape, setup: TrainingSetup, stage: int, gpus: int) -> int:
+    """What one rank holds when ``from_pretrained`` returns: the base weights in the training dtype, whole
+    under ZeRO-2, its ``1 / N`` partition under ZeRO-3 (loaded straight into partitions, one module
+    gathered at a time: ``d * largest_module_params``)."""
+    d = setup.dtype_bytes
+    if stage == 3:
+        return round(d * shape.total_params / gpus + d * shape.largest_module_params)
+    return d * shape.total_params
+
+
 LORA_DROP_SETUPS = (  # (label, ZeRO stage, offload_optimizer, offload_param)
     ("LoRA-drop ZeRO-2", 2, False, False),
     ("LoRA-drop ZeRO-2 + offload_optimizer", 2, True, False),
