@@ -5,11 +5,12 @@
     deepspeed --num_gpus 2 bench/memory_probe.py --model DIR --ds_config ds_configs/zero3_bf16.json \
         --out DIR [--steps 2 --seq_length 128]
 
-Memory is the process's *anonymous* resident memory (``RssAnon`` in ``/proc/self/status``, sampled every
-5 ms, peak kept): what the rank itself holds. Plain peak RSS (``ru_maxrss``) is recorded too, but it also
-counts pages of the memory-mapped safetensors file, which every rank maps whole while loading and which
-the page cache shares between ranks. On a GPU the probe reports ``torch.cuda.max_memory_allocated``.
-Each figure is the peak minus the baseline measured after imports and process-group start-up.
+Memory on the CPU: the process's resident set (``VmRSS`` in ``/proc/self/status``) and its anonymous part
+(``RssAnon``), sampled every 5 ms, peaks kept, each minus its value after imports and process-group
+start-up. The resident set is what the rank holds: what it allocated, and the pages of the checkpoint
+file it maps (transformers maps safetensors files and, when the dtypes match and nothing partitions them,
+uses the mapped pages as the weights: then they are file-backed, not anonymous). On a GPU the probe
+reports ``torch.cuda.max_memory_allocated`` instead.
 """
 
 from __future__ import annotations
@@ -27,34 +28,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 
-def anonymous_rss() -> int:
+def resident_memory() -> tuple[int, int]:
+    """(VmRSS, RssAnon) of this process in bytes."""
+    values = {}
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "RssAnon"):
+                values[name] = int(rest.split()[0]) * 1024
+    return values["VmRSS"], values["RssAnon"]
 
 
 class PeakSampler:
-    """The highest anonymous RSS seen since the last :meth:`reset`, sampled by a thread."""
+    """The highest (VmRSS, RssAnon) seen since the last :meth:`reset`, sampled by a thread."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
-        self.peak = anonymous_rss()
+        self.peak = resident_memory()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        now = resident_memory()
+        self.peak = (max(self.peak[0], now[0]), max(self.peak[1], now[1]))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, anonymous_rss())
+            self._sample()
             time.sleep(self.interval)
 
     def reset(self) -> None:
-        self.peak = anonymous_rss()
+        self.peak = resident_memory()
 
-    def read(self) -> int:
-        self.peak = max(self.peak, anonymous_rss())
+    def read(self) -> tuple[int, int]:
+        self._sample()
         return self.peak
 
     def stop(self) -> None:
@@ -100,12 +108,15 @@ def main(argv=None) -> None:
         accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
     )
 
-    def measured() -> int:
-        return int(torch.cuda.max_memory_allocated(device)) if on_gpu else sampler.read()
+    def measured() -> tuple[int, int]:
+        if on_gpu:
+            allocated = int(torch.cuda.max_memory_allocated(device))
+            return allocated, allocated
+        return sampler.read()
 
     sampler = PeakSampler()
     barrier()
-    baseline = torch.cuda.memory_allocated(device) if on_gpu else anonymous_rss()
+    baseline = (torch.cuda.memory_allocated(device),) * 2 if on_gpu else resident_memory()
     sampler.reset()
 
     model, zero3_loading = load_for_deepspeed(args.model, ds_config)
@@ -141,16 +152,17 @@ def main(argv=None) -> None:
         engine.step()
     barrier()
     training_peak = measured()
-    if not on_gpu:
-        sampler.stop()
+    sampler.stop()
     record = {
         "rank": rank,
         "world_size": world_size,
         "device": device.type,
-        "kind": "cuda_max_memory_allocated" if on_gpu else "peak_anonymous_rss",
-        "baseline_bytes": int(baseline),
-        "loading_bytes": int(loading_peak - baseline),
-        "training_bytes": int(training_peak - baseline),
+        "kind": "cuda_max_memory_allocated" if on_gpu else "peak_resident_set",
+        "baseline_bytes": int(baseline[0]),
+        "loading_bytes": int(loading_peak[0] - baseline[0]),
+        "training_bytes": int(training_peak[0] - baseline[0]),
+        "loading_anonymous_bytes": int(loading_peak[1] - baseline[1]),
+        "training_anonymous_bytes": int(training_peak[1] - baseline[1]),
         "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
         "local_elements": held.local_elements,
         "elements": held.elements,

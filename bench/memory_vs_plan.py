@@ -7,13 +7,15 @@ same setting (``ds_loradrop/training/memory_plan.py``, what ``launch/plan_memory
 Each setting is its own launch of ``bench/memory_probe.py`` (1 rank: plain ``python``; more: the DeepSpeed
 launcher) with the shipped ``ds_configs/zero{2,3}[_bf16].json``: LoRA r = 8 on q_proj and v_proj of every
 layer, micro-batch 1 of ``--seq_length`` random tokens, ``--steps`` optimizer steps. The figure of a
-setting is the largest over its ranks. ``llama2-1b-shape`` is a random Llama at Llama-2-7b's proportions
+setting is the largest over its ranks; for loading, over the ranks other than 0 (rank 0 is shown apart:
+under ZeRO-3 it alone reads the checkpoint, whose mapped pages are page cache, not accelerator memory).
+``llama2-1b-shape`` is a random Llama at Llama-2-7b's proportions
 (hidden 2048, 16 heads of 128, multi-head attention, MLP 5504 = 2.6875x, 18 layers, untied 32,000-row
 head: 1.04B parameters), written once (bf16 safetensors) into the preset cache.
 
 Plan: loading = ``memory_plan.loading_bytes``; training = ``lora_drop_model_states`` (retained fraction
 1.0: every layer has its LoRA) + ``activation_bytes`` (no checkpointing). Ratio = measured / plan. On the
-CPU "measured" is the peak anonymous RSS above the process's own baseline (see memory_probe.py), with
+CPU "measured" is the peak resident set above the process's own baseline (see memory_probe.py), with
 glibc's mmap threshold fixed so that freed tensors leave the resident set (``measure``).
 """
 
@@ -130,9 +132,13 @@ def measure(model_dir: str, stage: int, ranks: int, dtype: str, args) -> dict:
     if result.returncode != 0 or len(records) != ranks:
         tail = (result.stdout + result.stderr)[-3000:]
         return {"failed": f"exit status {result.returncode}", "log_tail": tail, "seconds": seconds}
+    others = records[1:] or records  # ZeRO-3: only rank 0 reads the checkpoint file (the others: meta)
     return {
-        "loading_bytes": max(r["loading_bytes"] for r in records),
+        "loading_bytes_rank0": records[0]["loading_bytes"],
+        "loading_bytes": max(r["loading_bytes"] for r in others),
+        "loading_anonymous_bytes": max(r["loading_anonymous_bytes"] for r in records),
         "training_bytes": max(r["training_bytes"] for r in records),
+        "training_anonymous_bytes": max(r["training_anonymous_bytes"] for r in records),
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in records),
         "held_fraction": max(r["local_elements"] / r["elements"] for r in records),
         "kind": records[0]["kind"],
@@ -145,18 +151,18 @@ def measure(model_dir: str, stage: int, ranks: int, dtype: str, args) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     header = (
-        "| model | ZeRO | dtype | ranks | weights held / rank | loading: measured / plan (GiB) | ratio "
-        "| training: measured / plan (GiB) | ratio |"
+        "| model | ZeRO | dtype | ranks | weights held / rank | loading, rank 0 | loading: measured / plan "
+        "(GiB) | ratio | training: measured / plan (GiB) | ratio |"
     )
-    lines = [header, "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         m, p = row["measured"], row["plan"]
         head = f"| {row['model']} | {row['stage']} | {row['dtype']} | {row['ranks']} "
         if "failed" in m:
-            lines.append(head + f"| - | {m['failed']} | - | - | - |")
+            lines.append(head + f"| - | - | {m['failed']} | - | - | - |")
             continue
         lines.append(
-            head + f"| {m['held_fraction']:.3f} "
+            head + f"| {m['held_fraction']:.3f} | {m['loading_bytes_rank0'] / GIB:.2f} "
             f"| {m['loading_bytes'] / GIB:.2f} / {p['loading_bytes'] / GIB:.2f} "
             f"| {m['loading_bytes'] / p['loading_bytes']:.2f} "
             f"| {m['training_bytes'] / GIB:.2f} / {p['training_bytes'] / GIB:.2f} "

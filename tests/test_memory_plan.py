@@ -125,7 +125,8 @@ def test_zero3_partitions_and_lora_drop_is_far_below_full_finetuning(llama_7b, p
     zero2_two, _ = lora_drop_model_states(llama_7b, setup, 2, 2, False, False)
     assert zero2_two < zero2_one and zero2_one - zero2_two < 0.1 * GIB  # base replicated under ZeRO-2
     full = plan_memory.deepspeed_model_states(llama_7b, 3, 1, 8, False, False)[0]
-    # full fine-tuning: 18 bytes x 6.74e9 = 121.8e9; LoRA-drop: 2 x 6.74e9 + 2e9 gathered + 16 x 2.1e6 = 15.5e9
+    # full fine-tuning: 18 bytes x 6.74e9 = 121.8e9;
+    # LoRA-drop: 2 x 6.74e9 + 2e9 gathered + 16 x 2.1e6 = 15.5e9
     assert one < full / 7
 
 
