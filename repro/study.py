@@ -355,6 +355,11 @@ def main(argv: list[str] | None = None) -> None:
                 else ("started" if os.path.isdir(dirs.output_dir(grid, cell, seed)) else "to do")
             )
             print(f"{cell.name:24s} seed {seed}: {state}")
+    elif grid.name == "tuning":
+        from tuning import write_tuning_report
+
+        output = args.output or os.path.join(REPO_ROOT, "repro", "TUNING.md")
+        print(write_tuning_report(grid, os.path.join(dirs.results, grid.name), output), end="")
     else:
         from report import write_report
 
