@@ -9,7 +9,9 @@ Memory on the CPU: the process's resident set (``VmRSS`` in ``/proc/self/status`
 (``RssAnon``), sampled every 5 ms, peaks kept, each minus its value after imports and process-group
 start-up. The resident set is what the rank holds: what it allocated, and the pages of the checkpoint
 file it maps (transformers maps safetensors files and, when the dtypes match and nothing partitions them,
-uses the mapped pages as the weights: then they are file-backed, not anonymous). On a GPU the probe
+uses the mapped pages as the weights: then they are file-backed, not anonymous). What the rank *holds*
+is its anonymous peak plus the checkpoint pages still mapped at the end of the phase (weights used in
+place); pages read only to be converted or partitioned are page cache, not held. On a GPU the probe
 reports ``torch.cuda.max_memory_allocated`` instead.
 """
 
@@ -37,6 +39,20 @@ def resident_memory() -> tuple[int, int]:
             if name in ("VmRSS", "RssAnon"):
                 values[name] = int(rest.split()[0]) * 1024
     return values["VmRSS"], values["RssAnon"]
+
+
+def mapped_checkpoint_bytes() -> int:
+    """Resident pages of the memory-mapped ``*.safetensors`` files still mapped by this process: weights
+    that transformers uses in place from the checkpoint (same dtype, not partitioned)."""
+    total, is_checkpoint = 0, False
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) >= 5 and "-" in fields[0]:  # a mapping's header line
+                is_checkpoint = fields[-1].endswith(".safetensors")
+            elif is_checkpoint and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
 
 
 class PeakSampler:
@@ -122,6 +138,7 @@ def main(argv=None) -> None:
     model, zero3_loading = load_for_deepspeed(args.model, ds_config)
     barrier()
     loading_peak = measured()
+    loading_mapped = 0 if on_gpu else mapped_checkpoint_bytes()
     held = ds_engine.describe_partitioning(model)
 
     torch.manual_seed(0)
@@ -152,6 +169,7 @@ def main(argv=None) -> None:
         engine.step()
     barrier()
     training_peak = measured()
+    training_mapped = 0 if on_gpu else mapped_checkpoint_bytes()
     sampler.stop()
     record = {
         "rank": rank,
@@ -163,6 +181,11 @@ def main(argv=None) -> None:
         "training_bytes": int(training_peak[0] - baseline[0]),
         "loading_anonymous_bytes": int(loading_peak[1] - baseline[1]),
         "training_anonymous_bytes": int(training_peak[1] - baseline[1]),
+        # held = allocated (anonymous) + the checkpoint pages still mapped as weights
+        "loading_held_bytes": int(loading_peak[1] - baseline[1] + loading_mapped),
+        "training_held_bytes": int(training_peak[1] - baseline[1] + training_mapped),
+        "loading_mapped_checkpoint_bytes": loading_mapped,
+        "training_mapped_checkpoint_bytes": training_mapped,
         "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
         "local_elements": held.local_elements,
         "elements": held.elements,

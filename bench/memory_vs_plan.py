@@ -7,7 +7,8 @@ same setting (``ds_loradrop/training/memory_plan.py``, what ``launch/plan_memory
 Each setting is its own launch of ``bench/memory_probe.py`` (1 rank: plain ``python``; more: the DeepSpeed
 launcher) with the shipped ``ds_configs/zero{2,3}[_bf16].json``: LoRA r = 8 on q_proj and v_proj of every
 layer, micro-batch 1 of ``--seq_length`` random tokens, ``--steps`` optimizer steps. The figure of a
-setting is the largest over its ranks (for loading see ``loading_measured``).
+setting is the largest over its ranks of what each holds (memory_probe.py: allocated memory plus the
+checkpoint pages used in place as weights).
 ``llama2-1b-shape`` is a random Llama at Llama-2-7b's proportions
 (hidden 2048, 16 heads of 128, multi-head attention, MLP 5504 = 2.6875x, 18 layers, untied 32,000-row
 head: 1.04B parameters), written once (bf16 safetensors) into the preset cache.
@@ -131,13 +132,11 @@ def measure(model_dir: str, stage: int, ranks: int, dtype: str, args) -> dict:
     if result.returncode != 0 or len(records) != ranks:
         tail = (result.stdout + result.stderr)[-3000:]
         return {"failed": f"exit status {result.returncode}", "log_tail": tail, "seconds": seconds}
-    others = records[1:] or records  # ZeRO-3: only rank 0 reads the checkpoint file (the others: meta)
     return {
-        "loading_bytes_rank0": records[0]["loading_bytes"],
-        "loading_bytes": max(r["loading_bytes"] for r in others),
-        "loading_anonymous_bytes": max(r["loading_anonymous_bytes"] for r in records),
-        "training_bytes": max(r["training_bytes"] for r in records),
-        "training_anonymous_bytes": max(r["training_anonymous_bytes"] for r in records),
+        "loading_bytes": max(r["loading_held_bytes"] for r in records),
+        "training_bytes": max(r["training_held_bytes"] for r in records),
+        "loading_resident_bytes": max(r["loading_bytes"] for r in records),
+        "training_resident_bytes": max(r["training_bytes"] for r in records),
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in records),
         "held_fraction": max(r["local_elements"] / r["elements"] for r in records),
         "kind": records[0]["kind"],
@@ -146,15 +145,6 @@ def measure(model_dir: str, stage: int, ranks: int, dtype: str, args) -> dict:
         "per_rank": records,
         "seconds": seconds,
     }
-
-
-def loading_measured(row: dict) -> int:
-    """The loading figure compared with the plan: under ZeRO-3 the anonymous memory (the partitions are
-    copies; the checkpoint pages rank 0 reads are page cache), under ZeRO-2 the resident set (the weights
-    stay memory-mapped from the checkpoint; they are read on first use, so on the CPU they appear under
-    training, and the loading figure is only what loading allocated)."""
-    m = row["measured"]
-    return m["loading_anonymous_bytes"] if row["stage"] == 3 else m["loading_bytes"]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -169,7 +159,7 @@ def markdown(rows: list[dict]) -> str:
         if "failed" in m:
             lines.append(head + f"| - | {m['failed']} | - | - | - |")
             continue
-        loading = loading_measured(row)
+        loading = m["loading_bytes"]
         lines.append(
             head + f"| {m['held_fraction']:.3f} "
             f"| {loading / GIB:.2f} / {p['loading_bytes'] / GIB:.2f} | {loading / p['loading_bytes']:.2f} "

@@ -237,7 +237,7 @@ def test_memory_against_the_plan_runs_and_zero3_holds_half_the_weights_per_rank(
     assert one["held_fraction"] == 1.0 and two["held_fraction"] == pytest.approx(0.5, abs=0.01)
     assert one["precision"]["frozen"] == "bfloat16" and one["precision"]["master_weights"] == "float32"
     for row in rows:
-        assert row["measured"]["loading_anonymous_bytes"] > 0 and row["measured"]["training_bytes"] > 0
+        assert row["measured"]["loading_bytes"] > 0 and row["measured"]["training_bytes"] > 0
         # bf16: 2 bytes per parameter of the 14.5M, split over the ranks
         assert row["plan"]["loading_bytes"] >= 2 * row["plan"]["total_params"] / row["ranks"]
     assert "| ratio |" in result.stdout
