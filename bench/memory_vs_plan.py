@@ -169,6 +169,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], cache_dir: str, output: str | None) -> list[dict]:
+    """The rows of earlier runs, each with the current plan's prediction for its setting."""
+    rows, settings = [], []
+    for path in paths:
+        with open(path) as handle:
+            saved = json.load(handle)
+        settings.append(saved["settings"])
+        for row in saved["rows"]:
+            model_dir = model_directory(row["model"], cache_dir)
+            row["plan"] = plan(
+                model_dir, row["stage"], row["ranks"], row["dtype"], saved["settings"]["seq_length"]
+            )
+            rows.append(row)
+    print(markdown(rows))
+    if output:
+        with open(output, "w") as handle:
+            json.dump({"settings": settings, "rows": rows}, handle, indent=2)
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "llama2-1b-shape"])
@@ -179,10 +199,19 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seq_length", type=int, default=128)
     parser.add_argument("--cache_dir", default=None, help="Preset cache (default: the trainer's).")
     parser.add_argument("--json", default=None, help="Also write the rows here.")
+    parser.add_argument(
+        "--from_json",
+        nargs="+",
+        default=None,
+        help="Measure nothing: merge these earlier --json files, with the plan computed again by the "
+        "current code, into --json and the table.",
+    )
     args = parser.parse_args(argv)
     from ds_loradrop.models.loading import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
+    if args.from_json:
+        return merge(args.from_json, cache_dir, args.json)
     rows = []
     for name in args.models:
         model_dir = model_directory(name, cache_dir)

@@ -14,7 +14,8 @@ without DeepSpeed's communication buckets, the CUDA context, fragmentation or lo
   when they will not be used again within ``stage3_max_reuse_distance``, also 1e9), and at least the largest
   module: ``d * max(largest_module_params, min(max_live_parameters, B))``. Measured (bench/memory_vs_plan.py):
   a 1.04B-parameter model on 2 ranks held every parameter gathered while training under the defaults;
-  DeepSpeed's own estimator counts only the largest module.
+  DeepSpeed's own estimator counts only the largest module. On one rank a partition is the whole
+  parameter and nothing extra is gathered.
 * ``offload_optimizer`` moves each rank's gradient + optimizer partition, ``(d + 8 [+4]) * T / N``, to
   CPU; ``offload_param`` (ZeRO-3) also moves the base and adapter weight partitions, ``d * (B + T) / N``.
   CPU per node = ranks per node x the per-rank share.
@@ -240,7 +241,8 @@ def lora_drop_model_states(
     d, trainable = setup.dtype_bytes, trainable_parameters(shape, setup)
     grads_and_optimizer = (d + 8 + (4 if d < 4 else 0)) * trainable / gpus  # grad, [fp32 master,] Adam m, v
     weights = d * (shape.total_params + trainable) / (gpus if stage == 3 else 1)
-    gathered = d * gathered_parameters(shape, setup) if stage == 3 else 0
+    # one rank: a partition is the whole parameter, used in place (measured: no gathered copy)
+    gathered = d * gathered_parameters(shape, setup) if stage == 3 and gpus > 1 else 0
     on_cpu = grads_and_optimizer * offload_optimizer + weights * offload_param
     return round(weights + gathered + grads_and_optimizer - on_cpu), round(on_cpu)
 
