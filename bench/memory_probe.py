@@ -42,8 +42,9 @@ def resident_memory() -> tuple[int, int]:
 
 
 def mapped_checkpoint_bytes() -> int:
-    """Resident pages of the memory-mapped ``*.safetensors`` files still mapped by this process: weights
-    that transformers uses in place from the checkpoint (same dtype, not partitioned)."""
+    """File-backed resident pages of the memory-mapped ``*.safetensors`` files still mapped by this
+    process: weights that transformers uses in place from the checkpoint (same dtype, not partitioned).
+    Pages written since (copy-on-write: a broadcast into the weights) are anonymous, already counted."""
     total, is_checkpoint = 0, False
     with open("/proc/self/smaps") as handle:
         for line in handle:
@@ -52,6 +53,8 @@ def mapped_checkpoint_bytes() -> int:
                 is_checkpoint = fields[-1].endswith(".safetensors")
             elif is_checkpoint and fields[0] == "Rss:":
                 total += int(fields[1]) * 1024
+            elif is_checkpoint and fields[0] == "Anonymous:":
+                total -= int(fields[1]) * 1024
     return total
 
 
