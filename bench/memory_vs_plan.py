@@ -170,23 +170,24 @@ def markdown(rows: list[dict]) -> str:
 
 
 def merge(paths: list[str], cache_dir: str, output: str | None) -> list[dict]:
-    """The rows of earlier runs, each with the current plan's prediction for its setting."""
-    rows, settings = [], []
+    """The rows of earlier runs, each with the current plan's prediction for its setting; a setting
+    measured in several files keeps the last file's row."""
+    rows, settings = {}, []
     for path in paths:
         with open(path) as handle:
             saved = json.load(handle)
         settings.append(saved["settings"])
+        seq_length = saved["settings"]["seq_length"]
         for row in saved["rows"]:
             model_dir = model_directory(row["model"], cache_dir)
-            row["plan"] = plan(
-                model_dir, row["stage"], row["ranks"], row["dtype"], saved["settings"]["seq_length"]
-            )
-            rows.append(row)
-    print(markdown(rows))
+            row["plan"] = plan(model_dir, row["stage"], row["ranks"], row["dtype"], seq_length)
+            rows[(row["model"], row["dtype"], row["stage"], row["ranks"])] = row
+    merged = list(rows.values())
+    print(markdown(merged))
     if output:
         with open(output, "w") as handle:
-            json.dump({"settings": settings, "rows": rows}, handle, indent=2)
-    return rows
+            json.dump({"settings": settings, "rows": merged}, handle, indent=2)
+    return merged
 
 
 def main(argv=None) -> list[dict]:
