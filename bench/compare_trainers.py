@@ -27,6 +27,8 @@ sys.path.insert(0, REPO_ROOT)
 
 from own_contenders import OURS  # bench/ is this script's directory, first on sys.path
 
+from ds_loradrop.training.distributed import free_port
+
 CONTENDERS = ("peer_loop", "hf_trainer", "sft_trainer", "ours")  # ours also measures ours_loradrop
 PEERS = ("peer_loop", "hf_trainer", "sft_trainer")
 
@@ -76,14 +78,6 @@ def launch_command(args, contender: str, out: str, alone: str | None = None) -> 
         ]  # fmt: skip
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     return [deepspeed, "--num_gpus", "2", "--master_port", port, script, *flags]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def environment(ranks: int) -> dict:

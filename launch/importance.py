@@ -30,6 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--batch_size", type=int, default=16, help="Rows per forward.")
     parser.add_argument("--model", default=None, help="Base model (default: the adapter's base model).")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="What the model and adapters compute in (bf16: as a bf16 run's stage 1); sums are fp32/fp64.",
+    )
     parser.add_argument("--model_cache_dir", default=None, help="Cache of the presets.")
     parser.add_argument(
         "--task", default=None, help="e2e, dart, dialogsum or gsm8k (default: the run's, else e2e)."
@@ -58,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> None:
     from ds_loradrop.errors import UsageError
-    from ds_loradrop.recipes.importance import adapter_importance, run_config_for
+    from ds_loradrop.recipes.importance import DTYPES, adapter_importance, run_config_for
     from ds_loradrop.tracking.experiment_log import PLOTS_DIR
     from ds_loradrop.tracking.plots import plot_importance
 
@@ -72,7 +78,9 @@ def main() -> None:
     if os.path.exists(plan_path):
         raise UsageError(f"{plan_path!r} exists; choose another --output_dir")
     cfg = run_config_for(args.run, vars(args))
-    plan = adapter_importance(adapter, cfg, batch_size=args.batch_size, model=args.model)
+    plan = adapter_importance(
+        adapter, cfg, batch_size=args.batch_size, model=args.model, dtype=DTYPES[args.dtype]
+    )
     os.makedirs(os.path.join(args.output_dir, PLOTS_DIR), exist_ok=True)
     plan.save(plan_path)
     plot_importance(plan, os.path.join(args.output_dir, PLOTS_DIR, "importance.png"))

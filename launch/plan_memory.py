@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ds_loradrop.errors import UsageError
 from ds_loradrop.recipes.cli import run_main
 from ds_loradrop.training.memory_plan import (
+    DEEPSPEED_MAX_LIVE_PARAMETERS,
     DTYPE_BYTES,
     MemoryEstimate,
     ModelShape,
@@ -120,6 +121,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=("sdpa", "eager"),
         help="eager keeps the s x s attention probabilities; sdpa/flash does not.",
     )
+    parser.add_argument(
+        "--max_live_parameters",
+        type=int,
+        default=DEEPSPEED_MAX_LIVE_PARAMETERS,
+        help="ZeRO-3: the ds_config's stage3_max_live_parameters (DeepSpeed's default 1e9), the gathered "
+        "parameters a rank may hold while training.",
+    )
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a Markdown table.")
     args = parser.parse_args(argv)
     targets = tuple(name.strip() for name in args.lora_targets.split(",") if name.strip())
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seq_length,
         args.dtype,
         args.attention,
+        args.max_live_parameters,
     )
     for gpus in args.gpus:
         node_layout(gpus, args.gpus_per_node)  # reject a bad GPU count before the slow model build

@@ -118,14 +118,7 @@ def collect_result(out: str, grid: Grid, cell: Cell, seed: int, command: list[st
     plan_file = os.path.join(out, "plan.json")
     plan = read_json(plan_file) if os.path.isfile(plan_file) else None
     return {
-        "grid": grid.name,
-        "cell": cell.name,
-        "seed": seed,
-        "table": cell.table,
-        "label": cell.label,
-        # the launcher by name (python / deepspeed), not this machine's venv path
-        "command": shlex.join([os.path.basename(command[0]), *command[1:]]),
-        "wall_seconds_launch": round(seconds, 1),
+        **run_identity(grid, cell, seed, command, seconds),
         "wall_seconds": summary["wall_seconds"],
         "method": summary["method"],
         "trainable_parameters": summary["trainable_parameters"],
@@ -265,15 +258,23 @@ def write_result(path: str, result: dict) -> str:
     return path
 
 
-def diverged_result(grid: Grid, cell: Cell, seed: int, command: list[str], seconds: float) -> dict:
+def run_identity(grid: Grid, cell: Cell, seed: int, command: list[str], seconds: float) -> dict:
+    """What every result file starts with: the run's place in the grid, its command and launch time."""
     return {
         "grid": grid.name,
         "cell": cell.name,
         "seed": seed,
         "table": cell.table,
         "label": cell.label,
+        # the launcher by name (python / deepspeed), not this machine's venv path
         "command": shlex.join([os.path.basename(command[0]), *command[1:]]),
         "wall_seconds_launch": round(seconds, 1),
+    }
+
+
+def diverged_result(grid: Grid, cell: Cell, seed: int, command: list[str], seconds: float) -> dict:
+    return {
+        **run_identity(grid, cell, seed, command, seconds),
         "diverged": True,
         "eval_metrics": {},
         "git_commit": git_commit(),
@@ -355,6 +356,11 @@ def main(argv: list[str] | None = None) -> None:
                 else ("started" if os.path.isdir(dirs.output_dir(grid, cell, seed)) else "to do")
             )
             print(f"{cell.name:24s} seed {seed}: {state}")
+    elif grid.name == "tuning":
+        from tuning import write_tuning_report
+
+        output = args.output or os.path.join(REPO_ROOT, "repro", "TUNING.md")
+        print(write_tuning_report(grid, os.path.join(dirs.results, grid.name), output), end="")
     else:
         from report import write_report
 

@@ -28,6 +28,15 @@ def e2e_dir() -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """(cache directory, converted checkpoint) of the smollm2-135m preset, converted once per session."""
+    from ds_loradrop.models.loading import ensure_smollm2
+
+    cache = tmp_path_factory.mktemp("smollm2_cache")
+    return str(cache), ensure_smollm2(str(cache))
+
+
 def tiny_llama_model(num_layers: int = 4, seed: int = 0, num_key_value_heads: int = 4):
     """A small Llama from a config with fixed random (non-trivial) weights; fewer key/value heads than 4
     make v_proj narrower than q_proj (grouped-query attention, like SmolLM2)."""
@@ -101,20 +110,14 @@ def run_compare(experiment: str, tracking_uri: str, output_dir, env=None):
     return result, {row[0]: row for row in cells}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free loopback port, stopped after the session."""
     import subprocess
     import time
     import urllib.request
+
+    from ds_loradrop.training.distributed import free_port
 
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()

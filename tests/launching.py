@@ -10,12 +10,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 
 from conftest import REPO_ROOT
 
+from ds_loradrop.training.distributed import free_port  # noqa: F401 (the tests import it from here)
 from ds_loradrop.training.engine import shm_allreduce_buffer_path
 
 TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
@@ -52,12 +53,6 @@ COMMON = [
     "--eval_batch_size",
     "3",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_ds_config(path, stage: int) -> str:
@@ -103,3 +98,17 @@ def job_env(root) -> dict:
     env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+def assert_partitioned_on_two_ranks(log: str, stages=("stage1", "stage2"), slack: int = 0) -> None:
+    """Each stage's log line on both ranks says every tensor is partitioned and the rank holds half of the
+    elements (``slack`` more: tensors whose size is odd, or too small to split evenly)."""
+    for stage in stages:
+        lines = re.findall(
+            rf"\[ds_loradrop rank(\d)\] {stage}: \d+ trainable parameters; ZeRO stage 3: "
+            r"(\d+)/(\d+) tensors partitioned, (\d+)/(\d+) elements",
+            log,
+        )
+        assert sorted(rank for rank, *_ in lines) == ["0", "1"], stage
+        for _, partitioned, tensors, local, total in lines:
+            assert int(partitioned) == int(tensors) and int(local) * 2 <= int(total) + slack, stage

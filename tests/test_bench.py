@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT
+
+from ds_loradrop.training.distributed import free_port
 
 pytestmark = pytest.mark.bench
 
@@ -212,3 +214,58 @@ def test_trainer_comparison_runs_every_contender_on_two_ranks(tmp_path, e2e_dir)
     useful, real = timed["per_contender"]["ours"][0]
     assert 0 < useful < real
     assert f"every contender timed the same rows: {useful} useful / {real} real tokens" in result.stdout
+
+
+def test_memory_against_the_plan_runs_and_zero3_holds_half_the_weights_per_rank(tmp_path):
+    """bench/memory_vs_plan.py on a random Llama-2-shaped checkpoint: one and two ranks under ZeRO-3 in bf16;
+    each row has the plan's prediction beside the measurement, and two ranks hold half the weights each."""
+    from ds_loradrop.models.loading import TINY_LLAMA2_SPEC
+
+    model_dir = tmp_path / "model"
+    _save_random_llama(TINY_LLAMA2_SPEC.llama_config(), model_dir)
+    out = tmp_path / "memory.json"
+    command = [
+        sys.executable, os.path.join(REPO_ROOT, "bench", "memory_vs_plan.py"), "--models", str(model_dir),
+        "--ranks", "1", "2", "--stages", "3", "--dtypes", "bf16", "--steps", "1", "--seq_length", "16",
+        "--json", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["ranks"], r["stage"], r["dtype"]) for r in rows] == [(1, 3, "bf16"), (2, 3, "bf16")]
+    one, two = (row["measured"] for row in rows)
+    assert one["held_fraction"] == 1.0 and two["held_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert one["precision"]["frozen"] == "bfloat16" and one["precision"]["master_weights"] == "float32"
+    for row in rows:
+        assert row["measured"]["loading_bytes"] > 0 and row["measured"]["training_bytes"] > 0
+        # bf16: 2 bytes per parameter of the 14.5M, split over the ranks
+        assert row["plan"]["loading_bytes"] >= 2 * row["plan"]["total_params"] / row["ranks"]
+    assert "| ratio |" in result.stdout
+
+
+def _save_random_llama(config, directory) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
+
+
+def test_the_gpu_check_refuses_without_a_gpu_in_one_line():
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "bench", "gpu_check.py")],
+        cwd=REPO_ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    expected = (
+        "error: no CUDA GPU is visible (torch.cuda.is_available() is False): this check runs only on an "
+        "NVIDIA GPU host"
+    )
+    assert lines == [expected]
+    assert not os.path.exists(os.path.join(REPO_ROOT, "outputs", "gpu_check", "gpu_check.json"))

@@ -10,7 +10,9 @@ import textwrap
 import time
 
 import pytest
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT
+
+from ds_loradrop.training.distributed import free_port
 
 pytestmark = pytest.mark.unit
 

@@ -24,11 +24,12 @@ def resolve(raw, world_size=2, native_bf16=False, **train):
 
 def test_shipped_configs_resolve_with_defaults():
     paths = sorted(glob.glob(os.path.join(REPO_ROOT, "ds_configs", "**", "*.json"), recursive=True))
-    assert len(paths) == 3, paths
+    assert len(paths) == 5, paths
     stages = {}
     for path in paths:
         config, batch = resolve(load_ds_config(path))
-        stages[os.path.basename(path)] = zero_stage(config)
+        name = os.path.basename(path)
+        stages[name] = zero_stage(config)
         assert DEFAULT_MICRO_BATCH_SIZE == 4  # the quick start's global batch of 8 on 2 ranks
         assert (
             config["train_batch_size"]
@@ -36,9 +37,19 @@ def test_shipped_configs_resolve_with_defaults():
             == 4 * DEFAULT_GRADIENT_ACCUMULATION_STEPS * 2
         )
         assert config["gradient_clipping"] == 1.0
-        assert config["bf16"]["enabled"] is False  # CPU: fp32
+        # "auto": fp32 on the CPU, bf16 on an accelerator with native bf16; *_bf16.json: bf16 everywhere
+        assert config["bf16"]["enabled"] is name.endswith("_bf16.json")
         assert resolve(load_ds_config(path), native_bf16=True)[0]["bf16"]["enabled"] is True
-    assert stages == {"zero2.json": 2, "zero3.json": 3, "zero3_offload.json": 3}
+        if name.endswith("_bf16.json"):  # the same settings as the "auto" file, precision forced
+            auto = load_ds_config(path.replace("_bf16.json", ".json"))
+            assert {**auto, "bf16": {"enabled": True}} == load_ds_config(path)
+    assert stages == {
+        "zero2.json": 2,
+        "zero2_bf16.json": 2,
+        "zero3.json": 3,
+        "zero3_bf16.json": 3,
+        "zero3_offload.json": 3,
+    }
     zero3, _ = resolve(load_ds_config(os.path.join(REPO_ROOT, "ds_configs", "zero3.json")))
     # HF Trainer convention for bucket sizes from the hidden size (64 here)
     assert zero3["zero_optimization"]["stage3_param_persistence_threshold"] == 640

@@ -115,16 +115,32 @@ def test_full_finetuning_rows_are_deepspeeds_estimate(llama_7b, plan_memory):
 
 def test_zero3_partitions_and_lora_drop_is_far_below_full_finetuning(llama_7b, plan_memory):
     setup = TrainingSetup()
-    gathered = 2 * llama_7b.largest_module_params
+    # ZeRO-3 keeps up to stage3_max_live_parameters (1e9 by default) gathered on each of several ranks,
+    # 2 bytes each in bf16; on one rank the partitions are the parameters, nothing more is gathered
+    gathered = 2 * 10**9
     one, _ = lora_drop_model_states(llama_7b, setup, 3, 1, False, False)
     two, _ = lora_drop_model_states(llama_7b, setup, 3, 2, False, False)
-    assert (two - gathered) == pytest.approx((one - gathered) / 2, rel=1e-6)
-    assert 12 < (one - gathered) / GIB < 13  # 2 bytes x 6.74e9 frozen + 16 bytes x 2.1e6 trainable
+    assert (two - gathered) == pytest.approx(one / 2, rel=1e-6)
+    assert 12 < one / GIB < 13  # 2 bytes x 6.74e9 frozen + 16 bytes x 2.1e6 trainable
     zero2_one, _ = lora_drop_model_states(llama_7b, setup, 2, 1, False, False)
     zero2_two, _ = lora_drop_model_states(llama_7b, setup, 2, 2, False, False)
     assert zero2_two < zero2_one and zero2_one - zero2_two < 0.1 * GIB  # base replicated under ZeRO-2
     full = plan_memory.deepspeed_model_states(llama_7b, 3, 1, 8, False, False)[0]
+    # full fine-tuning: 18 bytes x 6.74e9 = 121.8e9;
+    # LoRA-drop: 2 x 6.74e9 + 16 x 2.1e6 = 13.5e9
     assert one < full / 8
+
+
+def test_zero3_gathers_up_to_max_live_parameters_and_at_least_the_largest_module(llama_7b):
+    from ds_loradrop.training.memory_plan import gathered_parameters
+
+    assert gathered_parameters(llama_7b, TrainingSetup()) == 10**9  # DeepSpeed's default cap
+    assert gathered_parameters(llama_7b, TrainingSetup(max_live_parameters=10**11)) == llama_7b.total_params
+    # a small cap still gathers the largest module (the embedding, 32000 x 4096) whole
+    assert gathered_parameters(llama_7b, TrainingSetup(max_live_parameters=10**6)) == 32000 * 4096
+    low, _ = lora_drop_model_states(llama_7b, TrainingSetup(max_live_parameters=10**6), 3, 8, False, False)
+    default, _ = lora_drop_model_states(llama_7b, TrainingSetup(), 3, 8, False, False)
+    assert default - low == 2 * (10**9 - 32000 * 4096)
 
 
 def test_checkpointing_reduces_activations(llama_7b):
@@ -147,7 +163,7 @@ def test_offload_moves_bytes_to_cpu(llama_7b):
         assert cpu == 0 and offloaded_cpu > 0 and abs((gpu - offloaded_gpu) - offloaded_cpu) <= 1
     gpu, cpu = lora_drop_model_states(llama_7b, setup, 3, 8, True, False)
     param_gpu, param_cpu = lora_drop_model_states(llama_7b, setup, 3, 8, True, True)
-    assert param_gpu == 2 * llama_7b.largest_module_params and abs((gpu - param_gpu) - (param_cpu - cpu)) <= 1
+    assert param_gpu == 2 * 10**9 and abs((gpu - param_gpu) - (param_cpu - cpu)) <= 1
     per_rank = {e.setup: e for e in plan_lora_drop(llama_7b, setup, 8, 8)}
     assert per_rank["LoRA-drop ZeRO-3 + offload_optimizer + offload_param"].cpu_per_node == pytest.approx(
         8 * param_cpu, abs=8

@@ -154,3 +154,28 @@ def test_a_diverged_run_is_recorded_without_metrics_and_the_grid_goes_on(tmp_pat
     with pytest.raises(RuntimeError, match="exit status 1"):
         study.run(dirs, TINY, ["e2e/loradrop"], [1], sys.executable, commit=False)
     assert not (tmp_path / "results" / "tiny" / "e2e" / "loradrop" / "seed1.json").exists()
+
+
+@pytest.mark.unit
+def test_the_tuned_rate_is_the_best_bleu_and_a_choice_at_the_grid_edge_is_flagged():
+    sys.path.insert(0, os.path.join(REPO_ROOT, "repro"))
+    from tuning import choose, method_of, rate_of
+
+    assert (method_of("e2e/sparse_lora_lr2.5e-4"), rate_of("e2e/sparse_lora_lr2.5e-4")) == (
+        "sparse_lora",
+        "2.5e-4",
+    )
+    rates = ("1e-3", "2e-3", "5e-3")
+    assert choose({}, rates) is None
+    middle = choose({"1e-3": {"bleu": 50.0, "rouge_l": 60.0}, "2e-3": {"bleu": 52.0, "rouge_l": 61.0},
+                     "5e-3": None}, rates)  # fmt: skip
+    assert middle == {
+        "learning_rate": "2e-3",
+        "bleu": 52.0,
+        "rouge_l": 61.0,
+        "complete": True,
+        "at_edge": False,
+    }
+    top = choose({"2e-3": {"bleu": 52.0, "rouge_l": 61.0}, "5e-3": {"bleu": 52.0, "rouge_l": 62.0}}, rates)
+    # ROUGE-L breaks the tie
+    assert top["learning_rate"] == "5e-3" and top["at_edge"] and not top["complete"]

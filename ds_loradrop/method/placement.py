@@ -80,6 +80,15 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
             param.requires_grad_(True)
 
 
+def cast_adapters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every adapter (its parameters and floating-point buffers) in ``dtype``, the dtype the base model
+    computes in. DeepSpeed casts the whole module under ZeRO-1/2 (bf16 adapters) but not parameters that
+    ZeRO-3 did not create itself (fp32 adapters over a bf16 base): cast here, both stages train the same
+    way, bf16 forward and fp32 master weights in the optimizer."""
+    for adapter in unique_adapters(model):
+        adapter.to(dtype)
+
+
 def unique_adapters(model: nn.Module) -> list[LoRAAdapter]:
     """Every adapter of the model once, by identity, in first-use order."""
     seen: dict[int, LoRAAdapter] = {}

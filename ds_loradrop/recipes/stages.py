@@ -13,7 +13,12 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from ds_loradrop.eval.evaluation import evaluate
 from ds_loradrop.method.lora import AdapterLayout
-from ds_loradrop.method.placement import count_trainable_parameters, freeze_all_but_adapters, inject_lora
+from ds_loradrop.method.placement import (
+    cast_adapters,
+    count_trainable_parameters,
+    freeze_all_but_adapters,
+    inject_lora,
+)
 from ds_loradrop.models.loading import enable_activation_checkpointing, load_for_deepspeed
 from ds_loradrop.recipes.setup import RunContext
 from ds_loradrop.run_files import BASE_EVAL_DIR, METRICS_NAME, step_eval_dir
@@ -53,6 +58,7 @@ def build_model(ctx: RunContext, attach: Callable[[AdapterLayout], None] | None,
     torch.manual_seed(seed)
     attach(layout)
     freeze_all_but_adapters(model)
+    cast_adapters(model, ctx.dtype)
     return StageModel(model, layout, zero3_loading)
 
 
@@ -157,6 +163,8 @@ def train_model(
     )
     if before_evaluation is not None:
         before_evaluation()
+    result.precision = ds_engine.describe_precision(engine)
+    logger.info(f"{name}: precision " + ", ".join(f"{k} {v}" for k, v in result.precision.items()))
     result.val_loss = measure_validation_loss(ctx, engine, name, result.num_steps)
     return engine, result
 

@@ -25,6 +25,7 @@ class RunSummary:
     num_truncated: int = 0
     peak_memory_bytes: list[int] = field(default_factory=list)  # per rank
     peak_memory_kind: str = ""
+    precision: dict = field(default_factory=dict)  # the final stage's dtypes (engine.describe_precision)
 
 
 def report(summary: RunSummary) -> None:
@@ -39,6 +40,8 @@ def report(summary: RunSummary) -> None:
     else:
         logger.info(f"trainable parameters: {summary.method} {summary.trainable_parameters}")
     logger.info(describe_evaluation(summary.eval_metrics, summary.base_eval_metrics))
+    if summary.precision:
+        logger.info("precision: " + ", ".join(f"{k} {v}" for k, v in summary.precision.items()))
     peaks = ", ".join(
         f"rank {rank} {value / 2**30:.2f} GiB" for rank, value in enumerate(summary.peak_memory_bytes)
     )

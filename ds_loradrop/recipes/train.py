@@ -167,6 +167,7 @@ def finish(ctx: RunContext, preparation: Preparation, final: FinalStage, start: 
         num_truncated=ctx.num_truncated,
         peak_memory_bytes=peak_per_rank,
         peak_memory_kind=peak_kind,
+        precision=final.result.precision,
     )
     report(summary)
     if is_rank_zero():

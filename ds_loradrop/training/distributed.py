@@ -14,6 +14,15 @@ import torch
 import torch.distributed as dist
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for MASTER_PORT of a job started on this machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from ds_loradrop.training.distributed import (
     barrier,
+    free_port,
     get_local_world_size,
     get_logger,
     get_world_size_and_rank,
@@ -35,12 +35,6 @@ from ds_loradrop.training.ds_config import zero_stage
 DEFAULT_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
     """Initialise the process group; a plain ``python`` start becomes a world of one rank.
 
@@ -49,7 +43,7 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     deepspeed.init_distributed(timeout=timeout, verbose=False)
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
@@ -162,6 +156,44 @@ def build_engine(
         config=ds_config,
     )
     return engine
+
+
+def describe_precision(engine) -> dict[str, str]:
+    """The dtypes a training engine holds, after its first optimizer step (Adam's moments exist from then):
+
+    - ``frozen``: the module's frozen weights (the base model), what the forward computes in;
+    - ``trainable``: the trainable parameters as the module holds them (cast with the module under bf16);
+    - ``master_weights``: the copy the optimizer updates (ZeRO keeps an fp32 partition of it under bf16);
+    - ``optimizer_state``: Adam's first and second moments.
+
+    Several dtypes in one role are joined with ``+``; a role with no tensor is ``"none"``.
+    """
+
+    def names(tensors) -> str:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+        return "+".join(dtypes) or "none"
+
+    params = list(engine.module.parameters())
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", zero)  # ZeRO wraps the torch optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3 hands them to the optimizer only per step
+        master = list(zero.fp32_partitioned_groups_flat)
+    elif hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        master = list(zero.single_partition_of_fp32_groups)
+    else:
+        master = [p for group in inner.param_groups for p in group["params"]]
+    moments = [
+        value
+        for state in inner.state.values()
+        for key, value in state.items()
+        if key in ("exp_avg", "exp_avg_sq") and torch.is_tensor(value)
+    ]
+    return {
+        "frozen": names(p for p in params if not p.requires_grad),
+        "trainable": names(p for p in params if p.requires_grad),
+        "master_weights": names(master),
+        "optimizer_state": names(moments),
+    }
 
 
 def destroy_engine(engine) -> None:

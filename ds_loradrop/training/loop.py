@@ -44,6 +44,7 @@ class StageResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_metrics: dict = field(default_factory=dict)
     val_loss: float | None = None  # on held-out examples at the stage's end
+    precision: dict = field(default_factory=dict)  # engine.describe_precision at the stage's end
 
     @property
     def final_loss(self) -> float:

@@ -9,7 +9,13 @@ without DeepSpeed's communication buckets, the CUDA context, fragmentation or lo
   ``d`` (gradient) + ``4`` (fp32 master, only if ``d < 4``) + ``4 + 4`` (Adam m, v) = 16 bytes for bf16.
   Weights are replicated under ZeRO-2 and partitioned under ZeRO-3; gradients and optimizer state are
   partitioned (``/ N``) under both.
-* ZeRO-3 also holds one gathered module, ``d * largest_module_params`` (DeepSpeed's estimator uses 4 bytes).
+* ZeRO-3 also holds the parameters it has gathered for forward and backward: up to
+  ``stage3_max_live_parameters`` of them (DeepSpeed's default 1e9; a module's full weights are released only
+  when they will not be used again within ``stage3_max_reuse_distance``, also 1e9), and at least the largest
+  module: ``d * max(largest_module_params, min(max_live_parameters, B))``. Measured (bench/memory_vs_plan.py):
+  a 1.04B-parameter model on 2 ranks held every parameter gathered while training under the defaults;
+  DeepSpeed's own estimator counts only the largest module. On one rank a partition is the whole
+  parameter and nothing extra is gathered.
 * ``offload_optimizer`` moves each rank's gradient + optimizer partition, ``(d + 8 [+4]) * T / N``, to
   CPU; ``offload_param`` (ZeRO-3) also moves the base and adapter weight partitions, ``d * (B + T) / N``.
   CPU per node = ranks per node x the per-rank share.
@@ -42,6 +48,8 @@ from dataclasses import dataclass
 from ds_loradrop.errors import UsageError
 
 GIB = 2**30
+# DeepSpeed's default stage3_max_live_parameters (and stage3_max_reuse_distance).
+DEEPSPEED_MAX_LIVE_PARAMETERS = 10**9
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # meta-llama/Llama-2-7b-hf config.json, so that the preset needs no download.
 LLAMA_2_7B = {
@@ -114,6 +122,7 @@ class TrainingSetup:
     seq_length: int = 512
     dtype: str = "bf16"
     attention: str = "sdpa"
+    max_live_parameters: int = DEEPSPEED_MAX_LIVE_PARAMETERS  # the ds_config's stage3_max_live_parameters
 
     def __post_init__(self):
         for name in ("lora_r", "micro_batch_size", "seq_length"):
@@ -125,6 +134,8 @@ class TrainingSetup:
             raise UsageError("--lora_targets names no projection")
         if self.dtype not in DTYPE_BYTES:
             raise UsageError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.max_live_parameters < 0:
+            raise UsageError(f"--max_live_parameters must be >= 0, got {self.max_live_parameters}")
         if self.attention not in ("sdpa", "eager"):
             raise UsageError(f"--attention must be sdpa or eager, got {self.attention!r}")
 
@@ -230,9 +241,25 @@ def lora_drop_model_states(
     d, trainable = setup.dtype_bytes, trainable_parameters(shape, setup)
     grads_and_optimizer = (d + 8 + (4 if d < 4 else 0)) * trainable / gpus  # grad, [fp32 master,] Adam m, v
     weights = d * (shape.total_params + trainable) / (gpus if stage == 3 else 1)
-    gathered = d * shape.largest_module_params if stage == 3 else 0
+    # one rank: a partition is the whole parameter, used in place (measured: no gathered copy)
+    gathered = d * gathered_parameters(shape, setup) if stage == 3 and gpus > 1 else 0
     on_cpu = grads_and_optimizer * offload_optimizer + weights * offload_param
     return round(weights + gathered + grads_and_optimizer - on_cpu), round(on_cpu)
+
+
+def gathered_parameters(shape: ModelShape, setup: TrainingSetup) -> int:
+    """Parameters ZeRO-3 keeps gathered on a rank while training (module docstring)."""
+    return max(shape.largest_module_params, min(setup.max_live_parameters, shape.total_params))
+
+
+def loading_bytes(shape: ModelShape, setup: TrainingSetup, stage: int, gpus: int) -> int:
+    """What one rank holds when ``from_pretrained`` returns: the base weights in the training dtype, whole
+    under ZeRO-2, its ``1 / N`` partition under ZeRO-3 (loaded straight into partitions, one module
+    gathered at a time: ``d * largest_module_params``)."""
+    d = setup.dtype_bytes
+    if stage == 3:
+        return round(d * shape.total_params / gpus + d * shape.largest_module_params)
+    return d * shape.total_params
 
 
 LORA_DROP_SETUPS = (  # (label, ZeRO stage, offload_optimizer, offload_param)
