@@ -347,7 +347,8 @@ def run(
         wait_while_paused(dirs, grid, progress)
         run_one(dirs, grid, cell, seed, python, progress, commit)
         done += 1
-    progress(f"grid {grid.name}: {done} runs done, {len(pending) - done} skipped")
+    skipped = len(pending) - done
+    progress(f"grid {grid.name}: " + (f"{done} runs done, {skipped} skipped" if skipped else "all runs done"))
     return done
 
 
