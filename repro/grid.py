@@ -10,6 +10,8 @@ and is not run twice.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 
@@ -22,6 +24,11 @@ class Cell:
     plan_args: tuple[str, ...] = ()
     same_as: str | None = None
     label: str = ""
+    seeds: tuple[int, ...] | None = None  # None: the grid's seeds
+    # Match a parameter count: the plan's T is the one whose adapters come closest to this many
+    # parameters (from the source run's stage-1 importance), instead of a fixed ``--threshold``.
+    parameter_budget: int | None = None
+    needs: tuple[str, ...] = ()  # what must exist before it runs: "tuned_rates", "dart_entity_split"
 
     @property
     def task(self) -> str:
@@ -273,4 +280,153 @@ TUNING = Grid(
     cells=_tuning_cells(),
 )
 
-GRIDS = {grid.name: grid for grid in (PAPER, TUNING, TINY)}
+
+# Issue 28, steps 2-7: every cell at its method's tuned rate (repro/results/tuning/chosen_rates.json),
+# reported on the validation split. Where a cell's rate is not tuned yet its args hold UNTUNED and the
+# study refuses to run it.
+CHOSEN_RATES_FILE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results", "tuning", "chosen_rates.json"
+)
+UNTUNED = "untuned"
+BASELINES = ("sparse_lora", "vera", "tied_lora", "full")
+HEADLINE_SEEDS = (1, 2, 3, 4, 5)
+OTHER_SEEDS = (1, 2, 3)
+# Trainable parameters of the baselines on SmolLM2-135M (q/v, r = 8 where it applies; the earlier study's
+# result files): the budgets LoRA-drop is matched to. LoRA has 460,800; LoRA-drop's smallest layout (one
+# retained layer per target plus the shared one) 30,720.
+BASELINE_PARAMETERS = {"sparse_lora": 230_400, "tied_lora": 133_920, "vera": 53_760}
+# DART split by entity (repro/dart_split.py), written by the study before the first DART run.
+DART_ENTITY_DIR = "study_runs/data/dart_entity"
+
+
+def tuned_rates(path: str = CHOSEN_RATES_FILE) -> dict[str, str | None]:
+    """method -> its tuned learning rate, None where its tuning grid is not complete or the choice sits at
+    the grid's edge."""
+    if not os.path.isfile(path):
+        return {method: None for method in TUNING_RATES}
+    with open(path) as handle:
+        choices = json.load(handle)
+    return {
+        method: choice["learning_rate"] if choice and choice["complete"] and not choice["at_edge"] else None
+        for method, choice in ((m, choices.get(m)) for m in TUNING_RATES)
+    }
+
+
+def strongest_baseline(path: str = CHOSEN_RATES_FILE) -> str | None:
+    """The baseline with the best tuning-split BLEU at its chosen rate (None until all are tuned)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        choices = json.load(handle)
+    if any(not choices.get(m) or not choices[m]["complete"] for m in BASELINES):
+        return None
+    return max(BASELINES, key=lambda m: choices[m]["bleu"])
+
+
+def _rate_args(method: str, rates: dict[str, str | None]) -> tuple[str, ...]:
+    return ("--method", method, "--learning_rate", rates[method] or UNTUNED)
+
+
+def _final_cells(rates: dict[str, str | None], strongest: str | None) -> tuple[Cell, ...]:
+    tuned = ("tuned_rates",)
+    lora = _rate_args("lora", rates)
+    drop = _rate_args("loradrop", rates)
+    matched = tuple(
+        Cell(
+            f"e2e/loradrop_match_{baseline}",
+            "budget",
+            drop,
+            plan_from="e2e/loradrop",
+            parameter_budget=budget,
+            seeds=OTHER_SEEDS,
+            needs=tuned,
+            label=f"LoRA-drop at {METHOD_LABELS[baseline].split(' (')[0]}'s {budget:,} parameters",
+        )
+        for baseline, budget in BASELINE_PARAMETERS.items()
+    )
+    return (
+        Cell(
+            "e2e/lora",
+            "main",
+            (*lora, "--eval_base_model", "true"),
+            seeds=HEADLINE_SEEDS,
+            needs=tuned,
+            label="LoRA",
+        ),
+        Cell(
+            "e2e/loradrop", "main", drop, seeds=HEADLINE_SEEDS, needs=tuned, label=METHOD_LABELS["loradrop"]
+        ),
+        *[
+            Cell(
+                f"e2e/{method}",
+                "main",
+                _rate_args(method, rates),
+                seeds=HEADLINE_SEEDS if method == strongest else OTHER_SEEDS,
+                needs=tuned,
+                label=METHOD_LABELS[method],
+            )
+            for method in BASELINES
+        ],
+        *matched,
+        Cell("dart/lora", "dart", lora, seeds=OTHER_SEEDS, needs=(*tuned, "dart_entity_split"), label="LoRA"),
+        Cell(
+            "dart/loradrop",
+            "dart",
+            drop,
+            seeds=OTHER_SEEDS,
+            needs=(*tuned, "dart_entity_split"),
+            label=METHOD_LABELS["loradrop"],
+        ),
+        Cell("e2e4x/lora", "data_scale", lora, seeds=OTHER_SEEDS, needs=tuned, label="LoRA, 4,800 rows"),
+        Cell(
+            "e2e4x/loradrop",
+            "data_scale",
+            drop,
+            seeds=OTHER_SEEDS,
+            needs=tuned,
+            label="LoRA-drop (T = 0.9), 4,800 rows",
+        ),
+        Cell(
+            "gsm8k/lora",
+            "gsm8k",
+            (*lora, "--eval_base_model", "true"),
+            seeds=(1,),
+            needs=tuned,
+            label="LoRA",
+        ),
+        Cell("gsm8k/loradrop", "gsm8k", drop, seeds=(1,), needs=tuned, label=METHOD_LABELS["loradrop"]),
+    )
+
+
+def final_grid(path: str = CHOSEN_RATES_FILE) -> Grid:
+    return Grid(
+        name="final",
+        seeds=HEADLINE_SEEDS,
+        launcher=PAPER.launcher,
+        common=PAPER.common,
+        task_args={
+            "e2e": ("--task", "e2e"),
+            # 4x the rows; stage 1 samples 10 % of them, so it scales with the data.
+            "e2e4x": ("--task", "e2e", "--max_train_samples", "4800"),
+            # The entity-disjoint split: 1,200 rows of every source in proportion, 500 inputs evaluated.
+            "dart": ("--task", "dart", "--data_dir", DART_ENTITY_DIR),
+            # No GSM8K test split here: the first 500 training problems are evaluated and left out of
+            # training; 1,200 of the rest are trained on.
+            "gsm8k": ("--task", "gsm8k", "--eval_split", "train", "--max_eval_samples", "500"),
+        },
+        cells=_final_cells(tuned_rates(path), strongest_baseline(path)),
+    )
+
+
+# Issue 28, step 7: the earliest cells of the paper grid again, on the final commit, to show how far the
+# numbers moved across the 57 commits the first study ran on.
+RERUN = Grid(
+    name="rerun",
+    seeds=(1,),
+    launcher=PAPER.launcher,
+    common=PAPER.common,
+    task_args=PAPER.task_args,
+    cells=tuple(PAPER.cell(name) for name in ("e2e/lora", "e2e/loradrop", "e2e/vera")),
+)
+
+GRIDS = {grid.name: grid for grid in (PAPER, TUNING, final_grid(), RERUN, TINY)}

@@ -96,15 +96,32 @@ def train_command(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: st
 def plan_command(dirs: StudyDirs, grid: Grid, cell: Cell, seed: int, python: str) -> list[str]:
     source = dirs.output_dir(grid, grid.cell(cell.plan_from), seed)
     target = os.path.join(dirs.output_dir(grid, cell, seed), "given_plan")
+    plan_args = cell.plan_args
+    if cell.parameter_budget is not None:
+        threshold = budget_threshold(source, cell.parameter_budget)
+        plan_args = (*plan_args, "--threshold", repr(threshold))
     return [
         python,
         "launch/importance.py",
         "--run",
         os.path.relpath(source, REPO_ROOT),
-        *cell.plan_args,
+        *plan_args,
         "--output_dir",
         os.path.relpath(target, REPO_ROOT),
     ]
+
+
+def budget_threshold(source_run: str, budget: int) -> float:
+    """The T whose LoRA-drop layout comes closest to ``budget`` parameters, from a run's stage-1 plan
+    (its normalised importance) and its stage-1 adapter (the parameters of one layer per target)."""
+    from budget import layer_parameters, threshold_for_budget
+    from safetensors import safe_open
+
+    plan = read_json(os.path.join(source_run, "plan.json"))
+    with safe_open(os.path.join(source_run, "stage1_adapter", "adapter_model.safetensors"), "pt") as handle:
+        shapes = {key: handle.get_slice(key).get_shape() for key in handle}
+    normalized = {name: target["normalized"] for name, target in plan["targets"].items()}
+    return threshold_for_budget(normalized, layer_parameters(shapes, list(normalized)), budget)
 
 
 def read_json(path: str) -> dict:
@@ -141,15 +158,28 @@ def collect_result(out: str, grid: Grid, cell: Cell, seed: int, command: list[st
     }
 
 
-def ordered_runs(grid: Grid, only: list[str] | None, seeds: list[int]) -> list[tuple[Cell, int]]:
+def ordered_runs(grid: Grid, only: list[str] | None, seeds: list[int] | None) -> list[tuple[Cell, int]]:
     """(cell, seed) pairs to run: task by task, seed by seed, cells in grid order (where a plan's source
-    comes before the cells that use it), a source that ``only`` leaves out added first."""
+    comes before the cells that use it), a source that ``only`` leaves out added first. A cell runs its own
+    seeds (the grid's by default), those of ``seeds`` only when given."""
     wanted = [c for c in grid.cells if c.same_as is None and (not only or c.name in only)]
     for cell in list(wanted):
         if cell.plan_from and grid.cell(cell.plan_from) not in wanted:
             wanted.insert(0, grid.cell(cell.plan_from))
     tasks = list(dict.fromkeys(cell.task for cell in wanted))
-    return [(cell, seed) for task in tasks for seed in seeds for cell in wanted if cell.task == task]
+
+    def cell_seeds(cell: Cell) -> tuple[int, ...]:
+        own = cell.seeds or grid.seeds
+        return tuple(s for s in own if seeds is None or s in seeds)
+
+    all_seeds = sorted({s for cell in wanted for s in cell_seeds(cell)})
+    return [
+        (cell, seed)
+        for task in tasks
+        for seed in all_seeds
+        for cell in wanted
+        if cell.task == task and seed in cell_seeds(cell)
+    ]
 
 
 class Progress:
@@ -308,11 +338,53 @@ def run(
         (c, s) for c, s in ordered_runs(grid, only, seeds) if not os.path.isfile(dirs.result_path(grid, c, s))
     ]
     progress(f"grid {grid.name}: {len(pending)} runs to do")
+    done = 0
     for cell, seed in pending:
+        missing = unmet_needs(dirs, grid, cell, commit)
+        if missing:
+            progress(f"skipped {cell.name} seed {seed}: {missing}")
+            continue
         wait_while_paused(dirs, grid, progress)
         run_one(dirs, grid, cell, seed, python, progress, commit)
-    progress(f"grid {grid.name}: all runs done")
-    return len(pending)
+        done += 1
+    skipped = len(pending) - done
+    progress(f"grid {grid.name}: " + (f"{done} runs done, {skipped} skipped" if skipped else "all runs done"))
+    return done
+
+
+def unmet_needs(dirs: StudyDirs, grid: Grid, cell: Cell, commit: bool) -> str | None:
+    """Why ``cell`` cannot run yet (None: it can). The DART entity split is written here when missing."""
+    from grid import DART_ENTITY_DIR, UNTUNED
+
+    needs = set(cell.needs) | (set(grid.cell(cell.plan_from).needs) if cell.plan_from else set())
+    source_args = grid.cell(cell.plan_from).args if cell.plan_from else ()
+    if "tuned_rates" in needs and UNTUNED in (*cell.args, *source_args):
+        return "its method's learning rate is not tuned yet (repro/results/tuning/chosen_rates.json)"
+    if "dart_entity_split" in needs:
+        split_dir = os.path.join(REPO_ROOT, DART_ENTITY_DIR)
+        if not os.path.isfile(os.path.join(split_dir, "split.json")):
+            from dart_split import DEV_FILE, write_split
+
+            dev = os.path.join(REPO_ROOT, "..", "shared", "data", "dart", DEV_FILE)
+            description = os.path.join(dirs.results, grid.name, "dart_split.json")
+            os.makedirs(os.path.dirname(description), exist_ok=True)
+            write_split(dev, split_dir, 500, 1200, description)
+            if commit:
+                subprocess.run(["git", "add", description], cwd=REPO_ROOT, check=True)
+                subprocess.run(
+                    [
+                        "git",
+                        "commit",
+                        "-q",
+                        "-m",
+                        f"study {grid.name}: the DART entity split",
+                        "--",
+                        description,
+                    ],
+                    cwd=REPO_ROOT,
+                    check=True,
+                )
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -341,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         print(f"error: unknown cell(s) {unknown} in grid {grid.name!r}", file=sys.stderr)
         sys.exit(2)
-    seeds = args.seeds or list(grid.seeds)
+    seeds = args.seeds or None
     if args.action == "run":
         try:
             run(dirs, grid, args.only, seeds, sys.executable, args.commit)
@@ -356,6 +428,12 @@ def main(argv: list[str] | None = None) -> None:
                 else ("started" if os.path.isdir(dirs.output_dir(grid, cell, seed)) else "to do")
             )
             print(f"{cell.name:24s} seed {seed}: {state}")
+    elif grid.name == "final":
+        from final_report import write_final_report
+
+        output = args.output or os.path.join(REPO_ROOT, "REPRODUCTION.md")
+        figures = os.path.join(REPO_ROOT, "repro", "figures")
+        print(write_final_report(grid, dirs.results, output, figures), end="")
     elif grid.name == "tuning":
         from tuning import write_tuning_report
 

@@ -23,15 +23,15 @@ _PUNCTUATION = set(string.punctuation)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
-def corpus_bleu(predictions: list[str], references: list[list[str]]) -> float:
-    """sacrebleu corpus BLEU over all references of each input."""
+def corpus_bleu(predictions: list[str], references: list[list[str]], lowercase: bool = False) -> float:
+    """sacrebleu corpus BLEU over all references of each input (``lowercase``: as DART's official script)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference sets")
     if any(not refs for refs in references):
         raise ValueError("every input needs at least one reference")
     num_streams = max(len(refs) for refs in references)
     streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(num_streams)]
-    return sacrebleu.corpus_bleu(predictions, streams).score
+    return sacrebleu.corpus_bleu(predictions, streams, lowercase=lowercase).score
 
 
 def rouge_l(predictions: list[str], references: list[list[str]]) -> float:

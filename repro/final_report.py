@@ -1,0 +1,488 @@
+"""REPRODUCTION.md for the final grid (every method at its tuned rate), from committed result files only.
+
+    python repro/study.py report --grid final        # writes REPRODUCTION.md and repro/figures/
+
+Every comparison is paired by seed (same seed = same data order and stage-1 sample) and tested with a
+paired t-test; the p-values of all comparisons in the report form one family, corrected with Holm's method
+(``repro/stats.py``). The findings use the corrected values. Lower-cased and per-source DART scores are
+recomputed from the committed predictions.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+
+from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, Grid
+from report import fmt, load_results
+from stats import PairedComparison, holm, paired, verdict
+
+from ds_loradrop.eval.metrics import corpus_bleu
+
+LORA_PARAMETERS = 460_800
+
+
+def seed_metric(runs: list[dict], metric: str) -> dict[int, float]:
+    return {r["seed"]: r["eval_metrics"][metric] for r in runs if metric in r.get("eval_metrics", {})}
+
+
+def parameters(runs: list[dict]) -> list[float]:
+    return [float(r["trainable_parameters"]) for r in runs]
+
+
+def count_text(values: list[float]) -> str:
+    """``230,400`` when every seed has the same count, else ``mean (min-max)``."""
+    if not values:
+        return "-"
+    if min(values) == max(values):
+        return f"{values[0]:,.0f}"
+    return f"{sum(values) / len(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def predictions_of(result_path: str) -> list[dict]:
+    path = result_path[: -len(".json")] + ".predictions.jsonl.gz"
+    with gzip.open(path, "rt") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def rescored_bleu(results_dir: str, cell: str, runs: list[dict], lowercase: bool) -> dict[int, float]:
+    """BLEU of each run's committed predictions (lower-cased: DART's official script)."""
+    scores = {}
+    for run in runs:
+        rows = predictions_of(os.path.join(results_dir, cell, f"seed{run['seed']}.json"))
+        scores[run["seed"]] = corpus_bleu(
+            [r["prediction"] for r in rows], [r["references"] for r in rows], lowercase=lowercase
+        )
+    return scores
+
+
+class Family:
+    """The report's comparisons; Holm-corrected together before the text is written."""
+
+    def __init__(self):
+        self.comparisons: list[PairedComparison] = []
+
+    def add(self, comparison: PairedComparison | None) -> int | None:
+        if comparison is None:
+            return None
+        self.comparisons.append(comparison)
+        return len(self.comparisons) - 1
+
+    def adjusted(self) -> list[float]:
+        return holm([c.p_value for c in self.comparisons])
+
+
+def p_text(p: float) -> str:
+    return "-" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def comparison_cells(family: Family, index: int | None, adjusted: list[float]) -> str:
+    """``Δ ± se (n) | p | p Holm | reading`` of one comparison, or dashes."""
+    if index is None:
+        return "- | - | - | -"
+    c = family.comparisons[index]
+    se = "" if math.isnan(c.standard_error) else f" ± {c.standard_error:.2f}"
+    return (
+        f"{c.mean:+.2f}{se} (n={c.n}) | {p_text(c.p_value)} | {p_text(adjusted[index])} | "
+        f"{verdict(c.mean, adjusted[index])}"
+    )
+
+
+def machine_hours(*dirs: str) -> float:
+    seconds = 0.0
+    for directory in dirs:
+        for runs in load_results(directory).values():
+            seconds += sum(r.get("wall_seconds_launch", 0.0) for r in runs)
+    return seconds / 3600
+
+
+def params_plot(points: list[tuple[str, list[float], list[float]]], path: str) -> None:
+    """Parameters (x, log) against validation BLEU (mean ± std over seeds), a point per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, params, bleu in points:
+        if not bleu:
+            continue
+        mean = sum(bleu) / len(bleu)
+        std = (sum((b - mean) ** 2 for b in bleu) / (len(bleu) - 1)) ** 0.5 if len(bleu) > 1 else 0.0
+        marker = "o" if label.startswith("LoRA-drop") else "s"
+        axes.errorbar(
+            sum(params) / len(params), mean, yerr=std, fmt=marker, capsize=4, label=f"{label} (n={len(bleu)})"
+        )
+    axes.set_xscale("log")
+    axes.set_xlabel("trainable parameters (log scale)")
+    axes.set_ylabel("E2E validation BLEU (mean ± std over seeds)")
+    axes.set_title("Parameters vs BLEU, each method at its tuned learning rate (SmolLM2-135M)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: str) -> str:
+    """Write REPRODUCTION.md (``output``) and the parameters-vs-BLEU plot; return the text."""
+    results_dir = os.path.join(results_root, grid.name)
+    results = load_results(results_dir) if os.path.isdir(results_dir) else {}
+    tuning_file = os.path.join(results_root, "tuning", "chosen_rates.json")
+    choices = {}
+    if os.path.isfile(tuning_file):
+        with open(tuning_file) as handle:
+            choices = json.load(handle)
+    runs = {name: results.get(name, []) for name in (c.name for c in grid.cells)}
+    bleu = {name: seed_metric(r, "bleu") for name, r in runs.items()}
+    family = Family()
+
+    # E2E, every method at its tuned rate, against LoRA-drop
+    main_methods = ("lora", "loradrop", *BASELINES)
+    main_index = {
+        m: family.add(paired(f"{METHOD_LABELS[m]} − LoRA-drop", bleu[f"e2e/{m}"], bleu["e2e/loradrop"]))
+        for m in main_methods
+        if m != "loradrop"
+    }
+    # matched budgets: LoRA-drop at the baseline's count minus the baseline
+    match_index = {
+        b: family.add(
+            paired(f"LoRA-drop at {b}'s budget − {b}", bleu[f"e2e/loradrop_match_{b}"], bleu[f"e2e/{b}"])
+        )
+        for b in BASELINE_PARAMETERS
+    }
+    # data scale: LoRA-drop − LoRA at 1,200 and 4,800 rows, and the change of the gap
+    gap_1x = paired("gap, 1,200 rows", bleu["e2e/loradrop"], bleu["e2e/lora"])
+    gap_4x = paired("gap, 4,800 rows", bleu["e2e4x/loradrop"], bleu["e2e4x/lora"])
+    scale_index = {"1x": family.add(gap_1x), "4x": family.add(gap_4x)}
+    if gap_1x and gap_4x:
+        per_seed_1x = dict(zip(gap_1x.seeds, gap_1x.differences))
+        per_seed_4x = dict(zip(gap_4x.seeds, gap_4x.differences))
+        scale_index["change"] = family.add(paired("gap change (4x − 1x)", per_seed_4x, per_seed_1x))
+    # DART (entity split): LoRA-drop − LoRA, cased and lower-cased
+    dart_lower = {
+        cell: rescored_bleu(results_dir, cell, runs[cell], lowercase=True) if runs[cell] else {}
+        for cell in ("dart/lora", "dart/loradrop")
+    }
+    dart_index = {
+        "cased": family.add(paired("DART BLEU", bleu["dart/loradrop"], bleu["dart/lora"])),
+        "lower": family.add(
+            paired("DART BLEU (lower-cased)", dart_lower["dart/loradrop"], dart_lower["dart/lora"])
+        ),
+    }
+    adjusted = family.adjusted()
+
+    lines = [
+        "# Reproduction: LoRA-drop against LoRA and its baselines, each at its own tuned learning rate",
+        "",
+        (
+            "Generated by `python repro/study.py report --grid final` from the committed result files in "
+            f"`repro/results/{grid.name}` (one JSON and the compressed predictions per run; never a local "
+            "database). SmolLM2-135M-Instruct, adapters on q_proj and v_proj (r = 8), 2 CPU ranks under "
+            "ZeRO-2, 1,200 training rows unless said, global batch 8, one epoch; LoRA-drop's stage 1 on a "
+            "stratified 10 % sample for 3 epochs, T = 0.9, low-importance layers sharing one adapter."
+        ),
+        "",
+        (
+            "**Statistics.** Mean ± sample standard deviation over seeds (n given). Every comparison is "
+            "paired by "
+            "seed: the same seed gives two cells the same data order and the same stage-1 sample. Δ is "
+            "the mean "
+            'of the per-seed differences ± its standard error; p is a two-sided paired t-test; "p (Holm)" is '
+            f"corrected with Holm's method over all {len(family.comparisons)} comparisons of this report "
+            "together. A difference is called higher or lower only where p (Holm) < 0.05."
+        ),
+        "",
+        "## Learning rates",
+        "",
+        (
+            "Tuned on 200 held-out E2E *training* MRs, one seed per rate (grid and scores: "
+            "[repro/TUNING.md](repro/TUNING.md)); the reported split below is never seen by the choice."
+        ),
+        "",
+        "| method | tuned rate | tuning-split BLEU | grid |",
+        "|---|---:|---:|---|",
+    ]
+    for method in main_methods:
+        choice = choices.get(method)
+        if not choice:
+            lines.append(f"| {METHOD_LABELS[method]} | not tuned yet | - | - |")
+            continue
+        state = "complete" if choice["complete"] else "not finished"
+        state += ", at its edge" if choice["at_edge"] else ""
+        lines.append(
+            f"| {METHOD_LABELS[method]} | {choice['learning_rate']} | {choice['bleu']:.2f} | {state} |"
+        )
+
+    lines += [
+        "",
+        "## E2E: every method at its tuned rate (validation split, 547 MRs)",
+        "",
+        "Δ: the method minus LoRA-drop (T = 0.9), BLEU.",
+        "",
+        (
+            "| method | rate | parameters (% of LoRA) | n | BLEU | ROUGE-L | Δ BLEU vs LoRA-drop | p | p "
+            "(Holm) | reading |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for method in main_methods:
+        cell = f"e2e/{method}"
+        r = runs[cell]
+        rate = (choices.get(method) or {}).get("learning_rate", "-")
+        params = parameters(r)
+        share = (
+            f"{count_text(params)} ({100 * sum(params) / len(params) / LORA_PARAMETERS:.1f} %)"
+            if params
+            else "-"
+        )
+        rouge = list(seed_metric(r, "rouge_l").values())
+        compared = (
+            "- | - | - | (reference)"
+            if method == "loradrop"
+            else comparison_cells(family, main_index[method], adjusted)
+        )
+        lines.append(
+            f"| {METHOD_LABELS[method]} | {rate} | {share} | {len(r)} | {fmt(list(bleu[cell].values()))} | "
+            f"{fmt(rouge)} | {compared} |"
+        )
+    base = [run["base_eval_metrics"]["bleu"] for run in runs["e2e/lora"] if run.get("base_eval_metrics")]
+    if base:
+        lines += ["", f"The base model without training scores BLEU {fmt(base[:1])} on the same inputs."]
+
+    lines += [
+        "",
+        "## Matched budgets",
+        "",
+        (
+            "LoRA-drop's layout at the T that comes closest to each baseline's parameter count (from the "
+            "same "
+            "seed's stage 1 as the T = 0.9 cell; T chosen by `repro/budget.py`, trained with `--plan`). Δ: "
+            "LoRA-drop at the budget minus the baseline."
+        ),
+        "",
+        (
+            "| budget of | baseline parameters | baseline BLEU | LoRA-drop parameters | LoRA-drop T (mean) | "
+            "LoRA-drop BLEU | Δ BLEU | p | p (Holm) | reading |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    points = [
+        (
+            METHOD_LABELS[m].split(" (")[0] if m != "loradrop" else "LoRA-drop T = 0.9",
+            parameters(runs[f"e2e/{m}"]),
+            list(bleu[f"e2e/{m}"].values()),
+        )
+        for m in main_methods
+        if m != "full"
+    ]
+    for baseline, budget in BASELINE_PARAMETERS.items():
+        matched = runs[f"e2e/loradrop_match_{baseline}"]
+        thresholds = [r["plan"]["threshold"] for r in matched if r.get("plan")]
+        lines.append(
+            f"| {METHOD_LABELS[baseline]} | {budget:,} | {fmt(list(bleu[f'e2e/{baseline}'].values()))} | "
+            f"{count_text(parameters(matched))} | {fmt(thresholds, 3)} | "
+            f"{fmt(list(bleu[f'e2e/loradrop_match_{baseline}'].values()))} | "
+            f"{comparison_cells(family, match_index[baseline], adjusted)} |"
+        )
+        points.append(
+            (
+                f"LoRA-drop at {baseline}'s budget",
+                parameters(matched),
+                list(bleu[f"e2e/loradrop_match_{baseline}"].values()),
+            )
+        )
+    figure = os.path.join(figures_dir, "params_vs_bleu.png")
+    if any(p[2] for p in points):
+        params_plot(points, figure)
+        lines += ["", f"![parameters vs BLEU]({os.path.relpath(figure, os.path.dirname(output))})"]
+
+    lines += [
+        "",
+        "## Data scale: 1,200 vs 4,800 E2E rows",
+        "",
+        (
+            "LoRA and LoRA-drop at their tuned rates on 4x the rows (stage 1 samples 10 % of them, so it "
+            "is 4x "
+            "longer too). Δ: LoRA-drop minus LoRA, seed by seed; the last row compares the two gaps seed "
+            "by seed."
+        ),
+        "",
+        "| rows | LoRA BLEU | LoRA-drop BLEU | Δ (LoRA-drop − LoRA) | p | p (Holm) | reading |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, rows, prefix in (("1x", "1,200", "e2e"), ("4x", "4,800", "e2e4x")):
+        lines.append(
+            f"| {rows} | {fmt(list(bleu[f'{prefix}/lora'].values()))} | "
+            f"{fmt(list(bleu[f'{prefix}/loradrop'].values()))} | "
+            f"{comparison_cells(family, scale_index[key], adjusted)} |"
+        )
+    lines.append(
+        "| gap change (4,800 − 1,200) | | | "
+        f"{comparison_cells(family, scale_index.get('change'), adjusted)} |"
+    )
+
+    lines += dart_section(results_root, grid, runs, bleu, dart_lower, family, dart_index, adjusted)
+    lines += gsm8k_section(runs)
+    lines += provenance_section(results_root)
+    lines += findings_section(family, adjusted)
+    hours = machine_hours(*(os.path.join(results_root, g) for g in ("tuning", grid.name, "rerun")))
+    lines += [
+        "",
+        "## Machine time",
+        "",
+        (
+            f"{hours:.1f} hours of launches for this report's runs (tuning, final and rerun grids, 2 CPU "
+            "cores); "
+            "the earlier study took 871 minutes."
+        ),
+    ]
+    text = "\n".join(lines) + "\n"
+    with open(output, "w") as handle:
+        handle.write(text)
+    return text
+
+
+def dart_section(results_root, grid, runs, bleu, dart_lower, family, dart_index, adjusted) -> list[str]:
+    split_file = os.path.join(results_root, grid.name, "dart_split.json")
+    lines = ["", "## DART on a split by entity", ""]
+    if not os.path.isfile(split_file):
+        return lines + ["Not run yet."]
+    with open(split_file) as handle:
+        split = json.load(handle)
+    sources = ", ".join(
+        f"{s} {split['eval_by_source'].get(s, 0)} / {split['train_rows_by_source'].get(s, 0)}"
+        for s in sorted(split["dev_inputs_by_source"], key=lambda s: -split["dev_inputs_by_source"][s])
+    )
+    overlap = split["overlap"]
+    template = split["template"]
+    lines += [
+        (
+            "Built by `repro/dart_split.py` from DART's dev file (the only split here): "
+            f"{split['num_eval_inputs']} "
+            f"evaluated inputs and {split['num_train_rows']:,} training rows ({split['num_train_inputs']} "
+            "triple "
+            f"sets), each source in proportion to the file (evaluated inputs / training rows: {sources}). "
+            "Triple "
+            "sets sharing a subject, a subject-object entity or a source table form one of "
+            f"{split['num_components']} "
+            "components, and a component lies wholly on one side: shared triples "
+            f"{overlap['shared_triples']}, shared subjects {overlap['shared_subjects']} (checked). "
+            f"{split['num_withheld_inputs']} sets of evaluated components beyond their source's quota are "
+            "withheld. "
+            "Lower-cased BLEU is what DART's official script reports; it is recomputed from the committed "
+            "predictions."
+        ),
+        "",
+        "| row | n | BLEU | BLEU (lower-cased) | ROUGE-L |",
+        "|---|---:|---:|---:|---:|",
+        (
+            f'| copy-the-triples template ("subject predicate object.") | - | {template["bleu"]:.2f} | '
+            f"{template['bleu_lowercase']:.2f} | {template['rouge_l']:.2f} |"
+        ),
+    ]
+    for cell in ("dart/lora", "dart/loradrop"):
+        r = runs[cell]
+        lines.append(
+            f"| {'LoRA' if cell == 'dart/lora' else 'LoRA-drop (T = 0.9)'} | {len(r)} | "
+            f"{fmt(list(bleu[cell].values()))} | {fmt(list(dart_lower[cell].values()))} | "
+            f"{fmt(list(seed_metric(r, 'rouge_l').values()))} |"
+        )
+    lines += [
+        "",
+        "| comparison | Δ | p | p (Holm) | reading |",
+        "|---|---:|---:|---:|---|",
+        f"| LoRA-drop − LoRA, BLEU | {comparison_cells(family, dart_index['cased'], adjusted)} |",
+        f"| LoRA-drop − LoRA, lower-cased BLEU | {comparison_cells(family, dart_index['lower'], adjusted)} |",
+    ]
+    return lines
+
+
+def gsm8k_section(runs) -> list[str]:
+    lines = [
+        "",
+        "## GSM8K",
+        "",
+        (
+            "The first 500 problems of GSM8K's training file are evaluated (left out of training; no test "
+            "split "
+            "here) and 1,200 of the rest trained on, one seed. Accuracy: the number after `####` (else "
+            "the last "
+            "number) equals the gold answer."
+        ),
+        "",
+        "| row | accuracy (%) | correct of 500 |",
+        "|---|---:|---:|",
+    ]
+    lora = runs["gsm8k/lora"]
+    rows = []
+    if lora and lora[0].get("base_eval_metrics"):
+        rows.append(("base model (no training)", lora[0]["base_eval_metrics"]["accuracy"]))
+    for cell, label in (("gsm8k/lora", "LoRA"), ("gsm8k/loradrop", "LoRA-drop (T = 0.9)")):
+        if runs[cell]:
+            rows.append((label, runs[cell][0]["eval_metrics"]["accuracy"]))
+    if not rows:
+        return lines[:-4] + ["Not run yet."]
+    for label, accuracy in rows:
+        lines.append(f"| {label} | {accuracy:.1f} | {round(accuracy * 5)} |")
+    best = max(a for _, a in rows)
+    if best < 10:
+        lines += [
+            "",
+            (
+                f"At most {best:.1f} % (the SmolLM2-135M model is near the floor on grade-school "
+                "arithmetic): "
+                "this row cannot tell the methods apart."
+            ),
+        ]
+    return lines
+
+
+def provenance_section(results_root: str) -> list[str]:
+    lines = [
+        "",
+        "## Provenance: the earliest cells rerun on the final commit",
+        "",
+        (
+            "The earlier study's runs were made on 57 commits. Its first cells, rerun with the same "
+            "command on "
+            "the final code (seed 1); every new run also commits its predictions beside its result."
+        ),
+        "",
+        "| cell | earlier BLEU (commit) | rerun BLEU (commit) | Δ |",
+        "|---|---:|---:|---:|",
+    ]
+    paper = load_results(os.path.join(results_root, "paper"))
+    rerun_dir = os.path.join(results_root, "rerun")
+    rerun = load_results(rerun_dir) if os.path.isdir(rerun_dir) else {}
+    if not rerun:
+        return lines[:-2] + ["Not run yet."]
+    for cell, runs in rerun.items():
+        new = runs[0]
+        old = next((r for r in paper.get(cell, []) if r["seed"] == new["seed"]), None)
+        if old is None:
+            continue
+        delta = new["eval_metrics"]["bleu"] - old["eval_metrics"]["bleu"]
+        lines.append(
+            f"| {cell} | {old['eval_metrics']['bleu']:.2f} ({old.get('git_commit', '')[:8]}) | "
+            f"{new['eval_metrics']['bleu']:.2f} ({new.get('git_commit', '')[:8]}) | {delta:+.2f} |"
+        )
+    return lines
+
+
+def findings_section(family: Family, adjusted: list[float]) -> list[str]:
+    """One line per comparison, worded by its Holm-corrected p-value (``stats.verdict``)."""
+    lines = ["", "## Findings (worded by p (Holm))", ""]
+    if not family.comparisons:
+        return lines + ["No comparison has two finished cells yet."]
+    for comparison, p in zip(family.comparisons, adjusted):
+        reading = verdict(comparison.mean, p)
+        sign = "first higher" if reading == "higher" else "first lower" if reading == "lower" else reading
+        lines.append(
+            f"- {comparison.label}: {comparison.mean:+.2f} BLEU over {comparison.n} seed(s), p (Holm) "
+            f"{p_text(p)}: {sign}."
+        )
+    return lines

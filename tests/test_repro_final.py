@@ -1,0 +1,225 @@
+"""The final study's pieces without training: the DART split by entity (on the real dev file), the
+parameter-budget threshold, the paired statistics with Holm's correction, the final grid's tuned rates and
+per-cell seeds, and the report from result files written here."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+from collections import Counter
+
+import pytest
+from conftest import REPO_ROOT, SHARED_DATA
+from scipy import stats as scipy_stats
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "repro"))
+
+pytestmark = pytest.mark.unit
+
+DART_DEV = os.path.join(SHARED_DATA, "dart", "dart-v1.1.1-full-dev.json")
+
+
+@pytest.fixture(scope="module")
+def dart_items():
+    with open(DART_DEV) as handle:
+        return json.load(handle)
+
+
+def test_the_dart_split_is_disjoint_by_entity_and_keeps_every_source_in_proportion(dart_items):
+    from dart_split import overlap, source_of, split_dart
+
+    split = split_dart(dart_items, 500, 1200)
+    assert len(split["eval"]) == 500 and len(split["train_rows"]) == 1200
+    assert overlap(dart_items, split) == {"shared_triples": 0, "shared_subjects": 0, "shared_inputs": 0}
+    train_sets = {i for i, _ in split["train_rows"]}
+    tables = lambda sets: {
+        t[2].lower()
+        for i in sets
+        for t in dart_items[i]["tripleset"]
+        if t[:2] == ["[TABLECONTEXT]", "[TITLE]"]
+    }
+    assert not tables(split["eval"]) & tables(train_sets)
+    inputs = Counter(source_of(item) for item in dart_items)
+    rows = Counter(a["source"] for item in dart_items for a in item["annotations"] if a["text"].strip())
+    assert set(split["eval_by_source"]) == set(inputs) == set(split["train_rows_by_source"])
+    for source, n in inputs.items():
+        assert abs(split["eval_by_source"][source] - 500 * n / len(dart_items)) <= 1, source
+    for source, n in rows.items():
+        assert abs(split["train_rows_by_source"][source] - 1200 * n / sum(rows.values())) <= 1, source
+    # fixed: the same split for every run
+    assert split_dart(dart_items, 500, 1200) == split
+
+
+def test_the_written_dart_split_reads_as_the_task_and_scores_the_template_floor(tmp_path):
+    from dart_split import write_split
+
+    from ds_loradrop.data.tasks.dart import DartTask
+
+    description = write_split(DART_DEV, str(tmp_path), 500, 1200, str(tmp_path / "described.json"))
+    task = DartTask()
+    assert len(task.load_train(str(tmp_path))) == 1200
+    evaluated = task.load_eval(str(tmp_path), "validation")
+    assert len(evaluated) == 500
+    assert json.loads((tmp_path / "described.json").read_text())["overlap"]["shared_triples"] == 0
+    # the description names no dataset text: sources and indices only
+    assert set(description["eval_inputs"][0]) == {"index", "source"}
+    template = description["template"]
+    assert 5 < template["bleu"] < template["bleu_lowercase"] < 40
+
+
+def test_the_budget_threshold_gives_the_layout_closest_to_the_budget():
+    from budget import layer_parameters, layout_parameters, threshold_for_budget
+
+    shapes = {
+        "q_proj.layers.0.lora_A": [8, 576],
+        "q_proj.layers.0.lora_B": [576, 8],
+        "v_proj.layers.0.lora_A": [8, 576],
+        "v_proj.layers.0.lora_B": [192, 8],
+        "q_proj.layers.1.lora_A": [8, 576],
+    }
+    per_layer = layer_parameters(shapes, ["q_proj", "v_proj"])
+    assert per_layer == {"q_proj": 9216, "v_proj": 6144}
+    normalized = {"q_proj": [0.4, 0.3, 0.2, 0.1], "v_proj": [0.1, 0.2, 0.3, 0.4]}
+    # keeping k layers of a target costs k + 1 layers (the shared one) unless all are kept
+    assert layout_parameters(normalized, per_layer, 0.35) == 2 * 9216 + 2 * 6144
+    assert layout_parameters(normalized, per_layer, 1.0) == 4 * (9216 + 6144)
+    for kept in range(1, 4):
+        budget = (kept + 1) * (9216 + 6144)
+        t = threshold_for_budget(normalized, per_layer, budget)
+        assert layout_parameters(normalized, per_layer, t) == budget
+        # the middle of its interval: a small change of the importance does not change the layout
+        nudged = {k: [v + 1e-4 * (i % 2) for i, v in enumerate(vs)] for k, vs in normalized.items()}
+        assert layout_parameters(nudged, per_layer, t) == budget
+    assert (
+        layout_parameters(normalized, per_layer, threshold_for_budget(normalized, per_layer, 0)) == 2 * 15360
+    )
+    with pytest.raises(ValueError, match="v_proj"):
+        layer_parameters({"q_proj.layers.0.lora_A": [8, 576]}, ["q_proj", "v_proj"])
+
+
+def test_paired_t_tests_and_holm_correction():
+    from stats import holm, paired, verdict
+
+    a = {1: 55.0, 2: 54.1, 3: 56.3, 4: 55.2, 5: 54.8}
+    b = {1: 54.2, 2: 53.0, 3: 55.9, 4: 54.0, 5: 54.1, 6: 99.0}
+    comparison = paired("a - b", a, b)
+    assert comparison.seeds == (1, 2, 3, 4, 5)  # seed 6 has no pair
+    expected = scipy_stats.ttest_rel([a[s] for s in range(1, 6)], [b[s] for s in range(1, 6)]).pvalue
+    assert comparison.p_value == pytest.approx(expected)
+    assert comparison.mean == pytest.approx(0.84)
+    # Holm: sorted p times (m - rank), made monotone, capped at 1
+    assert holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert verdict(-1.0, 0.01) == "lower" and verdict(1.0, 0.2) == "no significant difference"
+    assert paired("x", {1: 1.0}, {2: 1.0}) is None
+
+
+def _write_choices(path, **rates):
+    choices = {
+        method: {"learning_rate": rate, "bleu": bleu, "rouge_l": 60.0, "complete": True, "at_edge": False}
+        for method, (rate, bleu) in rates.items()
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(choices, handle)
+
+
+def test_the_final_grid_runs_each_method_at_its_tuned_rate_and_skips_untuned_ones(tmp_path, monkeypatch):
+    import study
+    from grid import UNTUNED, final_grid
+
+    choices = str(tmp_path / "chosen_rates.json")
+    _write_choices(choices, lora=("1e-2", 66.0), loradrop=("5e-3", 65.0), vera=("1e-1", 64.0))
+    grid = final_grid(choices)
+    assert grid.cell("e2e/lora").args[:4] == ("--method", "lora", "--learning_rate", "1e-2")
+    assert "5e-3" in grid.cell("e2e/loradrop_match_vera").args  # stage 2 at LoRA-drop's rate
+    assert UNTUNED in grid.cell("e2e/full").args
+    # until every baseline is tuned none is "the strongest": all get 3 seeds
+    assert grid.cell("e2e/vera").seeds == (1, 2, 3) and grid.cell("e2e/loradrop").seeds == (1, 2, 3, 4, 5)
+    _write_choices(
+        choices,
+        lora=("1e-2", 66.0),
+        loradrop=("5e-3", 65.0),
+        sparse_lora=("2e-3", 63.0),
+        vera=("1e-1", 64.5),
+        tied_lora=("5e-3", 60.0),
+        full=("1e-4", 64.0),
+    )
+    assert final_grid(choices).cell("e2e/vera").seeds == (1, 2, 3, 4, 5)
+    assert final_grid(choices).cell("e2e/full").seeds == (1, 2, 3)
+
+    # per-cell seeds: seed 4 runs only the 5-seed cells, a matched cell's stage-1 source comes first
+    grid = final_grid(choices)
+    order = study.ordered_runs(grid, ["e2e/loradrop_match_vera", "e2e/lora"], None)
+    assert [(c.name, s) for c, s in order[:3]] == [
+        ("e2e/loradrop", 1),
+        ("e2e/lora", 1),
+        ("e2e/loradrop_match_vera", 1),
+    ]
+    assert ("e2e/loradrop_match_vera", 4) not in [(c.name, s) for c, s in order]
+    assert ("e2e/lora", 5) in [(c.name, s) for c, s in order]
+
+    # an untuned cell is skipped with a message, the others run
+    _write_choices(choices, lora=("1e-2", 66.0))
+    grid = final_grid(choices)
+    dirs = study.StudyDirs(str(tmp_path / "results"), str(tmp_path / "runs"))
+    launched = []
+    monkeypatch.setattr(study, "run_one", lambda d, g, cell, seed, *rest: launched.append((cell.name, seed)))
+    assert study.run(dirs, grid, ["e2e/lora", "e2e/full"], [1], sys.executable, commit=False) == 1
+    assert launched == [("e2e/lora", 1)]
+    log = (tmp_path / "runs" / "final" / "progress.log").read_text()
+    assert "skipped e2e/full seed 1: its method's learning rate is not tuned yet" in log
+
+
+def _result(results, cell, seed, bleu, params, **extra):
+    path = os.path.join(results, "final", cell, f"seed{seed}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    run = {"cell": cell, "seed": seed, "trainable_parameters": params, "wall_seconds_launch": 600.0,
+           "eval_metrics": {"bleu": bleu, "rouge_l": bleu + 5}, **extra}  # fmt: skip
+    with open(path, "w") as handle:
+        json.dump(run, handle)
+    rows = [{"prediction": "The Eagle is a Pub.", "references": ["The Eagle is a pub."]}]
+    with gzip.open(path[: -len(".json")] + ".predictions.jsonl.gz", "wt") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(tmp_path):
+    from final_report import write_final_report
+    from grid import final_grid
+
+    results = str(tmp_path / "results")
+    choices = os.path.join(results, "tuning", "chosen_rates.json")
+    _write_choices(choices, lora=("1e-2", 66.0), loradrop=("5e-3", 65.0), sparse_lora=("2e-3", 63.0))
+    for seed, (lora, drop, sparse, matched) in enumerate(
+        [(60.0, 59.0, 58.0, 57.5), (61.0, 59.9, 58.2, 57.6), (59.0, 58.1, 57.9, 57.0)], start=1
+    ):
+        _result(results, "e2e/lora", seed, lora, 460800)
+        _result(results, "e2e/loradrop", seed, drop, 291840)
+        _result(results, "e2e/sparse_lora", seed, sparse, 230400)
+        _result(results, "e2e/loradrop_match_sparse_lora", seed, matched, 230400, plan={"threshold": 0.79})
+        _result(results, "dart/lora", seed, 30.0 + seed, 460800)
+        _result(results, "dart/loradrop", seed, 29.0 + seed, 291840)
+    from dart_split import write_split
+
+    write_split(
+        DART_DEV, str(tmp_path / "dart"), 500, 1200, os.path.join(results, "final", "dart_split.json")
+    )
+    output = str(tmp_path / "REPRODUCTION.md")
+    text = write_final_report(final_grid(choices), results, output, str(tmp_path / "figures"))
+    assert os.path.isfile(tmp_path / "figures" / "params_vs_bleu.png")
+    # LoRA − LoRA-drop: +1.0, +1.1, +0.9 over the same seeds
+    lora_row = next(
+        line for line in text.splitlines() if line.startswith("| LoRA | 1e-2 | 460,800 (100.0 %)")
+    )
+    assert "+1.00 ± 0.06 (n=3)" in lora_row
+    p = scipy_stats.ttest_rel([60.0, 61.0, 59.0], [59.0, 59.9, 58.1]).pvalue
+    assert f"| {p:.3f} |" in lora_row
+    # the family: LoRA, sparse vs LoRA-drop, matched sparse, the 1x gap, DART cased and lower-cased
+    assert "over all 6 comparisons" in text
+    assert "Sparse Adapter (SNIP, sparsity 0.5) | 230,400 | 58.03 ± 0.15" in text
+    assert "| LoRA-drop − LoRA, lower-cased BLEU | +0.00 ± 0.00 (n=3) | 1.000 |" in text
+    # rescored from the committed predictions: "Pub" vs "pub" counts only when cased
+    assert "| LoRA | 3 | 32.00 ± 1.00 | 100.00 ± 0.00 |" in text
+    assert "- LoRA − LoRA-drop: +1.00 BLEU over 3 seed(s)" in text
