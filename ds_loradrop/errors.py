@@ -15,6 +15,8 @@ import signal
 # none of these: they would fail the same way again.
 USAGE_EXIT_STATUS = 2
 DIVERGED_EXIT_STATUS = 3
+# A checkpoint that does not fit on its file system: restarting would fill it again; free space first.
+STORAGE_EXIT_STATUS = 4
 # Any other exception (a failed collective, an I/O error): retried by a self-restarting job.
 FAILURE_EXIT_STATUS = 1
 
@@ -25,6 +27,11 @@ class UsageError(ValueError):
     Raised before any training or writing wherever the problem can be seen up front. Entry points
     print it as a single ``error: ...`` line and exit with status 2, without a traceback.
     """
+
+
+class StorageFull(OSError):
+    """A checkpoint could not be written for lack of space: nothing of it is left in place, the previous
+    checkpoints are intact. Entry points print one ``error: ...`` line and exit with status 4."""
 
 
 class TrainingDiverged(RuntimeError):

@@ -232,6 +232,10 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
                 zero3,
                 "--per_device_train_batch_size",
                 "4",
+                # checkpoints to resume on other shapes (tests/test_resume_reshaped.py); saving changes
+                # nothing that is trained
+                "--save_steps",
+                "4",
                 "--output_dir",
                 out["one_rank"],
                 *data,
@@ -254,6 +258,8 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
                 zero2,
                 "--per_device_train_batch_size",
                 "2",
+                "--save_steps",
+                "4",
                 "--output_dir",
                 out["zero2_torchrun"],
                 *data,
@@ -296,5 +302,6 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
     out["local_store"] = local_store
     out["server"] = mlflow_server
     out["zero3_config"] = zero3
+    out["zero2_config"] = zero2
     out["root"] = str(root)
     return out, logs

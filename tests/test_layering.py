@@ -65,7 +65,7 @@ def test_imports_point_down_only():
     assert not upward, "\n".join(upward)
 
 
-def test_deepspeed_is_imported_by_the_engine_module_only():
+def test_deepspeed_is_imported_by_the_engine_package_only():
     importers = sorted(
         str(p.relative_to(PACKAGE))
         for p in PACKAGE.rglob("*.py")
@@ -78,7 +78,7 @@ def test_deepspeed_is_imported_by_the_engine_module_only():
             for n in ast.walk(ast.parse(p.read_text()))
         )
     )
-    assert importers == ["training/engine.py"]
+    assert importers and all(name.startswith("training/engine/") for name in importers), importers
 
 
 def test_every_imported_name_exists():

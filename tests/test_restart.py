@@ -38,8 +38,11 @@ def test_a_lost_rank_restarts_with_resume_auto_until_it_succeeds(tmp_path):
     assert "status 137" in logged[0] and "restart 1/3" in logged[0]
 
 
-@pytest.mark.parametrize("code, meaning", [(0, "finished"), (2, "usage error"), (3, "diverged loss")])
-def test_success_usage_errors_and_divergence_are_not_retried(tmp_path, code, meaning):
+@pytest.mark.parametrize(
+    "code, meaning",
+    [(0, "finished"), (2, "usage error"), (3, "diverged loss"), (4, "no space for a checkpoint")],
+)
+def test_success_usage_errors_divergence_and_a_full_disk_are_not_retried(tmp_path, code, meaning):
     status, attempts, logged = attempts_of(tmp_path, f"exit {code}")
     assert status == code and len(attempts) == 1 and meaning in logged[-1]
 

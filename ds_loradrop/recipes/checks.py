@@ -20,9 +20,11 @@ from ds_loradrop.method.placement import inject_lora
 from ds_loradrop.models.loading import build_on_meta, load_model_config, load_tokenizer
 from ds_loradrop.run_files import RUN_CONFIG_NAME, RUN_FILES
 from ds_loradrop.training import engine as ds_engine
-from ds_loradrop.training.checkpoint import check_resumable, latest_checkpoint
-from ds_loradrop.training.distributed import get_world_size_and_rank
+from ds_loradrop.training.checkpoint import check_resumable, newest_intact, read_state
+from ds_loradrop.training.distributed import get_logger, get_world_size_and_rank
 from ds_loradrop.training.ds_config import BatchSettings, load_ds_config, resolve_ds_config
+
+logger = get_logger()
 
 
 @dataclass
@@ -83,9 +85,12 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
                 "pass one of them"
             )
         check_resume_matches(cfg, os.path.join(output_dir, RUN_CONFIG_NAME))
-        checkpoint = latest_checkpoint(output_dir) if resume == "auto" else resume
+        checkpoint = newest_intact(output_dir)[0] if resume == "auto" else resume
         if checkpoint is not None:
-            check_resumable(checkpoint, output_dir, world_size)
+            ds_config, batch = keep_global_batch(
+                checkpoint, cfg, raw_ds_config, (ds_config, batch), model_config.hidden_size
+            )
+            check_resumable(checkpoint, output_dir, world_size, batch.global_batch_size)
             check_resume_matches(cfg, os.path.join(checkpoint, RUN_CONFIG_NAME))
     if os.path.isdir(output_dir) and not cfg.train.overwrite_output_dir and resume is None:
         existing = [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
@@ -111,6 +116,45 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
         eval_split=eval_split,
         eval_examples=eval_examples,
         val_examples=load_validation_examples(cfg, task, eval_split, eval_examples),
+    )
+
+
+def keep_global_batch(
+    checkpoint: str, cfg: RunConfig, raw_ds_config: dict, resolved: tuple[dict, BatchSettings], hidden: int
+) -> tuple[dict, BatchSettings]:
+    """(ds_config, batch) that continue ``checkpoint`` on this job's ranks: its global batch size kept by
+    another gradient accumulation when the number of ranks changed (a restart on fewer or more ranks),
+    so that the steps and the data order go on where they were. Unchanged when it already matches.
+
+    Raises:
+        UsageError: the checkpoint's global batch is not a whole number of this job's micro batches.
+    """
+    batch = resolved[1]
+    try:
+        saved = read_state(checkpoint).global_batch_size
+    except (OSError, ValueError, TypeError):
+        saved = None  # check_resumable says what is wrong with it
+    if saved is None or saved == batch.global_batch_size:
+        return resolved
+    per_step = batch.micro_batch_size * batch.world_size
+    if saved % per_step:
+        raise UsageError(
+            f"--resume {checkpoint!r} was trained with a global batch of {saved}, which {batch.world_size} "
+            f"rank(s) x micro batch {batch.micro_batch_size} cannot make up; pass a "
+            "--per_device_train_batch_size that divides it"
+        )
+    train = dataclasses.replace(cfg.train, gradient_accumulation_steps=saved // per_step)
+    logger.warning(
+        f"resuming {checkpoint} on {batch.world_size} rank(s): gradient accumulation "
+        f"{batch.gradient_accumulation_steps} -> {train.gradient_accumulation_steps} keeps its global batch "
+        f"of {saved}"
+    )
+    return resolve_ds_config(
+        raw_ds_config,
+        train,
+        world_size=batch.world_size,
+        hidden_size=hidden,
+        accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
     )
 
 

@@ -15,7 +15,9 @@ from ds_loradrop.config.files import flag_defaults, read_config_file
 from ds_loradrop.errors import (
     DIVERGED_EXIT_STATUS,
     FAILURE_EXIT_STATUS,
+    STORAGE_EXIT_STATUS,
     USAGE_EXIT_STATUS,
+    StorageFull,
     Terminated,
     TrainingDiverged,
     UsageError,
@@ -78,8 +80,9 @@ def parse_eval_config(argv: list[str] | None = None):
 
 def run_main(main: Callable[[], object]) -> None:
     """Run ``main``; a UsageError becomes one ``error: ...`` line on stderr and exit status 2, a diverged
-    loss one line and status 3, SIGTERM / SIGINT status 128 + the signal, any other exception its
-    traceback and status 1 (also after a failed collective, when the process group is still alive)."""
+    loss one line and status 3, a checkpoint that does not fit one line and status 4, SIGTERM / SIGINT
+    status 128 + the signal, any other exception its traceback and status 1 (also after a failed
+    collective, when the process group is still alive)."""
     try:
         main()
     except UsageError as error:
@@ -88,6 +91,9 @@ def run_main(main: Callable[[], object]) -> None:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         exit_process(DIVERGED_EXIT_STATUS)
+    except StorageFull as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        exit_process(STORAGE_EXIT_STATUS)
     except Terminated as stop:
         print(f"stopped: {stop}", file=sys.stderr, flush=True)
         exit_process(128 + stop.signal_number)

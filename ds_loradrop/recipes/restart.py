@@ -2,8 +2,9 @@
 with ``--resume auto`` and, when it ends by losing a rank or by preemption, run it again from the newest
 complete checkpoint, up to ``max_restarts`` times.
 
-Deterministic failures are not retried: a usage error (exit status 2) or a diverged loss (3) would fail
-the same way again, so they end the job at once with their status, as does success (0). Every other
+Deterministic failures are not retried: a usage error (exit status 2), a diverged loss (3) or a checkpoint
+that does not fit on its file system (4) would fail the same way again, so they end the job at once with
+their status, as does success (0). Every other
 status (a rank killed by SIGKILL or the OOM killer, a lost node, SIGTERM to the ranks, a collective that
 timed out) is a restart. The run keeps its MLflow run (``tracking.json`` in the output directory) and
 records ``restarts``: each attempt gets ``DS_LORADROP_RESTART_COUNT`` in its environment.
@@ -23,13 +24,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ds_loradrop.errors import DIVERGED_EXIT_STATUS, USAGE_EXIT_STATUS, UsageError
+from ds_loradrop.errors import DIVERGED_EXIT_STATUS, STORAGE_EXIT_STATUS, USAGE_EXIT_STATUS, UsageError
 
 RESTART_COUNT_ENV = "DS_LORADROP_RESTART_COUNT"
 # torchrun's elastic agent tells its workers the same way.
 TORCHELASTIC_RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
 SLURM_RESTART_COUNT_ENV = "SLURM_RESTART_COUNT"  # requeues of a Slurm job
-FINAL_STATUSES = {0: "finished", USAGE_EXIT_STATUS: "usage error", DIVERGED_EXIT_STATUS: "diverged loss"}
+FINAL_STATUSES = {
+    0: "finished",
+    USAGE_EXIT_STATUS: "usage error",
+    DIVERGED_EXIT_STATUS: "diverged loss",
+    STORAGE_EXIT_STATUS: "no space for a checkpoint",
+}
 
 
 @dataclass(frozen=True)

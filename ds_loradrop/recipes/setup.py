@@ -47,6 +47,7 @@ from ds_loradrop.training.distributed import (
     is_rank_zero,
 )
 from ds_loradrop.training.ds_config import BatchSettings
+from ds_loradrop.training.output_lock import lock_output_dir
 
 logger = get_logger()
 
@@ -84,7 +85,11 @@ def resolve_resume_point(cfg: RunConfig) -> ResumePoint:
     resume, output_dir = cfg.train.resume, cfg.train.output_dir
     if resume is None:
         return ResumePoint()
-    checkpoint = agreed_latest(output_dir) if resume == "auto" else resume
+    checkpoint = resume
+    if resume == "auto":
+        checkpoint, skipped = agreed_latest(output_dir)
+        for path, problem in skipped:
+            logger.warning(f"skipping damaged checkpoint {path}: {problem}")
     logger.info(f"resuming from {checkpoint or 'the start (no complete checkpoint yet)'}")
     plan = os.path.join(output_dir, STAGE1_ADAPTER_DIR, PLAN_NAME)
     masks = os.path.join(output_dir, MASKS_NAME)
@@ -130,6 +135,8 @@ def setup(cfg: RunConfig) -> RunContext:
     """Checks (before anything is written), process group, model files (a preset is built on rank 0),
     tokenised data, the resume point and the started MLflow run."""
     inputs = check_inputs(cfg)
+    if is_rank_zero():  # one job per output directory (another job's rank 0 holds it: refused here)
+        lock_output_dir(cfg.train.output_dir)
     ds_engine.init_distributed(datetime.timedelta(minutes=cfg.train.collective_timeout_minutes))
     world_size, _ = get_world_size_and_rank()
     if world_size != inputs.batch.world_size:

@@ -23,7 +23,7 @@ from ds_loradrop.models.loading import enable_activation_checkpointing, load_for
 from ds_loradrop.recipes.setup import RunContext
 from ds_loradrop.run_files import BASE_EVAL_DIR, METRICS_NAME, step_eval_dir
 from ds_loradrop.training import engine as ds_engine
-from ds_loradrop.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from ds_loradrop.training.checkpoint import TrainerState, describe_reshape, load_checkpoint, save_checkpoint
 from ds_loradrop.training.distributed import get_logger
 from ds_loradrop.training.ds_config import zero_stage
 from ds_loradrop.training.loop import train_stage
@@ -104,8 +104,10 @@ def train_model(
     )
     start_step = ctx.resume.start_step(name, num_steps, seed)
     if start_step:
-        load_checkpoint(engine, ctx.resume.checkpoint)
-        logger.info(f"{name}: resumed from {ctx.resume.checkpoint} at step {start_step}/{num_steps}")
+        state = load_checkpoint(engine, ctx.resume.checkpoint)
+        reshaped = describe_reshape(state, ctx.batch.world_size, zero_stage(ctx.ds_config))
+        how = f" (portable state: {reshaped})" if reshaped else ""
+        logger.info(f"{name}: resumed from {ctx.resume.checkpoint} at step {start_step}/{num_steps}{how}")
     if evaluate_base and start_step == 0:
         evaluate_base_model(ctx, engine)
     elif evaluate_base:
@@ -115,7 +117,13 @@ def train_model(
 
     def save(step: int) -> None:
         state = TrainerState(
-            stage=name, step=step, num_steps=num_steps, seed=seed, world_size=ctx.batch.world_size
+            stage=name,
+            step=step,
+            num_steps=num_steps,
+            seed=seed,
+            world_size=ctx.batch.world_size,
+            zero_stage=zero_stage(ctx.ds_config),
+            global_batch_size=ctx.batch.global_batch_size,
         )
         path = save_checkpoint(engine, ctx.output_dir, state, train.save_total_limit, ctx.cfg.to_dict())
         saved_steps.add(step)

@@ -1,0 +1,40 @@
+"""A job under launch/restart.py that receives faults at seeded random times (bench/chaos.py): SIGKILL of a
+random rank, SIGTERM to a random rank, SIGKILL during a checkpoint write. It must end with exit 0, the
+adapters of the uninterrupted run (the session's 2-rank ZeRO-2 reference, same configuration), one
+FINISHED MLflow run and ``restarts`` equal to the faults injected."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+from launching import COMMON, DEEPSPEED, TRAIN, free_port, job_env
+
+pytestmark = pytest.mark.distributed
+
+CHAOS = os.path.join(REPO_ROOT, "bench", "chaos.py")
+
+
+def test_a_self_restarting_job_survives_faults_at_random_times(runs, tmp_path, e2e_dir):
+    out, _ = runs
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--ds_config",
+               out["zero2_config"], "--per_device_train_batch_size", "2", "--data_dir", e2e_dir, *COMMON,
+               "--save_steps", "2", "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               "--mlflow_experiment", "chaos"]  # fmt: skip
+    report = str(tmp_path / "chaos.json")
+    result = subprocess.run(
+        [sys.executable, CHAOS, "--faults", "3", "--seed", "7", "--output_dir", str(tmp_path / "run"),
+         "--reference", out["zero2_torchrun"], "--json", report, "--", *command],
+        cwd=REPO_ROOT, env=job_env(tmp_path), capture_output=True, text=True, timeout=1500, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    with open(report) as handle:
+        figures = json.load(handle)
+    assert figures["survived"] and figures["exit_status"] == 0
+    assert len(figures["faults_injected"]) == 3 == figures["restarts_recorded"]
+    assert figures["mlflow_runs"] == 1 and figures["mlflow_status"] == "FINISHED"
+    assert figures["max_abs_difference"] <= 1e-6
