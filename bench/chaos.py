@@ -4,8 +4,14 @@ still end as an uninterrupted run of the same command ends.
     python bench/chaos.py --faults 6 --seed 1 --output_dir /tmp/chaos --reference /tmp/reference \\
         [--json result.json] -- deepspeed --num_gpus 2 launch/train.py ... (without --output_dir)
 
-Faults, each kind in turn in a seeded random order, one per attempt of the job (each waits for the attempt's ranks to be
-training, then a random delay):
+``--shrink_hostfile FILE --shrink_to N``: after the first fault the hostfile the command launches from
+(``deepspeed --hostfile FILE --no_ssh ...``, as launch/node_launch.sh does) is rewritten to N slots on
+localhost, as when a node is lost: the restarts run on fewer ranks and must continue the run (the
+portable checkpoint state, the global batch kept); compared with ``--tolerance`` (default 1e-6, exact on
+the same ranks).
+
+Faults, each kind in turn in a seeded random order, one per attempt of the job (each waits for the
+attempt's ranks to be training, then a random delay):
 
 - ``kill_rank``: SIGKILL of a random rank (a lost node, the OOM killer);
 - ``term_rank``: SIGTERM to a random rank (preemption of one node: the ranks agree, checkpoint and exit);
@@ -50,6 +56,7 @@ class ChaosResult:
     max_abs_difference: float | None = None
     steps_repeated: int = 0
     seconds: float = 0.0
+    tolerance: float = 1e-6
 
     @property
     def survived(self) -> bool:
@@ -59,7 +66,7 @@ class ChaosResult:
             and self.mlflow_status == "FINISHED"
             and self.restarts_recorded == len(self.faults_injected)
             and self.max_abs_difference is not None
-            and self.max_abs_difference <= 1e-6
+            and self.max_abs_difference <= self.tolerance
         )
 
 
@@ -145,7 +152,9 @@ def with_output(command: list[str], output_dir: str) -> list[str]:
     return [*command, "--output_dir", output_dir]
 
 
-def run_chaos(command: list[str], output_dir: str, faults: int, seed: int) -> ChaosResult:
+def run_chaos(
+    command: list[str], output_dir: str, faults: int, seed: int, shrink: tuple[str, int] | None = None
+) -> ChaosResult:
     rng = random.Random(seed)
     plan = [FAULTS[i % len(FAULTS)] for i in range(faults)]  # every kind, in a seeded order
     rng.shuffle(plan)
@@ -163,6 +172,10 @@ def run_chaos(command: list[str], output_dir: str, faults: int, seed: int) -> Ch
             result.faults_injected.append(kind)
         else:
             break
+        if shrink is not None and attempt == 0:
+            with open(shrink[0], "w") as handle:
+                handle.write(f"localhost slots={shrink[1]}\n")
+            print(f"[chaos] hostfile {shrink[0]} now has {shrink[1]} slot(s)", flush=True)
         # the next attempt starts from its newest checkpoint
         wait_for(
             lambda a=attempt: any(attempt_of(p) == a + 1 for p in rank_pids(output_dir).values()), job, 600
@@ -199,11 +212,10 @@ def check_against(result: ChaosResult, output_dir: str, reference: str) -> Chaos
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        print("error: give the training command after --", file=sys.stderr)
-        return 2
-    split = argv.index("--")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], usage="%(prog)s [options] -- TRAINING COMMAND (no --output_dir)"
+    )
     parser.add_argument("--faults", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output_dir", required=True)
@@ -211,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         "--reference", required=True, help="An uninterrupted run of the command (made if absent)."
     )
     parser.add_argument("--json", default=None)
+    parser.add_argument("--shrink_hostfile", default=None, help="Hostfile to shrink after the first fault.")
+    parser.add_argument("--shrink_to", type=int, default=1)
+    parser.add_argument("--tolerance", type=float, default=1e-6, help="Max abs difference to the reference.")
     args = parser.parse_args(argv[:split])
+    if split == len(argv) or split == len(argv) - 1:
+        print("error: give the training command after --", file=sys.stderr)
+        return 2
     command = argv[split + 1 :]
     if "--output_dir" in command:
         print("error: the command must not set --output_dir (chaos.py sets it)", file=sys.stderr)
@@ -221,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not os.path.isfile(os.path.join(args.reference, "summary.json")):
         subprocess.run(with_output(command, args.reference), cwd=REPO_ROOT, check=True)
+    shrink = (args.shrink_hostfile, args.shrink_to) if args.shrink_hostfile else None
     result = check_against(
-        run_chaos(command, args.output_dir, args.faults, args.seed), args.output_dir, args.reference
+        run_chaos(command, args.output_dir, args.faults, args.seed, shrink), args.output_dir, args.reference
     )
+    result.tolerance = args.tolerance
     report = {**asdict(result), "survived": result.survived}
     print(json.dumps(report, indent=2))
     if args.json:

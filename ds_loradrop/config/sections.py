@@ -88,7 +88,7 @@ class DataConfig:
         default=None,
         metadata={
             "help": "Prompt + target tokens per example; longer ones are truncated (default: the task's, "
-            "which keeps >= 99% of its examples whole: 128 E2E, 256 DART, 768 DialogSum, 512 GSM8K)."
+            "which keeps >= 99%% of its examples whole: 128 E2E, 256 DART, 768 DialogSum, 512 GSM8K)."
         },
     )
 
