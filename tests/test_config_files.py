@@ -121,6 +121,12 @@ def test_bad_json_and_a_missing_file(tmp_path):
         parse_run_config(["--config", str(tmp_path / "nothing.yaml")])
     with pytest.raises(UsageError, match="--config needs a file name"):
         parse_run_config(["--config"])
+    # a run's output directory instead of its run_config.json
+    run = tmp_path / "outputs"
+    run.mkdir()
+    (run / "run_config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"--config .*outputs. is a directory; .*outputs/run_config.json"):
+        parse_run_config(["--config", str(run)])
     with pytest.raises(UsageError, match=r"unknown argument\(s\) \['--conf', 'x.yaml'\]"):
         parse_run_config(["--conf", "x.yaml"])  # no abbreviations: it would bypass the file
 

@@ -199,3 +199,27 @@ def test_chat_data_needs_a_chat_template(tmp_path, chat_tokenizer):
 def test_exact_match():
     assert exact_match(["The answer.", "no"], [["answer"], ["yes", "maybe"]]) == 50.0
     assert exact_match(["  Paris  "], [["paris"]]) == 100.0
+
+
+def test_a_small_dataset_of_your_own_trains_the_tiny_preset(tmp_path):
+    """The tiny-llama preset's tokenizer is trained on the run's own data: a file of 48 short rows has
+    fewer pieces than its 1,024-piece vocabulary, which must not fail (it did: "Vocabulary size too
+    high")."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    data = tmp_path / "qa.jsonl"
+    rows = [json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}"}) for i in range(48)]
+    data.write_text("\n".join(rows) + "\n")
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", "--task", "custom", "--dataset", str(data), "--model",
+         "tiny-llama", "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--stage1_epochs", "1",
+         "--max_eval_samples", "4", "--max_new_tokens", "4", "--report_to", "none"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "DS_LORADROP_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "run" / "adapter" / "adapter_model.safetensors")

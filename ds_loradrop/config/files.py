@@ -50,6 +50,10 @@ def with_moved_keys(values: dict, where: str = "the run configuration") -> dict:
 
 def read_config_file(path: str) -> dict:
     """The file's mapping (YAML for .yaml / .yml, JSON otherwise), without the ignored blocks."""
+    if os.path.isdir(path):
+        hint = os.path.join(path, "run_config.json")
+        hint = f" (a finished run's configuration is {hint!r})" if os.path.isfile(hint) else ""
+        raise UsageError(f"--config {path!r} is a directory; give a YAML or JSON file{hint}")
     if not os.path.isfile(path):
         raise UsageError(f"--config {path!r} does not exist")
     with open(path, encoding="utf-8") as handle:

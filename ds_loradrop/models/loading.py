@@ -109,6 +109,9 @@ def _train_tokenizer(training_text: list[str], spec: TinyLlamaSpec, directory: s
         sentence_iterator=iter(training_text),
         model_prefix=model_prefix,
         vocab_size=spec.vocab_size,
+        # a small dataset (your own --task custom file) has fewer pieces than the preset's vocabulary:
+        # take what it has instead of failing
+        hard_vocab_limit=False,
         model_type="bpe",
         byte_fallback=True,
         character_coverage=1.0,
