@@ -20,12 +20,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from own_contenders import OURS  # bench/ is this script's directory, first on sys.path
+from contenders import OURS  # bench/ is this script's directory, first on sys.path
+from harness import flops_per_real_token, matmul_peak_flops
 
 from ds_loradrop.training.distributed import free_port
 
@@ -83,34 +83,6 @@ def launch_command(args, contender: str, out: str, alone: str | None = None) -> 
 def environment(ranks: int) -> dict:
     threads = str(max(1, (os.cpu_count() or 2) // ranks))
     return {**os.environ, "OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
-
-
-def matmul_peak_flops(threads: int) -> float:
-    """Best fp32 square-matmul FLOP/s with ``threads`` threads (one rank's attainable peak)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    best = 0.0
-    for size in (1024, 2048):
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        torch.mm(a, b)
-        for _ in range(8):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2.0 * size**3 / (time.perf_counter() - start))
-    return best
-
-
-def flops_per_real_token(model: str) -> float:
-    """Forward + backward FLOPs of LoRA training per token (no attention term): 4 x every nn.Linear's
-    weights, LM head included (frozen weights need activation gradients, not weight gradients)."""
-    import torch
-
-    from ds_loradrop.models.loading import build_on_meta, load_model_config
-
-    with torch.device("meta"):
-        module = build_on_meta(load_model_config(model))
-    return 4.0 * sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
 def launch_one(args, env: dict, contender: str, out: str, what: str, alone: str | None = None) -> dict:
@@ -240,7 +212,7 @@ def report(args, summary: dict, peak_flops: float) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
-    from trainer_peers import model_path
+    from harness import model_path
 
     # A preset is built here, once; every contender then loads the same checkpoint directory.
     args.model = model_path(args.model)

@@ -139,8 +139,7 @@ def trainer_benchmark(output_dir: str, env: dict, peak_flops: float) -> dict:
     with open(result_path) as handle:
         result = json.load(handle)
     sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
-    from compare_trainers import flops_per_real_token
-    from trainer_peers import model_path
+    from harness import flops_per_real_token, model_path
 
     per_token = flops_per_real_token(model_path("smollm2-135m"))
     contenders = {}

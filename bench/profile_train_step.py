@@ -11,8 +11,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from contenders import OursContender, PeerContender, build_model, prepare_rows
 from torch.profiler import ProfilerActivity, profile
-from train_throughput import OursContender, PeerContender, build_model, parse_args, prepare_rows
+from train_throughput import parse_args
 
 from ds_loradrop.method.placement import attach_own_adapters
 from ds_loradrop.training import engine as ds_engine

@@ -30,21 +30,20 @@ RSS per rank.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-from own_contenders import OURS
+from contenders import OURS
+from harness import StepClock, filled_ds_config, load_model, model_path
 
 from ds_loradrop.data.batching import IGNORE_INDEX, tokenize_examples
 from ds_loradrop.data.tasks import get_task
-from ds_loradrop.models.loading import load_causal_lm, load_model_config, load_tokenizer, resolve_model_path
+from ds_loradrop.models.loading import load_model_config, load_tokenizer
 from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import all_gather_object, all_reduce_sum
 from ds_loradrop.training.ds_config import load_ds_config
@@ -100,19 +99,6 @@ def task_rows(args, tokenizer) -> list[dict]:
     return rows
 
 
-def model_path(model: str) -> str:
-    """A hub id / path, or a preset as training builds it (tiny-llama's tokenizer from E2E text)."""
-    e2e_dir = os.path.join(REPO_ROOT, "..", "shared", "data", "e2e")
-    return resolve_model_path(
-        model, None, lambda max_examples: get_task("e2e").training_text(e2e_dir, max_examples)
-    )
-
-
-def load_model(args):
-    path = model_path(args.model)
-    return load_causal_lm(path, torch.float32), load_tokenizer(path)
-
-
 def lora_config(args):
     from peft import LoraConfig
 
@@ -123,50 +109,6 @@ def lora_config(args):
         target_modules=TARGETS,
         task_type="CAUSAL_LM",
     )
-
-
-class StepClock:
-    """Seconds, useful and real tokens of the steps after the warm-up (this rank's share)."""
-
-    def __init__(self, warmup_steps: int):
-        self.warmup_steps, self.seconds, self.useful, self.real = warmup_steps, 0.0, 0, 0
-        self._start = 0.0
-
-    def begin(self) -> None:
-        self._start = time.perf_counter()
-
-    def end(self, step: int) -> None:
-        if step > self.warmup_steps:
-            self.seconds += time.perf_counter() - self._start
-
-    def count(self, step: int, labels: torch.Tensor, real_tokens: int) -> None:
-        if step > self.warmup_steps:
-            self.useful += int((labels[..., 1:] != IGNORE_INDEX).sum())
-            self.real += int(real_tokens)
-
-
-def filled_ds_config(raw: dict, micro_batch_size: int, world_size: int, hidden_size: int) -> dict:
-    """The DeepSpeed JSON with its "auto" values filled as launch/train.py and the HF Trainer fill them
-    (micro-batch, no accumulation, clipping 1.0, fp32, reduce bucket hidden^2)."""
-    config = copy.deepcopy(raw)
-    config.update(
-        train_micro_batch_size_per_gpu=micro_batch_size,
-        gradient_accumulation_steps=1,
-        train_batch_size=micro_batch_size * world_size,
-        gradient_clipping=1.0,
-    )
-    for precision in ("bf16", "fp16"):
-        if isinstance(config.get(precision), dict):
-            config[precision]["enabled"] = False
-    zero = config.setdefault("zero_optimization", {})
-    for key, value in (
-        ("reduce_bucket_size", hidden_size * hidden_size),
-        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-        ("stage3_param_persistence_threshold", 10 * hidden_size),
-    ):
-        if zero.get(key) == "auto":
-            zero[key] = value
-    return config
 
 
 def hf_trainer_arguments(args, ds_config: dict, world_size: int, output_dir: str, **extra):
@@ -317,7 +259,7 @@ def main(args) -> None:
         elif args.contender == "sft_trainer":
             clocks = run_sft_trainer(args, rows, ds_config, world_size, tmp)
         else:
-            from own_contenders import run_ours, run_peer_loop
+            from contenders import run_ours, run_peer_loop
 
             run = run_ours if args.contender == "ours" else run_peer_loop
             clocks = run(args, rows, ds_config, tokenizer.pad_token_id)

@@ -110,3 +110,40 @@ def test_every_imported_name_exists():
                     except ModuleNotFoundError:
                         missing.append(f"{where}: {node.module}.{alias.name}")
     assert not missing, "imported names that do not exist:\n" + "\n".join(missing)
+
+
+def test_bench_has_harness_contenders_and_scripts_apart_without_an_import_cycle():
+    """bench/: ``harness`` (measuring) imports no other bench module, ``contenders`` (the timed loops)
+    only the harness, scripts import those two and never each other; ``free_port`` is defined once."""
+    bench = pathlib.Path(REPO_ROOT) / "bench"
+    own = {p.stem for p in bench.glob("*.py")}
+
+    def modules(path):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+        return found & own
+
+    imports = {p.stem: modules(p) for p in bench.glob("*.py")}
+    assert imports["harness"] == set()
+    assert imports["contenders"] == {"harness"}
+    scripts = own - {"harness", "contenders"}
+    for script in sorted(scripts):
+        # (the profiler of the training benchmark takes that benchmark's command line)
+        allowed = {"harness", "contenders"} | (
+            {"train_throughput"} if script == "profile_train_step" else set()
+        )
+        assert imports[script] <= allowed, script
+    definitions = [
+        str(p.relative_to(REPO_ROOT))
+        for root in (PACKAGE, bench, pathlib.Path(REPO_ROOT) / "tests", pathlib.Path(REPO_ROOT) / "launch")
+        for p in root.rglob("*.py")
+        if any(
+            isinstance(n, ast.FunctionDef) and n.name == "free_port"
+            for n in ast.walk(ast.parse(p.read_text()))
+        )
+    ]
+    assert definitions == ["ds_loradrop/training/distributed.py"]
