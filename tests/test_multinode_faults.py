@@ -263,11 +263,17 @@ def test_sigterm_writes_a_checkpoint_on_every_rank_then_exits(faults):
     assert state["step"] == step and state["world_size"] == 2
     assert sorted(os.listdir(faults["root"] / "run" / "checkpoints" / f"stage2-step-{step:06d}")) == [
         "ds",
+        "manifest.json",
         "rng_rank0.safetensors",
         "rng_rank1.safetensors",
         "run_config.json",
         "trainer_state.json",
+        "trainable_state.json",
+        "trainable_state.safetensors",
     ]
+    from ds_loradrop.training.checkpoint_integrity import verify
+
+    assert verify(str(faults["root"] / "run" / "checkpoints" / f"stage2-step-{step:06d}")) is None
     assert f"stage2-step-{step:06d} at step {step}/8" in faults["final_log"]
 
 
