@@ -267,9 +267,9 @@ def test_sigterm_writes_a_checkpoint_on_every_rank_then_exits(faults):
         "rng_rank0.safetensors",
         "rng_rank1.safetensors",
         "run_config.json",
-        "trainer_state.json",
         "trainable_state.json",
         "trainable_state.safetensors",
+        "trainer_state.json",
     ]
     from ds_loradrop.training.checkpoint_integrity import verify
 
