@@ -169,7 +169,17 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
     zero2_torchrun (torchrun, 2 ranks, ZeRO-2) to a local store; synced_eval is launch/evaluate.py over
     zero3_2ranks' adapter with synced generation. Returns (output directories, stdout of each).
     """
-    from launching import COMMON, DEEPSPEED, EVALUATE, TRAIN, free_port, job_env, launch, write_ds_config
+    from launching import (
+        COMMON,
+        EVALUATE,
+        TRAIN,
+        deepspeed,
+        job_env,
+        launch,
+        one_rank,
+        torchrun,
+        write_ds_config,
+    )
 
     root = tmp_path_factory.mktemp("distributed")
     env = job_env(root)
@@ -205,12 +215,7 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
     out = {name: str(root / name) for name in ("zero3_2ranks", "one_rank", "zero2_torchrun", "synced_eval")}
     logs = {
         "zero3_2ranks": launch(
-            [
-                DEEPSPEED,
-                "--num_gpus",
-                "2",
-                "--master_port",
-                str(free_port()),
+            deepspeed(
                 TRAIN,
                 "--ds_config",
                 zero3,
@@ -221,12 +226,11 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
                 *data,
                 *COMMON,
                 *tracking["zero3_2ranks"],
-            ],
+            ),
             env,
         ).stdout,
         "one_rank": launch(
-            [
-                sys.executable,
+            one_rank(
                 TRAIN,
                 "--ds_config",
                 zero3,
@@ -241,18 +245,11 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
                 *data,
                 *COMMON,
                 *tracking["one_rank"],
-            ],
+            ),
             env,
         ).stdout,
         "zero2_torchrun": launch(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                "2",
-                "--master_port",
-                str(free_port()),
+            torchrun(
                 TRAIN,
                 "--ds_config",
                 zero2,
@@ -265,17 +262,12 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
                 *data,
                 *COMMON,
                 *tracking["zero2_torchrun"],
-            ],
+            ),
             env,
         ).stdout,
     }
     logs["synced_eval"] = launch(
-        [
-            DEEPSPEED,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+        deepspeed(
             EVALUATE,
             "--ds_config",
             zero3,
@@ -296,7 +288,7 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
             "12",
             "--eval_batch_size",
             "3",
-        ],
+        ),
         env,
     ).stdout
     out["local_store"] = local_store

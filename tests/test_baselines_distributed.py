@@ -2,8 +2,10 @@
 under ZeRO-2, a resumed 2-rank run equals both, every export format gives the trained model's logits (or
 refuses with the formats that work), and launch/compare.py puts every method in one table.
 
-Per method three launches (~40 s of start-up each): one rank (python, ZeRO-2), two ranks (deepspeed,
-ZeRO-3, checkpoints every 4 steps), and that run resumed from its step-4 checkpoint.
+Per method two launches (~40 s of start-up each): one rank (python, ZeRO-2) and two ranks (deepspeed,
+ZeRO-3, checkpoints every 4 steps). Sparse Adapter's 2-rank run is also resumed from its step-4 checkpoint:
+it is the one baseline with state of its own beyond the engine's (SNIP's masks, never recomputed); the
+others' trainable tensors are engine parameters like LoRA's, whose resume the other tests cover.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ METHODS = {
     "tied_lora": ["--tied_lora_r", "16"],
     "sparse_lora": ["--snip_examples", "40"],
 }
+RESUMED = ("sparse_lora",)
 
 
 @pytest.fixture(scope="session")
 def baseline_runs(tmp_path_factory, e2e_dir):
-    from launching import COMMON, DEEPSPEED, TRAIN, free_port, job_env, launch, write_ds_config
+    from launching import COMMON, TRAIN, deepspeed, job_env, launch, one_rank, write_ds_config
 
     root = tmp_path_factory.mktemp("baselines")
     env = job_env(root)
@@ -55,8 +58,7 @@ def baseline_runs(tmp_path_factory, e2e_dir):
         ]
         one, two = str(root / f"{method}_one_rank"), str(root / f"{method}_zero3_2ranks")
         logs[(method, "one_rank")] = launch(
-            [
-                sys.executable,
+            one_rank(
                 TRAIN,
                 "--ds_config",
                 zero2,
@@ -67,15 +69,10 @@ def baseline_runs(tmp_path_factory, e2e_dir):
                 "--run_name",
                 f"{method}-one-rank",
                 *common,
-            ],
+            ),
             env,
         ).stdout
-        two_ranks = [
-            DEEPSPEED,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+        two_ranks = deepspeed(
             TRAIN,
             "--ds_config",
             zero3,
@@ -86,8 +83,11 @@ def baseline_runs(tmp_path_factory, e2e_dir):
             "--run_name",
             f"{method}-2ranks",
             *common,
-        ]
+        )
         logs[(method, "zero3_2ranks")] = launch(two_ranks, env).stdout
+        out[method] = {"one_rank": one, "zero3_2ranks": two}
+        if method not in RESUMED:
+            continue
         # Keep what a job killed after step 4 leaves (its step-4 checkpoint, and for sparse_lora the masks),
         # then continue it: the resumed run must end where the uninterrupted ones did.
         resumed = str(root / f"{method}_resumed")
@@ -97,7 +97,7 @@ def baseline_runs(tmp_path_factory, e2e_dir):
         two_ranks[two_ranks.index(two)] = resumed
         two_ranks[two_ranks.index(f"{method}-2ranks")] = f"{method}-resumed"
         logs[(method, "resumed")] = launch(two_ranks + ["--resume", "auto"], env).stdout
-        out[method] = {"one_rank": one, "zero3_2ranks": two, "resumed": resumed}
+        out[method]["resumed"] = resumed
     return out, logs, store
 
 
@@ -114,7 +114,7 @@ def _summary(directory):
 def test_two_ranks_zero3_and_the_resumed_run_equal_one_rank(baseline_runs, method):
     out, logs, _ = baseline_runs
     reference = _adapter(out[method]["one_rank"])
-    for other in ("zero3_2ranks", "resumed"):
+    for other in [name for name in out[method] if name != "one_rank"]:
         candidate = _adapter(out[method][other])
         assert sorted(candidate) == sorted(reference)
         for key, value in reference.items():
@@ -122,7 +122,8 @@ def test_two_ranks_zero3_and_the_resumed_run_equal_one_rank(baseline_runs, metho
             torch.testing.assert_close(
                 candidate[key], value, rtol=5e-5, atol=5e-5, msg=f"{method} {other} {key}"
             )
-    assert re.search(r"resumed from .*step-000004 at step 4/8", logs[(method, "resumed")])
+    if method in RESUMED:
+        assert re.search(r"resumed from .*step-000004 at step 4/8", logs[(method, "resumed")])
     lines = re.findall(
         r"\[ds_loradrop rank(\d)\] train: \d+ trainable parameters; ZeRO stage 3: (\d+)/(\d+) tensors "
         r"partitioned",

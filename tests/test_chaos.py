@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
-from launching import COMMON, DEEPSPEED, TRAIN, free_port, job_env
+from launching import COMMON, DEEPSPEED, TRAIN, deepspeed, free_port, job_env
 
 pytestmark = pytest.mark.distributed
 
@@ -21,10 +21,10 @@ CHAOS = os.path.join(REPO_ROOT, "bench", "chaos.py")
 
 def test_a_self_restarting_job_survives_faults_at_random_times(runs, tmp_path, e2e_dir):
     out, _ = runs
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--ds_config",
-               out["zero2_config"], "--per_device_train_batch_size", "2", "--data_dir", e2e_dir, *COMMON,
-               "--save_steps", "2", "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--mlflow_experiment", "chaos"]  # fmt: skip
+    command = deepspeed(TRAIN, "--ds_config", out["zero2_config"], "--per_device_train_batch_size", "2",
+                        "--data_dir", e2e_dir, *COMMON, "--save_steps", "2",
+                        "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        "--mlflow_experiment", "chaos")  # fmt: skip
     report = str(tmp_path / "chaos.json")
     result = subprocess.run(
         [sys.executable, CHAOS, "--faults", "3", "--seed", "7", "--output_dir", str(tmp_path / "run"),

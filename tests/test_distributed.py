@@ -286,17 +286,12 @@ def test_activation_checkpointing_with_the_shared_adapter_under_zero3_changes_no
 ):
     """The reference 2-rank ZeRO-3 LoRA-drop run again with --gradient_checkpointing (non-reentrant):
     same losses per stage, same plan and same adapters, shared adapter included."""
-    from launching import COMMON, DEEPSPEED, TRAIN, free_port, job_env, launch
+    from launching import COMMON, TRAIN, deepspeed, job_env, launch
 
     out, _ = runs
     checkpointed = str(tmp_path / "checkpointed")
     log = launch(
-        [
-            DEEPSPEED,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+        deepspeed(
             TRAIN,
             "--ds_config",
             out["zero3_config"],
@@ -311,7 +306,7 @@ def test_activation_checkpointing_with_the_shared_adapter_under_zero3_changes_no
             "true",
             "--report_to",
             "none",
-        ],
+        ),
         job_env(tmp_path),
     ).stdout
     assert "ZeRO stage 3" in log

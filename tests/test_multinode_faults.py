@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 from conftest import REPO_ROOT
-from launching import COMMON, DEEPSPEED, NODE_LAUNCH, TRAIN, free_port, job_env, launch
+from launching import COMMON, DEEPSPEED, NODE_LAUNCH, TRAIN, deepspeed, free_port, job_env, launch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -169,12 +169,7 @@ class Job:
 
 def _checkpointing_job(out: dict, e2e_dir: str, output_dir, store: str) -> list[str]:
     """The 2-rank reference configuration (ZeRO-3), checkpointing every 2 steps, tracked in ``store``."""
-    return [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
+    return deepspeed(
         TRAIN,
         "--ds_config",
         out["zero3_config"],
@@ -193,7 +188,7 @@ def _checkpointing_job(out: dict, e2e_dir: str, output_dir, store: str) -> list[
         "faults",
         "--run_name",
         "job",
-    ]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,9 @@ LoRA-drop's two stages on one rank and for LoRA on two ZeRO-3 ranks, and the sam
 
 import json
 import re
-import sys
 
 import pytest
-from launching import COMMON, DEEPSPEED, TRAIN, free_port, job_env, launch, write_ds_config
+from launching import COMMON, TRAIN, deepspeed, job_env, launch, one_rank, write_ds_config
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +18,6 @@ def _losses(stdout: str) -> dict[tuple[str, int], float]:
 
 def _flags(e2e_dir, out, ds_config, extra):
     return [
-        TRAIN,
         "--ds_config",
         ds_config,
         "--data_dir",
@@ -48,10 +46,9 @@ def test_padding_free_gives_the_padded_loss_curve(tmp_path, e2e_dir, ranks):
     for name, extra in (("padded", []), ("padding_free", ["--padding_free"])):
         flags = _flags(e2e_dir, tmp_path / name, ds_config, [*method, *extra])
         if ranks == 1:
-            command = [sys.executable, *flags]
+            command = one_rank(TRAIN, *flags)
         else:
-            command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *flags]
-            command += ["--per_device_train_batch_size", "2"]
+            command = deepspeed(TRAIN, *flags, "--per_device_train_batch_size", "2")
         runs[name] = _losses(launch(command, env).stdout)
     assert len(runs["padded"]) >= 8 and runs["padded"].keys() == runs["padding_free"].keys()
     for key, loss in runs["padded"].items():

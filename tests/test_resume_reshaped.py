@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 from conftest import SHARED_DATA
-from launching import COMMON, DEEPSPEED, TRAIN, free_port, job_env, launch
+from launching import COMMON, TRAIN, deepspeed, job_env, launch, one_rank
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -60,10 +59,8 @@ def assert_adapters_close(candidate: str, reference: str, tolerance: float = TOL
     return worst
 
 
-def resume_command(launcher: list[str], config: str, per_device: int, output_dir: str, *extra) -> list[str]:
+def resume_args(config: str, per_device: int, output_dir: str, *extra) -> list[str]:
     return [
-        *launcher,
-        TRAIN,
         "--ds_config",
         config,
         "--per_device_train_batch_size",
@@ -86,7 +83,6 @@ def reshaped(runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("reshaped")
     env = job_env(root)
     zero2, zero3 = out["zero2_config"], out["zero3_config"]
-    deepspeed = lambda n: [DEEPSPEED, "--num_gpus", str(n), "--master_port", str(free_port())]
     results = {}
 
     # 4 ranks, ZeRO-3, global batch 8 (micro 1 x accumulation 2 x 4), its own MLflow store
@@ -94,27 +90,27 @@ def reshaped(runs, tmp_path_factory):
     four = str(root / "four_ranks")
     tracking = ("--mlflow_tracking_uri", store, "--mlflow_experiment", "reshape", "--run_name", "four")
     launch(
-        [*deepspeed(4), TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "1",
-         "--save_steps", "4", "--output_dir", four, "--data_dir", E2E_DIR, *COMMON, *tracking],
+        deepspeed(TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "1", "--save_steps", "4",
+                  "--output_dir", four, "--data_dir", E2E_DIR, *COMMON, *tracking, ranks=4),
         env,
     )  # fmt: skip
     results["four_ranks"] = (four, "")
 
     # 2 ranks ZeRO-2 -> 1 rank ZeRO-3, in the middle of stage 2
     target = cut_back(out["zero2_torchrun"], str(root / "two_to_one"), "stage2-step-000004")
-    log = launch(resume_command([sys.executable], zero3, 4, target, "--report_to", "none"), env).stdout
+    log = launch(one_rank(TRAIN, *resume_args(zero3, 4, target, "--report_to", "none")), env).stdout
     results["two_to_one"] = (target, log)
 
     # 4 ranks ZeRO-3 -> 2 ranks ZeRO-2, in the middle of stage 2, the same MLflow run continued; the
     # 4-rank command line as it was (micro batch 1): the global batch of 8 is kept by accumulating 4
     target = cut_back(four, str(root / "four_to_two"), "stage2-step-000004")
-    log = launch(resume_command(deepspeed(2), zero2, 1, target, *tracking), env)
+    log = launch(deepspeed(TRAIN, *resume_args(zero2, 1, target, *tracking)), env)
     log = log.stdout + log.stderr
     results["four_to_two"] = (target, log)
 
     # 1 rank ZeRO-3 -> 2 ranks ZeRO-2, between stage 1 and stage 2
     target = cut_back(out["one_rank"], str(root / "one_to_two"), "stage1-step-000008")
-    log = launch(resume_command(deepspeed(2), zero2, 2, target, "--report_to", "none"), env).stdout
+    log = launch(deepspeed(TRAIN, *resume_args(zero2, 2, target, "--report_to", "none")), env).stdout
     results["one_to_two"] = (target, log)
     results["store"] = (store, "")
     return results

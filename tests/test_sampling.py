@@ -7,6 +7,7 @@ from ds_loradrop.data.batching import (
     global_batches,
     rank_micro_batches,
     shard_evenly,
+    stage1_sample_size,
     stratified_sample_indices,
 )
 
@@ -22,6 +23,8 @@ def test_each_stratum_keeps_its_share():
     for stratum, total in Counter(STRATA).items():
         assert abs(counts[stratum] - 0.1 * total) <= 1, (stratum, counts[stratum], total)
     assert counts["a"] == 50 and counts["b"] == 30 and counts["c"] == 15
+    # round(ratio * N), not its floor: 3.7 -> 4 (what check_inputs checks against the global batch)
+    assert len(stratified_sample_indices(["x"] * 37, 0.1, seed=0)) == 4 == stage1_sample_size(37, 0.1)
 
 
 def test_sampling_is_deterministic_by_seed():

@@ -15,10 +15,9 @@ import re
 import pytest
 import torch
 from launching import (
-    DEEPSPEED,
     TRAIN,
     assert_partitioned_on_two_ranks,
-    free_port,
+    deepspeed,
     job_env,
     launch,
     write_ds_config,
@@ -135,12 +134,7 @@ def smollm2_run(tmp_path_factory, smollm2_cache, e2e_dir):
     env = {**job_env(root), "DS_LORADROP_CACHE": cache}
     output = str(root / "run")
     result = launch(
-        [
-            DEEPSPEED,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+        deepspeed(
             TRAIN,
             "--ds_config",
             write_ds_config(root / "zero3.json", 3),
@@ -176,7 +170,7 @@ def smollm2_run(tmp_path_factory, smollm2_cache, e2e_dir):
             "none",
             "--seed",
             "5",
-        ],
+        ),
         env,
     )
     return output, result.stdout + result.stderr

@@ -4,7 +4,7 @@ adapters (LoRA and the paper's other baselines) and LoRA-drop's decisions."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
 
 from ds_loradrop.errors import UsageError
 
@@ -15,34 +15,14 @@ DEFAULT_VERA_D_INITIAL = 0.1
 DEFAULT_TIED_LORA_R = 56
 DEFAULT_SPARSITY = 0.5
 DEFAULT_SNIP_EXAMPLES = 320
-# Which method each baseline flag belongs to.
-METHOD_FLAGS = {
-    "vera_r": "vera",
-    "vera_d_initial": "vera",
-    "vera_projection_seed": "vera",
-    "tied_lora_r": "tied_lora",
-    "sparsity": "sparse_lora",
-    "snip_examples": "sparse_lora",
-}
-
-
-# The fine-tuning methods: LoRA-drop, plain LoRA, full fine-tuning and the paper's other baselines.
-Method = Literal["loradrop", "lora", "full", "vera", "tied_lora", "sparse_lora"]
-METHODS = get_args(Method)
 
 
 @dataclass
 class FinetuningConfig:
     """Which fine-tuning method the run trains (the other sections hold that method's settings)."""
 
-    method: Method = field(
-        default="loradrop",
-        metadata={
-            "help": "loradrop (two stages), lora (plain LoRA, no stage 1), full (full fine-tuning), or the "
-            "paper's other baselines: vera (VeRA), tied_lora (Tied-LoRA, TL6), sparse_lora (Sparse "
-            "Adapter: LoRA pruned by SNIP)."
-        },
-    )
+    # The values are the registered methods (ds_loradrop.method.registry); --help lists them.
+    method: str = field(default="loradrop", metadata={"help": "The fine-tuning method."})
 
 
 @dataclass

@@ -22,8 +22,13 @@ from ds_loradrop.data import chat
 IGNORE_INDEX = chat.IGNORE_INDEX
 
 
+def stage1_sample_size(num_examples: int, ratio: float) -> int:
+    """How many examples the stratified sample of ``num_examples`` holds: ``round(ratio * N)``, at least 1."""
+    return max(1, round(ratio * num_examples))
+
+
 def stratified_sample_indices(strata: list[str], ratio: float, seed: int) -> list[int]:
-    """A stratified random sample of ``round(ratio * N)`` (at least 1) examples.
+    """A stratified random sample of :func:`stage1_sample_size` examples.
 
     Each stratum gets ``floor(ratio * n_s)`` examples, and those left over go to the strata with the
     largest remainders (ties by stratum name), so every stratum's share is within one example of
@@ -40,7 +45,7 @@ def stratified_sample_indices(strata: list[str], ratio: float, seed: int) -> lis
     names = sorted(by_stratum)
     quotas = {name: ratio * len(by_stratum[name]) for name in names}
     counts = {name: math.floor(quotas[name]) for name in names}
-    total = max(1, round(ratio * len(strata)))
+    total = stage1_sample_size(len(strata), ratio)
     by_remainder = sorted(names, key=lambda name: (-(quotas[name] - counts[name]), name))
     for name in by_remainder[: max(0, total - sum(counts.values()))]:
         counts[name] += 1

@@ -20,12 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ds_loradrop.errors import UsageError
-from ds_loradrop.method.lora import AdapterLayout, LoRAAdapter
+from ds_loradrop.method.lora import AdapterLayout
 from ds_loradrop.method.placement import inject_lora, named_adapters
 from ds_loradrop.method.plan import Plan
-from ds_loradrop.method.sparse_lora import SparseLoRAAdapter
-from ds_loradrop.method.tied_lora import TiedLoRAAdapter, TiedPair, tied_pair_name
-from ds_loradrop.method.vera import PROJECTION_NAME, VeRAAdapter, VeRAProjection
+from ds_loradrop.method.registry import Method, registered_methods
 from ds_loradrop.run_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PLAN_NAME
 from ds_loradrop.training.distributed import barrier, is_rank_zero
 from ds_loradrop.training.engine import gathered_parameters
@@ -109,7 +107,9 @@ def read_adapter_config(directory: str) -> dict:
     """This project's adapter config; UsageError for anything else."""
     config = read_config_file(directory)
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
-    required = ("r", "base_model", "layers") + (() if adapter_method(config) == "vera" else ("lora_alpha",))
+    required = ("r", "base_model", "layers") + (
+        ("lora_alpha",) if saved_method(config, directory).has_alpha else ()
+    )
     missing = [key for key in required if key not in config]
     if missing:
         raise UsageError(f"{path!r} lacks {missing}: not an adapter written by ds-loradrop")
@@ -121,13 +121,20 @@ def adapter_method(config: dict) -> str:
     return config.get("method", "lora")
 
 
-# Methods whose adapters are LoRA's own (A, B per adapter, possibly shared by several layers).
-LORA_FAMILY = ("lora", "loradrop")
+def saved_method(config: dict, directory: str) -> Method:
+    """The registered method that wrote an adapter config; UsageError for one this version does not know."""
+    name = adapter_method(config)
+    methods = registered_methods()
+    if name not in methods:
+        raise UsageError(
+            f"{os.path.join(directory, ADAPTER_CONFIG_NAME)!r} names method {name!r}, which this version "
+            f"does not know (it knows {list(methods)})"
+        )
+    return methods[name]
 
 
 def _adapter_builder(config: dict, state: dict[str, torch.Tensor], directory: str):
     """A function (name, wrapper) -> a new adapter of the saved method, its tensors copied in."""
-    method = adapter_method(config)
 
     def need(*keys: str) -> list[torch.Tensor]:
         absent = [key for key in keys if key not in state]
@@ -135,56 +142,13 @@ def _adapter_builder(config: dict, state: dict[str, torch.Tensor], directory: st
             raise UsageError(f"adapter weights in {directory!r} lack {absent}, which its config implies")
         return [state[key] for key in keys]
 
-    if method in LORA_FAMILY or method == "sparse_lora":
-        kind = SparseLoRAAdapter if method == "sparse_lora" else LoRAAdapter
-        keys = ("lora_A", "lora_B", "mask_A", "mask_B") if method == "sparse_lora" else ("lora_A", "lora_B")
+    rebuild = saved_method(config, directory).rebuild(config, need)
 
-        def build_lora(name, wrapper):
-            adapter = kind(wrapper.in_features, wrapper.out_features, config["r"], config["lora_alpha"])
-            adapter.is_shared = name.endswith(".shared")
-            with torch.no_grad():
-                for key, value in zip(keys, need(*[f"{name}.{key}" for key in keys])):
-                    getattr(adapter, key).copy_(value)
-            return adapter
+    def rebuild_without_gradients(name: str, wrapper) -> torch.nn.Module:
+        with torch.no_grad():
+            return rebuild(name, wrapper)
 
-        return build_lora
-    if method == "vera":
-        projection = VeRAProjection(*need(f"{PROJECTION_NAME}.vera_A", f"{PROJECTION_NAME}.vera_B"))
-
-        def build_vera(name, wrapper):
-            adapter = VeRAAdapter(wrapper.in_features, wrapper.out_features, projection, config["d_initial"])
-            with torch.no_grad():
-                d, b = need(f"{name}.vera_lambda_d", f"{name}.vera_lambda_b")
-                adapter.vera_lambda_d.copy_(d)
-                adapter.vera_lambda_b.copy_(b)
-            return adapter
-
-        return build_vera
-    if method == "tied_lora":
-        pairs: dict[str, TiedPair] = {}
-
-        def build_tied(name, wrapper):
-            if wrapper.target not in pairs:
-                lora_A, lora_B = need(
-                    f"{tied_pair_name(wrapper.target)}.lora_A", f"{tied_pair_name(wrapper.target)}.lora_B"
-                )
-                pair = TiedPair(wrapper.in_features, wrapper.out_features, config["r"])
-                with torch.no_grad():
-                    pair.lora_A.copy_(lora_A)
-                    pair.lora_B.copy_(lora_B)
-                pairs[wrapper.target] = pair
-            adapter = TiedLoRAAdapter(pairs[wrapper.target], wrapper.target, config["lora_alpha"])
-            with torch.no_grad():
-                u, v = need(f"{name}.tied_u", f"{name}.tied_v")
-                adapter.tied_u.copy_(u)
-                adapter.tied_v.copy_(v)
-            return adapter
-
-        return build_tied
-    raise UsageError(
-        f"{os.path.join(directory, ADAPTER_CONFIG_NAME)!r} names method {method!r}, "
-        "which this version does not know"
-    )
+    return rebuild_without_gradients
 
 
 def attach_saved_adapters(model: torch.nn.Module, directory: str) -> AdapterLayout:

@@ -40,12 +40,15 @@ class ImportanceRecorder:
 
     Args:
         layout: the wrapped layers; every one of them must have an adapter while recording.
+        training_forwards_only: record only forwards of layers in training mode (so that evaluations and
+            validation losses between training steps, in eval mode, are not recorded).
 
     Usage: ``with recorder.recording(): for batch: recorder.set_token_mask(mask); model(batch)``.
     """
 
-    def __init__(self, layout: AdapterLayout):
+    def __init__(self, layout: AdapterLayout, *, training_forwards_only: bool = False):
         self.layout = layout
+        self.training_forwards_only = training_forwards_only
         self.targets = list(layout)
         num_layers = max(len(wrappers) for wrappers in layout.values())
         self.sums = torch.zeros(len(self.targets), num_layers, dtype=torch.float64)
@@ -65,21 +68,21 @@ class ImportanceRecorder:
         self.sums = self.sums.to(token_mask.device)
         self.num_tokens = self.num_tokens.to(token_mask.device) + token_mask.sum().double()
 
-    def _record(self, target_index: int, layer: int, z: torch.Tensor, lora_B: torch.Tensor, scaling: float):
-        if self._is_paused:
+    def _record(self, target_index: int, wrapper, z: torch.Tensor, lora_B: torch.Tensor, scaling: float):
+        if self._is_paused or (self.training_forwards_only and not wrapper.training):
             return
         if self._token_mask is None:
             raise RuntimeError("ImportanceRecorder.set_token_mask must be called before each forward")
         with torch.no_grad():  # also called from training forwards: never part of the graph
             per_token = squared_output_norm_per_token(z.detach(), lora_B.detach(), scaling)
             mask = self._token_mask.to(device=per_token.device, dtype=per_token.dtype)
-            self.sums[target_index, layer] += (per_token * mask).sum().double().to(self.sums.device)
+            self.sums[target_index, wrapper.layer] += (per_token * mask).sum().double().to(self.sums.device)
 
     @contextmanager
     def recording(self):
         for target_index, target in enumerate(self.targets):
             for wrapper in self.layout[target]:
-                wrapper.rank_activation_sink = partial(self._record, target_index, wrapper.layer)
+                wrapper.rank_activation_sink = partial(self._record, target_index, wrapper)
         try:
             yield self
         finally:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 from ds_loradrop.config import SMOLLM2_135M, TINY_LLAMA, TINY_LLAMA2, RunConfig
 from ds_loradrop.config.files import with_moved_keys
+from ds_loradrop.data.batching import stage1_sample_size
 from ds_loradrop.data.chat import require_chat_template
 from ds_loradrop.data.tasks import EvalExample, Task
 from ds_loradrop.errors import UsageError
 from ds_loradrop.method.placement import inject_lora
+from ds_loradrop.method.registry import get_method
 from ds_loradrop.models.loading import build_on_meta, load_model_config, load_tokenizer
 from ds_loradrop.run_files import RUN_CONFIG_NAME, RUN_FILES
 from ds_loradrop.training import engine as ds_engine
@@ -31,6 +33,7 @@ logger = get_logger()
 class CheckedInputs:
     """The run's inputs, read and checked before any process group, training or writing."""
 
+    task: Task
     ds_config: dict
     batch: BatchSettings
     examples: object  # datasets.Dataset with prompt, target, stratum
@@ -62,14 +65,17 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
         hidden_size=model_config.hidden_size,
         accelerator_has_native_bf16=ds_engine.accelerator_has_native_bf16(),
     )
-    if cfg.finetuning.method != "full":
+    method = get_method(cfg.finetuning.method)
+    if cfg.drop.plan is not None and not method.learns_layout:
+        raise UsageError(f"--plan is a LoRA-drop layout; --method {method.name} does not use one")
+    if method.trains_adapters:
         layout = inject_lora(build_on_meta(model_config, cfg.model.trust_remote_code), cfg.lora.target_names)
         if cfg.drop.plan is not None:
             check_given_plan(cfg, layout)
     if (
         cfg.drop.importance_pass == "last_epoch"
         and cfg.train.gradient_checkpointing
-        and cfg.finetuning.method == "loradrop"
+        and method.has_stage1(cfg)
     ):
         raise UsageError(
             "--importance_pass last_epoch records the training forwards, which --gradient_checkpointing "
@@ -105,15 +111,16 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
             )
     eval_split, eval_examples = load_eval_examples(cfg, task)
     check_save_best_by(cfg, task)
-    examples = load_training_examples(cfg, task, eval_examples)
+    examples = load_training_examples(cfg, task, eval_split, eval_examples)
     if "messages" in examples.column_names:
         check_chat_template(cfg)
     # Data smaller than one global batch is refused now, not after files are written.
     batch.steps(examples.num_rows, cfg.train.num_train_epochs, cfg.train.max_steps)
-    if cfg.finetuning.method == "loradrop":
-        sample_size = max(1, round(cfg.drop.sample_ratio * examples.num_rows))
+    if method.has_stage1(cfg):
+        sample_size = stage1_sample_size(examples.num_rows, cfg.drop.sample_ratio)
         batch.steps(sample_size, cfg.drop.stage1_epochs, cfg.stage1_max_steps, what="stage-1 sample")
     return CheckedInputs(
+        task=task,
         resume_checkpoint=checkpoint if resume is not None else None,
         damaged_checkpoints=tuple(damaged) if resume is not None else (),
         ds_config=ds_config,
@@ -169,8 +176,6 @@ def check_given_plan(cfg: RunConfig, layout) -> None:
     from ds_loradrop.method.plan import Plan
 
     path = cfg.drop.plan
-    if cfg.finetuning.method != "loradrop":
-        raise UsageError(f"--plan is a LoRA-drop layout; --method {cfg.finetuning.method} does not use one")
     if cfg.drop.stage2_init == "carry":
         raise UsageError("--stage2_init carry needs this run's stage-1 adapter, and --plan skips stage 1")
     try:
@@ -203,13 +208,10 @@ def load_eval_examples(cfg: RunConfig, task: Task) -> tuple[str, list[EvalExampl
     return eval_split, task.load_eval(cfg.data.resolved_data_dir(), eval_split, cfg.eval.max_eval_samples)
 
 
-def load_training_examples(cfg: RunConfig, task: Task, eval_examples: list[EvalExample] | None = None):
+def load_training_examples(cfg: RunConfig, task: Task, eval_split: str, eval_examples: list[EvalExample]):
     """The training examples (``datasets.Dataset`` of prompt, target, stratum): the first
-    ``--max_train_samples`` of the training split, without the evaluated inputs when both splits are the
-    same (those are loaded here when not given)."""
-    if eval_examples is None:
-        _, eval_examples = load_eval_examples(cfg, task)
-    eval_split = cfg.data.eval_split or task.default_eval_split
+    ``--max_train_samples`` of the training split, without the evaluated inputs when ``eval_split`` is the
+    training split."""
     held_out = {ex.prompt for ex in eval_examples} if eval_split == cfg.data.train_split else set()
     return task.load_train(
         cfg.data.resolved_data_dir(), cfg.data.max_train_samples, cfg.data.train_split, held_out
@@ -242,8 +244,10 @@ def check_save_best_by(cfg: RunConfig, task: Task) -> None:
     metric = cfg.train.save_best_by
     if metric is None:
         return
-    if cfg.finetuning.method == "full":
-        raise UsageError("--save_best_by keeps the best adapter; --method full trains no adapter")
+    if not get_method(cfg.finetuning.method).trains_adapters:
+        raise UsageError(
+            f"--save_best_by keeps the best adapter; --method {cfg.finetuning.method} trains no adapter"
+        )
     if metric == "val_loss":
         if cfg.eval.val_loss_samples == 0:
             raise UsageError("--save_best_by val_loss needs the validation loss: --val_loss_samples > 0")

@@ -22,6 +22,7 @@ from ds_loradrop.errors import (
     TrainingDiverged,
     UsageError,
 )
+from ds_loradrop.method.registry import registered_methods, with_method_settings
 from ds_loradrop.training.distributed import exit_process
 
 
@@ -41,6 +42,7 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
         "flags override it.",
     )
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher; unused.")
+    offer_registered_methods(parser)
     config_file = config_file_of(argv)
     if config_file is not None:
         names = {field.name: field.default_factory for field in dataclasses.fields(RunConfig)}
@@ -51,7 +53,16 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     if unknown:
         raise UsageError(f"unknown argument(s) {unknown}; see --help")
     names = [section.name for section in dataclasses.fields(RunConfig)]  # in CONFIG_SECTIONS' order
-    return RunConfig(**dict(zip(names, sections)))
+    return with_method_settings(RunConfig(**dict(zip(names, sections))))
+
+
+def offer_registered_methods(parser: HfArgumentParser) -> None:
+    """``--method`` takes the registered methods, each listed in ``--help`` with its summary."""
+    methods = registered_methods()
+    action = next(action for action in parser._actions if "--method" in action.option_strings)
+    action.choices = list(methods)
+    listed = "; ".join(f"{name}: {method.summary}" for name, method in methods.items())
+    action.help = f"{action.help} {listed}".replace("%", "%%")
 
 
 def config_file_of(argv: list[str]) -> str | None:

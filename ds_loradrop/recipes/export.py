@@ -23,14 +23,10 @@ import torch
 from safetensors.torch import save_file
 
 from ds_loradrop.errors import UsageError
-from ds_loradrop.method.adapter_files import (
-    LORA_FAMILY,
-    adapter_method,
-    attach_saved_adapters,
-    read_adapter_config,
-)
+from ds_loradrop.method.adapter_files import attach_saved_adapters, read_adapter_config, saved_method
 from ds_loradrop.method.lora import LoRALinear
 from ds_loradrop.method.placement import cast_adapters, merged_weight
+from ds_loradrop.method.registry import Method
 from ds_loradrop.models.loading import load_causal_lm, load_tokenizer
 from ds_loradrop.run_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, FINAL_ADAPTER_DIR, PLAN_NAME
 
@@ -60,65 +56,20 @@ def _module_names(model) -> dict[tuple[str, int], str]:
     return {(m.target, m.layer): name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-# Methods PEFT can express, and the formats that work for every method.
-PEFT_METHODS = (*LORA_FAMILY, "sparse_lora", "vera")
-
-
-def check_format(fmt: str, method: str) -> None:
-    if fmt == "peft" and method not in PEFT_METHODS:
+def check_format(fmt: str, method: Method) -> None:
+    if fmt == "peft" and not method.peft_expressible:
         raise UsageError(
-            f"--format peft cannot express a {method} adapter (PEFT has no such method); the formats "
+            f"--format peft cannot express a {method.name} adapter (PEFT has no such method); the formats "
             f"that work for it are merged and loradrop"
         )
 
 
 def export_peft(adapter_dir: str, output_dir: str) -> None:
-    from peft import LoraConfig, VeraConfig
-
     model, config = load_adapted_model(adapter_dir)
-    method = adapter_method(config)
+    method = saved_method(config, adapter_dir)
     check_format("peft", method)
-    names = _module_names(model)
-    state, targets = {}, []
-    for (target, layer), name in sorted(names.items(), key=lambda item: item[1]):
-        wrapper = model.get_submodule(name)
-        if wrapper.adapter is None:
-            continue
-        targets.append(name)
-        tensors = wrapper.adapter.saved_tensors()
-        if method == "vera":
-            for key in ("vera_lambda_b", "vera_lambda_d"):
-                state[f"base_model.model.{name}.{key}"] = tensors[key].detach().clone().contiguous()
-            continue
-        state[f"base_model.model.{name}.lora_A.weight"] = tensors["lora_A"].detach().clone().contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = tensors["lora_B"].detach().clone().contiguous()
-    if method == "vera":
-        shared = next(
-            w.adapter for w in (model.get_submodule(n) for n in names.values()) if w.adapter is not None
-        )
-        for key, value in shared.shared_tensors().items():
-            state[f"base_model.{key.rpartition('.')[2]}"] = value.detach().clone().contiguous()
-        peft_config = VeraConfig(
-            r=config["r"],
-            target_modules=targets,
-            projection_prng_key=config["projection_seed"],
-            save_projection=True,
-            vera_dropout=0.0,
-            d_initial=config["d_initial"],
-            bias="none",
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=config["base_model"],
-        )
-    else:
-        peft_config = LoraConfig(
-            r=config["r"],
-            lora_alpha=config["lora_alpha"],
-            target_modules=targets,
-            lora_dropout=0.0,
-            bias="none",
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=config["base_model"],
-        )
+    modules = [name for name in sorted(_module_names(model).values()) if model.get_submodule(name).adapter]
+    state, peft_config = method.peft_export(model, config, modules)
     os.makedirs(output_dir, exist_ok=True)
     peft_config.save_pretrained(output_dir)
     save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -149,7 +100,7 @@ def export_run(run_dir: str, fmt: str, output_dir: str) -> str:
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; expected one of {list(FORMATS)}")
     adapter_dir = run_adapter_dir(run_dir)
-    check_format(fmt, adapter_method(read_adapter_config(adapter_dir)))
+    check_format(fmt, saved_method(read_adapter_config(adapter_dir), adapter_dir))
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise UsageError(f"export directory {output_dir!r} is not empty")
     # Written beside the target and renamed into place: a failed export leaves nothing half-written.

@@ -20,15 +20,16 @@ from ds_loradrop.config import RunConfig
 from ds_loradrop.data.batching import stratified_sample, tokenize_examples
 from ds_loradrop.errors import UsageError
 from ds_loradrop.method.adapter_files import (
-    LORA_FAMILY,
     adapter_method,
     attach_saved_adapters,
     read_config_file,
+    saved_method,
 )
 from ds_loradrop.method.lora import AdapterLayout, LoRAAdapter, LoRALinear
 from ds_loradrop.method.placement import inject_lora
 from ds_loradrop.method.plan import Plan, build_plan_for
 from ds_loradrop.method.probe import measure_importance
+from ds_loradrop.method.registry import with_method_settings
 from ds_loradrop.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from ds_loradrop.run_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, RUN_CONFIG_NAME
 from ds_loradrop.training.distributed import get_logger
@@ -61,7 +62,7 @@ def read_saved_adapter(directory: str) -> SavedAdapter:
     config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if "layers" in config and "r" in config:
         method = adapter_method(config)
-        if method not in (*LORA_FAMILY, "sparse_lora"):
+        if not saved_method(config, directory).lora_pairs:
             raise UsageError(
                 f"{config_path!r} holds {method} adapters; importance is measured on LoRA adapters "
                 f"(lora, loradrop, sparse_lora runs)"
@@ -126,15 +127,15 @@ def run_config_for(run_dir: str | None, overrides: dict[str, object]) -> RunConf
         for name in names:
             if overrides.get(name) is not None:
                 values.setdefault(section, {})[name] = overrides[name]
-    return RunConfig.from_dict(values)
+    return with_method_settings(RunConfig.from_dict(values))
 
 
 def stage1_sample(cfg: RunConfig, tokenizer) -> list[dict]:
     """The examples stage 1 of a run with ``cfg`` trains on and measures importance over."""
-    from ds_loradrop.recipes.checks import load_training_examples
+    from ds_loradrop.recipes.checks import load_eval_examples, load_training_examples
 
     task = cfg.data.build_task()
-    examples = load_training_examples(cfg, task)
+    examples = load_training_examples(cfg, task, *load_eval_examples(cfg, task))
     tokenized, _ = tokenize_examples(examples, tokenizer, cfg.data.max_seq_length)
     return stratified_sample(tokenized.to_list(), cfg.drop.sample_ratio, cfg.train.seed)
 

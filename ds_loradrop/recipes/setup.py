@@ -19,6 +19,7 @@ from ds_loradrop.config import RunConfig
 from ds_loradrop.data.tasks import EvalExample, Task
 from ds_loradrop.errors import UsageError
 from ds_loradrop.eval.generation import prompt_token_budget
+from ds_loradrop.method.registry import Method, get_method
 from ds_loradrop.models.loading import (
     default_cache_dir,
     load_model_config,
@@ -30,11 +31,8 @@ from ds_loradrop.recipes.restart import restart_count
 from ds_loradrop.recipes.tokenized_data import tokenize_with_cache
 from ds_loradrop.run_files import (
     DS_CONFIG_NAME,
-    MASKS_NAME,
-    PLAN_NAME,
     RUN_CONFIG_NAME,
     RUN_FILES,
-    STAGE1_ADAPTER_DIR,
 )
 from ds_loradrop.tracking.experiment_log import ExperimentLog
 from ds_loradrop.training import engine as ds_engine
@@ -61,8 +59,8 @@ class ResumePoint:
     requested: bool = False
     checkpoint: str | None = None
     state: TrainerState | None = None
-    finished_plan: str | None = None  # stage1_adapter/plan.json of a finished LoRA-drop stage 1
-    finished_masks: str | None = None  # sparse_masks.safetensors of a finished SNIP pass
+    # The file a finished preparation left (a LoRA-drop stage 1's plan.json, a SNIP pass's masks).
+    finished_preparation: str | None = None
 
     def start_step(self, stage: str, num_steps: int, seed: int) -> int:
         """Steps of ``stage`` already done (0 unless the checkpoint is of this stage).
@@ -93,14 +91,11 @@ def resolve_resume_point(cfg: RunConfig, inputs: CheckedInputs) -> ResumePoint:
     for path, problem in skipped:
         logger.warning(f"skipping damaged checkpoint {path}: {problem}")
     logger.info(f"resuming from {checkpoint or 'the start (no complete checkpoint yet)'}")
-    plan = os.path.join(output_dir, STAGE1_ADAPTER_DIR, PLAN_NAME)
-    masks = os.path.join(output_dir, MASKS_NAME)
     return ResumePoint(
         requested=True,
         checkpoint=checkpoint,
         state=read_state(checkpoint) if checkpoint is not None else None,
-        finished_plan=plan if cfg.finetuning.method == "loradrop" and os.path.isfile(plan) else None,
-        finished_masks=masks if cfg.finetuning.method == "sparse_lora" and os.path.isfile(masks) else None,
+        finished_preparation=get_method(cfg.finetuning.method).finished_preparation(output_dir),
     )
 
 
@@ -132,6 +127,10 @@ class RunContext:
     def output_dir(self) -> str:
         return self.cfg.train.output_dir
 
+    @property
+    def method(self) -> Method:
+        return get_method(self.cfg.finetuning.method)
+
 
 def setup(cfg: RunConfig) -> RunContext:
     """Checks (before anything is written), process group, model files (a preset is built on rank 0),
@@ -145,7 +144,7 @@ def setup(cfg: RunConfig) -> RunContext:
         raise RuntimeError(f"world size changed from {inputs.batch.world_size} to {world_size} at start-up")
     if cfg.train.overwrite_output_dir and cfg.train.resume is None:
         clear_previous_run(cfg.train.output_dir)
-    task = cfg.data.build_task()
+    task = inputs.task
     data = prepare_data(cfg, inputs, task)
     resume = resolve_resume_point(cfg, inputs)
     log = ExperimentLog.start(

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.integrations import HfDeepSpeedConfig
 
+from ds_loradrop.errors import Terminated
 from ds_loradrop.eval.evaluation import evaluate
 from ds_loradrop.method.lora import AdapterLayout
 from ds_loradrop.method.placement import (
@@ -26,7 +27,7 @@ from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.checkpoint import TrainerState, describe_reshape, load_checkpoint, save_checkpoint
 from ds_loradrop.training.distributed import get_logger
 from ds_loradrop.training.ds_config import zero_stage
-from ds_loradrop.training.loop import train_stage
+from ds_loradrop.training.loop import StageSteps, stop_requested_on_any_rank
 from ds_loradrop.training.validation import validation_loss
 
 logger = get_logger()
@@ -53,6 +54,8 @@ def build_model(ctx: RunContext, attach: Callable[[AdapterLayout], None] | None,
     if ctx.cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if attach is None:
+        for param in model.parameters():
+            param.requires_grad_(True)
         return StageModel(model, {}, zero3_loading)
     layout = inject_lora(model, ctx.cfg.lora.target_names)
     torch.manual_seed(seed)
@@ -74,16 +77,15 @@ def train_model(
     evaluate_base: bool = False,
     before_forward: Callable[[int, dict], None] | None = None,
     on_evaluation: Callable[[int, dict], None] | None = None,
-    before_evaluation: Callable[[], None] | None = None,
 ):
     """Train ``built`` for ``num_steps`` on a new engine, from the resume point when it is of this stage.
 
-    Checkpoints every ``--save_steps`` and at the end (and on SIGTERM); evaluates the model before its
-    first step when ``evaluate_base`` and by generation every ``evaluate_every`` steps; measures the
-    validation loss every ``--eval_steps`` and at the end. ``on_evaluation(step, metrics)`` receives
-    what each evaluation during training measured (``val_loss`` and the generation metrics);
-    ``before_evaluation()`` runs before each of them (e.g. to stop recording importance). Returns
-    (engine, StageResult).
+    After each step: its metrics are logged; the validation loss is measured every ``--eval_steps`` and
+    the model evaluated by generation every ``evaluate_every`` steps, both passed to
+    ``on_evaluation(step, metrics)``; a checkpoint is written every ``--save_steps`` and at the end; a
+    SIGTERM / SIGINT on any rank writes one (if this step has none) and stops the run. The base model is
+    evaluated before the first step when ``evaluate_base``. ``before_forward(step, micro_batch)`` runs
+    before each micro-batch's forward. Returns (engine, StageResult).
     """
     train = ctx.cfg.train
     engine = ds_engine.build_engine(
@@ -112,46 +114,26 @@ def train_model(
         evaluate_base_model(ctx, engine)
     elif evaluate_base:
         logger.info(f"{name}: resumed after step 0; the base model's evaluation is the one made before")
-
-    saved_steps = set()
+    checkpoint = TrainerState(
+        stage=name,
+        step=start_step,
+        num_steps=num_steps,
+        seed=seed,
+        world_size=ctx.batch.world_size,
+        zero_stage=zero_stage(ctx.ds_config),
+        global_batch_size=ctx.batch.global_batch_size,
+    )
+    last_saved = None
 
     def save(step: int) -> None:
-        state = TrainerState(
-            stage=name,
-            step=step,
-            num_steps=num_steps,
-            seed=seed,
-            world_size=ctx.batch.world_size,
-            zero_stage=zero_stage(ctx.ds_config),
-            global_batch_size=ctx.batch.global_batch_size,
+        nonlocal last_saved
+        path = save_checkpoint(
+            engine, ctx.output_dir, replace(checkpoint, step=step), train.save_total_limit, ctx.cfg.to_dict()
         )
-        path = save_checkpoint(engine, ctx.output_dir, state, train.save_total_limit, ctx.cfg.to_dict())
-        saved_steps.add(step)
+        last_saved = step
         logger.info(f"{name}: checkpoint {path}")
 
-    def after_step(step: int) -> None:
-        measured = {}
-        validate = bool(train.eval_steps) and step % train.eval_steps == 0 and step < num_steps
-        generate = bool(evaluate_every) and step % evaluate_every == 0 and step < num_steps
-        if (validate or generate) and before_evaluation is not None:
-            before_evaluation()
-        if validate:
-            measured["val_loss"] = measure_validation_loss(ctx, engine, name, step)
-        if generate:
-            measured.update(
-                evaluate_run(ctx, engine, os.path.join(ctx.output_dir, step_eval_dir(step)), step)
-            )
-        if on_evaluation is not None and measured:
-            on_evaluation(step, measured)
-        if train.save_steps and (step % train.save_steps == 0 or step == num_steps):
-            save(step)
-
-    def on_stop(step: int) -> None:
-        # Preemption: keep the work done so far, whether or not --save_steps asked for checkpoints.
-        if step not in saved_steps:
-            save(step)
-
-    result = train_stage(
+    with StageSteps(
         engine,
         examples,
         ctx.batch,
@@ -163,14 +145,29 @@ def train_model(
         device=ctx.device,
         group_by_length=train.group_by_length,
         padding_free=train.padding_free,
-        after_step=after_step,
-        on_stop=on_stop,
         before_forward=before_forward,
-        log_metrics=lambda metrics, step: ctx.log.stage_metrics(name, metrics, step),
         start_step=start_step,
-    )
-    if before_evaluation is not None:
-        before_evaluation()
+    ) as steps:
+        for step in steps:
+            if step.logged:
+                ctx.log.stage_metrics(name, step.logged, step.number)
+            measured, within = {}, step.number < num_steps  # the last step is evaluated by the caller
+            if train.eval_steps and step.number % train.eval_steps == 0 and within:
+                measured["val_loss"] = measure_validation_loss(ctx, engine, name, step.number)
+            if evaluate_every and step.number % evaluate_every == 0 and within:
+                eval_dir = os.path.join(ctx.output_dir, step_eval_dir(step.number))
+                measured.update(evaluate_run(ctx, engine, eval_dir, step.number))
+            if measured and on_evaluation is not None:
+                on_evaluation(step.number, measured)
+            if train.save_steps and (step.number % train.save_steps == 0 or step.number == num_steps):
+                save(step.number)
+            signal_number = stop_requested_on_any_rank(ctx.device)
+            if signal_number:  # preemption: keep the work done so far, whether or not --save_steps asked
+                logger.info(f"{name}: signal {signal_number} received; stopping after step {step.number}")
+                if last_saved != step.number:
+                    save(step.number)
+                raise Terminated(signal_number)
+    result = steps.result
     result.precision = ds_engine.describe_precision(engine)
     logger.info(f"{name}: precision " + ", ".join(f"{k} {v}" for k, v in result.precision.items()))
     result.val_loss = measure_validation_loss(ctx, engine, name, result.num_steps)

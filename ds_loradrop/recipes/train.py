@@ -2,7 +2,7 @@
 
 1. ``setup``: check every input before anything is written, then the process group, the tokenised data,
    the resume point and the MLflow run (recipes/setup.py).
-2. Stage 1 (``prepare_method``, recipes/preparation.py): LoRA-drop trains LoRA on a stratified sample,
+2. Stage 1 (the method's ``prepare``, ``method/kinds/``): LoRA-drop trains LoRA on a stratified sample,
    measures each layer's importance (all-reduced over ranks), selects the layers to retain on rank 0 and
    broadcasts the plan; Sparse Adapter's SNIP pass fixes its masks; the other methods have no stage 1.
 3. Stage 2 (``train_final``): a fresh model with the method's adapters (retained layers their own, the
@@ -21,10 +21,10 @@ from ds_loradrop.config import RunConfig
 from ds_loradrop.errors import Terminated, raise_terminated_on_signals
 from ds_loradrop.method.adapter_files import save_adapters
 from ds_loradrop.method.lora import AdapterLayout
-from ds_loradrop.method.methods import adapter_settings, final_adapters
 from ds_loradrop.method.placement import count_full_lora_parameters, count_trainable_parameters
+from ds_loradrop.method.registry import Preparation
+from ds_loradrop.recipes import stages
 from ds_loradrop.recipes.best_adapter import BestAdapter
-from ds_loradrop.recipes.preparation import Preparation, prepare_method
 from ds_loradrop.recipes.setup import RunContext, setup, write_json, write_resolved_configs
 from ds_loradrop.recipes.stages import build_model, evaluate_run, read_base_evaluation, train_model
 from ds_loradrop.recipes.summary import RunSummary, report
@@ -51,7 +51,7 @@ def run(cfg: RunConfig) -> RunSummary | None:
     raise_terminated_on_signals()
     try:
         write_resolved_configs(ctx)
-        preparation = prepare_method(ctx)
+        preparation = ctx.method.prepare(ctx, stages)
         if cfg.drop.stop_after_stage1:
             stop_after_stage1(ctx)
             summary = None
@@ -86,21 +86,19 @@ class FinalStage:
 def train_final(ctx: RunContext, preparation: Preparation) -> FinalStage:
     """Stage 2 (or the only stage): the method's adapters on a fresh model, trained on the whole training
     set, evaluated by generation and saved."""
-    cfg, plan = ctx.cfg, preparation.plan
-    stage1_dir = os.path.join(ctx.output_dir, STAGE1_ADAPTER_DIR)
-    built = build_model(ctx, final_adapters(cfg, plan, preparation.masks, stage1_dir), cfg.train.seed + 1)
-    if cfg.finetuning.method == "full":
-        for param in built.model.parameters():
-            param.requires_grad_(True)
+    cfg, plan, method = ctx.cfg, preparation.plan, ctx.method
+    built = build_model(ctx, method.attach(cfg, preparation, ctx.output_dir), cfg.train.seed + 1)
     name = "stage2" if plan else "train"
     num_steps = ctx.batch.steps(
         len(ctx.train_examples), cfg.train.num_train_epochs, cfg.train.max_steps, what=f"{name} data"
     )
-    # The first stage evaluates the base model: stage 2 when LoRA-drop had no stage 1 in this run's design.
-    evaluate_base = cfg.train.eval_base_model and (
-        cfg.finetuning.method != "loradrop" or cfg.drop.plan is not None
-    )
-    save_settings = {"settings": adapter_settings(cfg), "base_model": ctx.model_path, "plan": plan}
+    # The first stage evaluates the base model: this one unless the method had a stage 1.
+    evaluate_base = cfg.train.eval_base_model and method.evaluates_base_in_final_stage(cfg)
+    save_settings = {
+        "settings": method.adapter_settings(cfg.lora),
+        "base_model": ctx.model_path,
+        "plan": plan,
+    }
     best = (
         BestAdapter(cfg.train.save_best_by, ctx.output_dir, built.layout, save_settings)
         if cfg.train.save_best_by
@@ -120,7 +118,7 @@ def train_final(ctx: RunContext, preparation: Preparation) -> FinalStage:
     result.eval_metrics = evaluate_run(ctx, engine, os.path.join(ctx.output_dir, EVAL_DIR), result.num_steps)
     if best is not None:
         best.consider(result.num_steps, {**result.eval_metrics, "val_loss": result.val_loss})
-    if cfg.finetuning.method == "full":
+    if not method.trains_adapters:
         save_full_model(ctx, engine, built.model, os.path.join(ctx.output_dir, FULL_MODEL_DIR))
     else:
         save_adapters(built.layout, os.path.join(ctx.output_dir, FINAL_ADAPTER_DIR), **save_settings)

@@ -75,7 +75,8 @@ def collect_runs(experiment: str, tracking_uri: str | None) -> list[RunRow]:
         params, metrics = run.data.params, run.data.metrics
         targets = [t.strip() for t in params.get("lora.lora_targets", "").split(",") if t.strip()]
         method = params.get("finetuning.method", params.get("drop.method", "?"))  # drop.: older runs
-        is_loradrop = method == "loradrop"
+        # A run that trained a plan (LoRA-drop) logged its importance profile: show the plan's columns.
+        learns_layout = any(f"normalized_importance/{target}" in metrics for target in targets)
         kept = {}
         for target in targets:
             value, total = metrics.get(f"retained_layers/{target}"), metrics.get(f"num_layers/{target}")
@@ -83,7 +84,7 @@ def collect_runs(experiment: str, tracking_uri: str | None) -> list[RunRow]:
                 "-" if value is None else f"{int(value)}/{int(total)}" if total else str(int(value))
             )
         importance = {}
-        if is_loradrop:
+        if learns_layout:
             for target in targets:
                 history = client.get_metric_history(run.info.run_id, f"normalized_importance/{target}")
                 importance[target] = [m.value for m in sorted(history, key=lambda m: m.step)]
@@ -95,8 +96,8 @@ def collect_runs(experiment: str, tracking_uri: str | None) -> list[RunRow]:
                 run_id=run.info.run_id,
                 status=run.info.status,
                 method=method,
-                selection=params.get("drop.selection", "-") if is_loradrop else "-",
-                threshold=params.get("drop.threshold", "-") if is_loradrop else "-",
+                selection=params.get("drop.selection", "-") if learns_layout else "-",
+                threshold=params.get("drop.threshold", "-") if learns_layout else "-",
                 kept=kept,
                 trainable_parameters=int(trainable) if trainable is not None else None,
                 share_of_lora=100.0 * share if share is not None else None,

@@ -91,6 +91,15 @@ class _RankZeroFilter(logging.Filter):
         return getattr(record, "all_ranks", False) or is_rank_zero()
 
 
+def confirm_same_everywhere(what: str, digest: str) -> None:
+    """Every rank reports the digest of what it holds; any disagreement stops the run."""
+    _, rank = get_world_size_and_rank()
+    get_logger().info(f"rank {rank} holds {what} {digest}", extra={"all_ranks": True})
+    digests = all_gather_object(digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks disagree on the {what}: {digests}")
+
+
 def exit_process(status: int) -> None:
     """End this rank with exit status ``status``.
 

@@ -14,7 +14,7 @@ import inspect
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ds_loradrop.data.batching import IGNORE_INDEX, collate, global_batches, pack, rank_micro_batches
-from ds_loradrop.errors import Terminated, TrainingDiverged, pending_signal, stop_at_step_boundary
+from ds_loradrop.errors import TrainingDiverged, pending_signal, stop_at_step_boundary
 from ds_loradrop.training.distributed import (
     all_reduce_max,
     all_reduce_sum,
@@ -81,115 +81,160 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def train_stage(
-    engine,
-    examples: list[dict],
-    batch: BatchSettings,
-    *,
-    name: str,
-    num_steps: int,
-    seed: int,
-    pad_token_id: int,
-    logging_steps: int,
-    device: torch.device,
-    group_by_length: bool = True,
-    padding_free: bool = False,
-    after_step: Callable[[int], None] | None = None,
-    log_metrics: Callable[[dict[str, float], int], None] | None = None,
-    on_stop: Callable[[int], None] | None = None,
-    before_forward: Callable[[int, dict], None] | None = None,
-    start_step: int = 0,
-) -> StageResult:
-    """Run ``num_steps`` optimizer steps over ``examples`` (epochs of seeded global batches).
+@dataclass(frozen=True)
+class Step:
+    """One finished optimizer step: its number (from 1), its loss, and what was logged for it (loss, learning
+    rate, gradient norm, target tokens per second) when it is a ``logging_steps`` step, else None."""
 
-    ``after_step(step)`` runs on every rank after each optimizer step (e.g. periodic evaluation);
-    ``log_metrics(metrics, step)`` receives loss, learning rate, gradient norm and target tokens per
-    second every ``logging_steps`` steps (rank 0 is the one that tracks them). ``start_step`` resumes
-    after that many optimizer steps: their global batches are skipped, not recomputed.
-    ``before_forward(step, micro_batch)`` runs before each micro-batch's forward (``step`` counts from 1).
+    number: int
+    loss: float
+    logged: dict[str, float] | None = None
+
+
+class StageSteps:
+    """The optimizer steps of one stage, as an iterator the recipe drives::
+
+        with StageSteps(engine, examples, batch, name="stage2", num_steps=100, ...) as steps:
+            for step in steps:      # forward, backward and optimizer step happen here
+                ...                 # the recipe's work after each step: log, evaluate, checkpoint, stop
+        steps.result                # StageResult: steps, losses, target tokens, seconds
+
+    Leaving the ``with`` block (also by an exception) closes the progress bar at once.
+
+    Epochs of seeded global batches over ``examples``; ``start_step`` resumes after that many steps (their
+    global batches are skipped, not recomputed). ``before_forward(step, micro_batch)`` runs before each
+    micro-batch's forward (the one hook inside a step, e.g. to record importance). Every step's work happens
+    with SIGTERM / SIGINT held to the step boundary (``stop_requested_on_any_rank`` tells the recipe). The
+    engine is back in training mode at the start of every step, whatever the recipe did after the last.
 
     Raises:
-        TrainingDiverged: the loss of a step is NaN or infinite (before ``after_step`` could
-            checkpoint that step).
-        Terminated: SIGTERM / SIGINT reached any rank. The ranks agree on it after the running step
-            (and its ``after_step``), call ``on_stop(step)`` (e.g. to write a checkpoint), then raise.
+        TrainingDiverged: the loss of a step is NaN or infinite (before that step is yielded, so it is never
+            checkpointed).
     """
-    world_size, rank = get_world_size_and_rank()
-    result = StageResult(name, num_steps=start_step, first_step=start_step)
-    engine.train()
-    start = window_start = time.perf_counter()
-    window_tokens = 0
-    lengths = [len(example["input_ids"]) for example in examples]
-    schedule = _global_batch_schedule(lengths, batch.global_batch_size, seed, group_by_length)
-    # The bar is closed however the loop ends, so an error message starts on a line of its own.
-    with (
-        tqdm(
-            total=num_steps,
-            initial=start_step,
-            desc=name,
-            disable=rank != 0,
-            dynamic_ncols=True,
-            mininterval=2.0,
-        ) as progress,
-        stop_at_step_boundary(),
+
+    def __init__(
+        self,
+        engine,
+        examples: list[dict],
+        batch: BatchSettings,
+        *,
+        name: str,
+        num_steps: int,
+        seed: int,
+        pad_token_id: int,
+        logging_steps: int,
+        device: torch.device,
+        group_by_length: bool = True,
+        padding_free: bool = False,
+        before_forward: Callable[[int, dict], None] | None = None,
+        start_step: int = 0,
     ):
-        for global_batch in itertools.islice(schedule, start_step, num_steps):
-            micro_batches = [
-                pack([examples[i] for i in indices])
-                if padding_free
-                else collate([examples[i] for i in indices], pad_token_id)
-                for indices in rank_micro_batches(global_batch, rank, world_size, batch.micro_batch_size)
-            ]
-            loss, global_tokens = optimizer_step(
-                engine,
-                micro_batches,
-                batch,
-                device,
-                None if before_forward is None else functools.partial(before_forward, result.num_steps + 1),
-            )
-            result.num_steps += 1
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"{name} step {result.num_steps}/{num_steps}: the loss is {loss}; stopping before "
-                    "this step "
-                    f"is checkpointed (earlier checkpoints are kept; try a lower --learning_rate)"
+        self.engine, self.examples, self.batch = engine, examples, batch
+        self.name, self.num_steps, self.seed, self.start_step = name, num_steps, seed, start_step
+        self.pad_token_id, self.logging_steps, self.device = pad_token_id, logging_steps, device
+        self.group_by_length, self.padding_free, self.before_forward = (
+            group_by_length,
+            padding_free,
+            before_forward,
+        )
+        self.result = StageResult(name, num_steps=start_step, first_step=start_step)
+        self._running: Iterator[Step] | None = None
+
+    def __enter__(self) -> StageSteps:  # noqa: PYI034 - not subclassed
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._running is not None:
+            self._running.close()
+
+    def __iter__(self) -> Iterator[Step]:
+        self._running = self._steps()
+        return self._running
+
+    def _steps(self) -> Iterator[Step]:
+        world_size, rank = get_world_size_and_rank()
+        result, num_steps = self.result, self.num_steps
+        start = window_start = time.perf_counter()
+        window_tokens = 0
+        lengths = [len(example["input_ids"]) for example in self.examples]
+        schedule = _global_batch_schedule(
+            lengths, self.batch.global_batch_size, self.seed, self.group_by_length
+        )
+        # The bar is closed however the loop ends, so an error message starts on a line of its own.
+        with (
+            tqdm(
+                total=num_steps,
+                initial=self.start_step,
+                desc=self.name,
+                disable=rank != 0,
+                dynamic_ncols=True,
+                mininterval=2.0,
+            ) as progress,
+            stop_at_step_boundary(),
+        ):
+            for global_batch in itertools.islice(schedule, self.start_step, num_steps):
+                self.engine.train()
+                micro_batches = [
+                    pack([self.examples[i] for i in indices])
+                    if self.padding_free
+                    else collate([self.examples[i] for i in indices], self.pad_token_id)
+                    for indices in rank_micro_batches(
+                        global_batch, rank, world_size, self.batch.micro_batch_size
+                    )
+                ]
+                hook = self.before_forward
+                loss, global_tokens = optimizer_step(
+                    self.engine,
+                    micro_batches,
+                    self.batch,
+                    self.device,
+                    None if hook is None else functools.partial(hook, result.num_steps + 1),
                 )
-            result.num_target_tokens += int(global_tokens)
-            window_tokens += int(global_tokens)
-            result.losses.append((result.num_steps, loss))
-            progress.update(1)
-            if result.num_steps % logging_steps == 0 or result.num_steps == num_steps:
-                now = time.perf_counter()
-                metrics = {
-                    "loss": loss,
-                    "learning_rate": engine.get_lr()[0],
-                    "target_tokens_per_second": window_tokens / (now - window_start),
-                }
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['target_tokens_per_second']:.0f}")
-                logger.info(
-                    f"{name} step {result.num_steps}/{num_steps} loss {loss:.4f} "
-                    f"lr {metrics['learning_rate']:.2e} target tokens/s "
-                    f"{metrics['target_tokens_per_second']:.0f}"
-                )
-                if log_metrics is not None:
-                    log_metrics(metrics, result.num_steps)
-                window_start, window_tokens = now, 0
-            if after_step is not None:
-                after_step(result.num_steps)
-                engine.train()
-            signal_number = stop_requested_on_any_rank(device)
-            if signal_number:
-                logger.info(
-                    f"{name}: signal {signal_number} received; stopping after step {result.num_steps}"
-                )
-                if on_stop is not None:
-                    on_stop(result.num_steps)
-                raise Terminated(signal_number)
-    result.seconds = time.perf_counter() - start
-    return result
+                result.num_steps += 1
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"{self.name} step {result.num_steps}/{num_steps}: the loss is {loss}; stopping "
+                        "before this step is checkpointed (earlier checkpoints are kept; try a lower "
+                        "--learning_rate)"
+                    )
+                result.num_target_tokens += int(global_tokens)
+                window_tokens += int(global_tokens)
+                result.losses.append((result.num_steps, loss))
+                progress.update(1)
+                logged = None
+                if result.num_steps % self.logging_steps == 0 or result.num_steps == num_steps:
+                    now = time.perf_counter()
+                    logged = self._logged(loss, window_tokens / (now - window_start))
+                    progress.set_postfix(
+                        loss=f"{loss:.4f}", tok_s=f"{logged['target_tokens_per_second']:.0f}"
+                    )
+                    window_start, window_tokens = now, 0
+                result.seconds = time.perf_counter() - start
+                yield Step(result.num_steps, loss, logged)
+        result.seconds = time.perf_counter() - start
+
+    def _logged(self, loss: float, tokens_per_second: float) -> dict[str, float]:
+        metrics = {
+            "loss": loss,
+            "learning_rate": self.engine.get_lr()[0],
+            "target_tokens_per_second": tokens_per_second,
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        logger.info(
+            f"{self.name} step {self.result.num_steps}/{self.num_steps} loss {loss:.4f} "
+            f"lr {metrics['learning_rate']:.2e} target tokens/s {tokens_per_second:.0f}"
+        )
+        return metrics
+
+
+def train_stage(engine, examples: list[dict], batch: BatchSettings, **options) -> StageResult:
+    """All the steps of :class:`StageSteps` with nothing done between them (benchmarks, tests)."""
+    with StageSteps(engine, examples, batch, **options) as steps:
+        for _ in steps:
+            pass
+    return steps.result
 
 
 def _global_batch_schedule(lengths: list[int], global_batch_size: int, seed: int, group_by_length: bool):

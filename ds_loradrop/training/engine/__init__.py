@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
-from transformers import get_scheduler
 from transformers.integrations import HfDeepSpeedConfig
 
 from ds_loradrop.training.distributed import (
@@ -30,6 +29,7 @@ from ds_loradrop.training.distributed import (
     get_world_size_and_rank,
 )
 from ds_loradrop.training.ds_config import zero_stage
+from ds_loradrop.training.lr_schedule import warmup_schedule
 
 # torch's gloo default is 30 minutes; a dead or stuck peer should fail the job sooner.
 DEFAULT_COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -134,7 +134,8 @@ def build_engine(
     """``deepspeed.initialize`` over the model's trainable parameters.
 
     AdamW is ours (DeepSpeed's CPU Adam when the optimizer state is offloaded to the CPU), unless the
-    JSON has an ``optimizer`` section; the LR schedule is always ours (transformers' schedulers).
+    JSON has an ``optimizer`` section; the LR schedule is always ours (transformers' schedules, in
+    ``lr_schedule.py``).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -146,7 +147,7 @@ def build_engine(
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
 
     def make_scheduler(optimizer):
-        return get_scheduler(lr_scheduler, optimizer, num_warmup_steps, num_training_steps)
+        return warmup_schedule(optimizer, lr_scheduler, num_warmup_steps, num_training_steps)
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
