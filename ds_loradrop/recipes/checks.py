@@ -37,6 +37,10 @@ class CheckedInputs:
     eval_split: str
     eval_examples: list[EvalExample]
     val_examples: object  # datasets.Dataset (prompt, target, stratum) scored for the validation loss, or None
+    # --resume auto: the newest intact checkpoint (None: start) and the damaged newer ones it passed over,
+    # decided here once (every file's checksum read once); setup takes rank 0's decision
+    resume_checkpoint: str | None = None
+    damaged_checkpoints: tuple[tuple[str, str], ...] = ()
 
 
 def check_inputs(cfg: RunConfig) -> CheckedInputs:
@@ -85,7 +89,7 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
                 "pass one of them"
             )
         check_resume_matches(cfg, os.path.join(output_dir, RUN_CONFIG_NAME))
-        checkpoint = newest_intact(output_dir)[0] if resume == "auto" else resume
+        checkpoint, damaged = newest_intact(output_dir) if resume == "auto" else (resume, [])
         if checkpoint is not None:
             ds_config, batch = keep_global_batch(
                 checkpoint, cfg, raw_ds_config, (ds_config, batch), model_config.hidden_size
@@ -110,6 +114,8 @@ def check_inputs(cfg: RunConfig) -> CheckedInputs:
         sample_size = max(1, round(cfg.drop.sample_ratio * examples.num_rows))
         batch.steps(sample_size, cfg.drop.stage1_epochs, cfg.stage1_max_steps, what="stage-1 sample")
     return CheckedInputs(
+        resume_checkpoint=checkpoint if resume is not None else None,
+        damaged_checkpoints=tuple(damaged) if resume is not None else (),
         ds_config=ds_config,
         batch=batch,
         examples=examples,

@@ -38,9 +38,10 @@ from ds_loradrop.run_files import (
 )
 from ds_loradrop.tracking.experiment_log import ExperimentLog
 from ds_loradrop.training import engine as ds_engine
-from ds_loradrop.training.checkpoint import TrainerState, agreed_latest, read_state
+from ds_loradrop.training.checkpoint import TrainerState, read_state
 from ds_loradrop.training.distributed import (
     barrier,
+    broadcast_object,
     get_logger,
     get_num_nodes,
     get_world_size_and_rank,
@@ -80,16 +81,17 @@ class ResumePoint:
         return self.state.step
 
 
-def resolve_resume_point(cfg: RunConfig) -> ResumePoint:
-    """Every rank agrees on the newest complete checkpoint (``--resume auto``) or takes the given one."""
+def resolve_resume_point(cfg: RunConfig, inputs: CheckedInputs) -> ResumePoint:
+    """Every rank takes rank 0's checkpoint from ``check_inputs`` (the newest intact one for ``--resume
+    auto``, else the given one)."""
     resume, output_dir = cfg.train.resume, cfg.train.output_dir
     if resume is None:
         return ResumePoint()
-    checkpoint = resume
-    if resume == "auto":
-        checkpoint, skipped = agreed_latest(output_dir)
-        for path, problem in skipped:
-            logger.warning(f"skipping damaged checkpoint {path}: {problem}")
+    checkpoint, skipped = broadcast_object(
+        (inputs.resume_checkpoint, inputs.damaged_checkpoints) if is_rank_zero() else None
+    )
+    for path, problem in skipped:
+        logger.warning(f"skipping damaged checkpoint {path}: {problem}")
     logger.info(f"resuming from {checkpoint or 'the start (no complete checkpoint yet)'}")
     plan = os.path.join(output_dir, STAGE1_ADAPTER_DIR, PLAN_NAME)
     masks = os.path.join(output_dir, MASKS_NAME)
@@ -145,7 +147,7 @@ def setup(cfg: RunConfig) -> RunContext:
         clear_previous_run(cfg.train.output_dir)
     task = cfg.data.build_task()
     data = prepare_data(cfg, inputs, task)
-    resume = resolve_resume_point(cfg)
+    resume = resolve_resume_point(cfg, inputs)
     log = ExperimentLog.start(
         cfg,
         inputs.ds_config,

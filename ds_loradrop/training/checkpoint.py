@@ -40,7 +40,6 @@ from ds_loradrop.training.checkpoint_integrity import (
 )
 from ds_loradrop.training.distributed import (
     barrier,
-    broadcast_object,
     get_world_size_and_rank,
     is_rank_zero,
 )
@@ -269,9 +268,3 @@ def describe_reshape(state: TrainerState, world_size: int, stage: int) -> str | 
         return f"{ranks} rank{'s' if ranks != 1 else ''}, ZeRO-{zero if zero is not None else '?'}"
 
     return f"{shape(state.world_size, state.zero_stage)} -> {shape(world_size, stage)}"
-
-
-def agreed_latest(output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """Rank 0's view of the newest intact checkpoint (and the damaged newer ones it skipped), on every
-    rank."""
-    return broadcast_object(newest_intact(output_dir) if is_rank_zero() else None)
