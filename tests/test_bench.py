@@ -9,8 +9,7 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
-
-from ds_loradrop.training.distributed import free_port
+from launching import torchrun
 
 pytestmark = pytest.mark.bench
 
@@ -73,14 +72,7 @@ def test_generation_benchmark_runs(tmp_path, e2e_dir):
 
 def test_training_benchmark_runs_on_two_ranks(tmp_path, e2e_dir):
     out = tmp_path / "train.json"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+    command = torchrun(
         os.path.join(REPO_ROOT, "bench", "train_throughput.py"),
         "--data_dir",
         e2e_dir,
@@ -102,7 +94,7 @@ def test_training_benchmark_runs_on_two_ranks(tmp_path, e2e_dir):
         "2",
         "--json",
         str(out),
-    ]
+    )
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, f"STDOUT\n{result.stdout[-4000:]}\nSTDERR\n{result.stderr[-4000:]}"
     assert (
