@@ -207,6 +207,23 @@ def test_two_rank_zero3_run_loads_partitioned_and_trains_both_adapter_shapes(smo
         assert {f"{target}.layers.{i}.lora_A" for i in target_plan["retained"]} <= set(weights)
 
 
+def test_generate_on_two_ranks_under_zero3_gives_the_runs_evaluation_predictions(
+    smollm2_run, smollm2_cache, tmp_path
+):
+    """launch/generate.py with the model partitioned over 2 ranks (synced generation), greedy, equals the
+    run's own evaluation on the same prompts."""
+    from test_generate import GENERATE, generate_like_the_evaluation
+
+    output, _ = smollm2_run
+    env = {**job_env(tmp_path), "DS_LORADROP_CACHE": smollm2_cache[0]}
+    zero3 = write_ds_config(tmp_path / "zero3.json", 3)
+    expected, got, _ = generate_like_the_evaluation(
+        deepspeed(GENERATE, "--ds_config", zero3), output, tmp_path, env, max_new_tokens=8
+    )
+    assert [row["completion"] for row in got] == [row["prediction"] for row in expected]
+    assert len({row["completion"] for row in got}) > 1  # a real model: the answers differ
+
+
 def test_peft_and_merged_exports_give_the_trained_models_logits(smollm2_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -89,6 +89,16 @@ def parse_eval_config(argv: list[str] | None = None):
     return offline, evaluation
 
 
+def parse_generate_config(argv: list[str] | None = None):
+    """GenerateConfig for launch/generate.py."""
+    from ds_loradrop.recipes.generate import GenerateConfig
+
+    parser = HfArgumentParser(GenerateConfig, description="Complete prompts or chat with a trained model.")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the DeepSpeed launcher; unused.")
+    config, _launcher_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return config
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Run ``main``; a UsageError becomes one ``error: ...`` line on stderr and exit status 2, a diverged
     loss one line and status 3, a checkpoint that does not fit one line and status 4, SIGTERM / SIGINT
