@@ -231,6 +231,23 @@ def test_one_run_with_params_metrics_and_artifacts(runs, store, experiment, run_
     for rank, peak in enumerate(summary["peak_memory_bytes"]):
         assert metrics[f"memory/peak_bytes_rank{rank}"] == peak > 2**27
     assert tags["memory/peak_kind"] == "peak_rss"
+    # what the MLflow UI shows besides metrics: source, description, data lineage, system metrics
+    assert tags["mlflow.source.name"] == "launch/train.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert "launch/train.py" in tags["command"] and "--threshold 0.6" in tags["command"]
+    kept = len(plan["targets"]["q_proj"]["retained"])
+    assert tags["mlflow.note.content"].startswith(
+        f"loradrop on e2e with tiny-llama. layers with their own adapter: q_proj {kept}/8"
+    )
+    assert f"bleu {summary['eval_metrics']['bleu']:.2f} (base model " in tags["mlflow.note.content"]
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"e2e/training", "e2e/evaluation", "e2e/validation"}
+    training = {t.key: t.value for t in inputs["e2e/training"].tags}
+    assert training == {"mlflow.data.context": "training", "rows": "192", "stage1_sample_size": "48"}
+    assert json.loads(inputs["e2e/training"].dataset.source)["uri"].endswith("e2e/trainset.csv")
+    assert {t.key: t.value for t in inputs["e2e/evaluation"].tags}["rows"] == "10"
+    assert (
+        "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    )
     artifacts = set(_artifacts(client, run.info.run_id))
     assert {
         "plan.json",

@@ -238,3 +238,10 @@ class TrackingConfig:
             "instead of only going on without tracking."
         },
     )
+    mlflow_system_metrics: bool = field(
+        default=True,
+        metadata={
+            "help": "Log MLflow's system metrics (CPU, memory, disk, network; GPU where one is found) every "
+            "$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10), from the global rank 0's node."
+        },
+    )

@@ -7,6 +7,7 @@ which finished phase (a LoRA-drop plan, SNIP's masks) it keeps.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ds_loradrop.config import RunConfig
+from ds_loradrop.data.batching import stage1_sample_size
 from ds_loradrop.data.tasks import EvalExample, Task
 from ds_loradrop.errors import UsageError
 from ds_loradrop.eval.generation import prompt_token_budget
@@ -156,6 +158,7 @@ def setup(cfg: RunConfig) -> RunContext:
         resume=resume.requested,
         restarts=restart_count(),
     )
+    log_data_lineage(cfg, inputs, log)
     ctx = RunContext(
         cfg=cfg,
         ds_config=inputs.ds_config,
@@ -215,6 +218,29 @@ def prepare_data(cfg: RunConfig, inputs: CheckedInputs, task: Task) -> PreparedD
             f"{cfg.data.max_seq_length} tokens"
         )
     return PreparedData(model_path, tokenizer, train_examples, num_truncated, val_examples)
+
+
+def log_data_lineage(cfg: RunConfig, inputs: CheckedInputs, log: ExperimentLog) -> None:
+    """The rows the run trains, validates and evaluates on, and their files (or hub ids), as MLflow inputs."""
+    data_dir = cfg.data.resolved_data_dir()
+
+    def source(split: str) -> str:
+        try:
+            return os.path.abspath(inputs.task.split_path(data_dir, split))
+        except UsageError:
+            return os.path.abspath(data_dir)
+
+    method = get_method(cfg.finetuning.method)
+    log.datasets(
+        cfg,
+        {"training": source(cfg.data.train_split), "evaluation": source(inputs.eval_split),
+         "validation": source(inputs.eval_split)},
+        {"training": inputs.examples, "evaluation": [dataclasses.asdict(e) for e in inputs.eval_examples],
+         "validation": inputs.val_examples},
+        stage1_sample_size=stage1_sample_size(inputs.examples.num_rows, cfg.drop.sample_ratio)
+        if method.has_stage1(cfg)
+        else None,
+    )  # fmt: skip
 
 
 def clear_previous_run(output_dir: str) -> None:

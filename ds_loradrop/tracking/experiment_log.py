@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 
 from ds_loradrop.config import RunConfig
 from ds_loradrop.method.plan import Plan
@@ -42,9 +44,35 @@ logger = get_logger()
 PREDICTION_SAMPLE_LINES = 50
 
 
+def describe(summary, cfg: RunConfig) -> str:
+    """One paragraph for the MLflow UI's description: method, kept layers, parameters, metric vs base."""
+    parts = [f"{summary.method} on {cfg.data.task} with {cfg.model.model}"]
+    if summary.retained and summary.num_layers:
+        kept = ", ".join(f"{t} {len(r)}/{summary.num_layers[t]}" for t, r in summary.retained.items())
+        parts.append(f"layers with their own adapter: {kept}")
+    counted = f"{summary.trainable_parameters:,} trainable parameters"
+    if summary.lora_parameters:
+        share = 100 * summary.trainable_parameters / summary.lora_parameters
+        counted += f" ({share:.1f}% of LoRA's {summary.lora_parameters:,})"
+    parts.append(counted)
+    scores = []
+    for name in cfg.data.build_task().metrics:
+        value = summary.eval_metrics.get(name)
+        if not isinstance(value, (int, float)):
+            continue
+        base = summary.base_eval_metrics.get(name)
+        scores.append(f"{name} {value:.2f}" + (f" (base model {base:.2f})" if base is not None else ""))
+    if scores:
+        count = summary.eval_metrics.get("num_examples")
+        parts.append("; ".join(scores) + (f" on {count} inputs" if count else ""))
+    return ". ".join(parts) + "."
+
+
 class ExperimentLog:
-    def __init__(self, tracker: NullTracker):
+    def __init__(self, tracker: NullTracker, config: RunConfig | None = None, resumed: bool = False):
         self.tracker = tracker
+        self.config = config
+        self.resumed = resumed
         self.curves: dict[str, list[tuple[int, float]]] = {}
 
     @classmethod
@@ -100,8 +128,46 @@ class ExperimentLog:
                 "restarts": restarts,
             }
         )
+        tracker.set_tags(
+            {
+                # what the MLflow UI shows as the run's source, and how to start it again
+                "mlflow.source.name": os.path.relpath(
+                    os.path.abspath(sys.argv[0]), os.path.dirname(REPO_DIR)
+                ),
+                "mlflow.source.type": "LOCAL",
+                "mlflow.source.git.commit": git_commit(REPO_DIR),
+                "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
+            }
+        )
         tracker.log_metrics({"restarts": restarts}, step=restarts)
-        return cls(tracker)
+        if tracking.mlflow_system_metrics:
+            tracker.start_system_metrics(resumed=previous is not None)
+        return cls(tracker, cfg, resumed=previous is not None)
+
+    def datasets(
+        self, cfg: RunConfig, sources: dict[str, str], data: dict, *, stage1_sample_size: int | None
+    ):
+        """The run's data as MLflow inputs: ``data`` maps a context (training, evaluation, validation) to its
+        rows (a ``datasets.Dataset`` or a list of dicts), ``sources`` the context to its file or hub id."""
+        import mlflow.data
+        import pandas
+
+        if self.tracker.run_id is None or self.resumed:  # off rank 0; a continued run has its inputs
+            return
+        for context, rows in data.items():
+            if rows is None or len(rows) == 0:
+                continue
+            frame = rows.to_pandas() if hasattr(rows, "to_pandas") else pandas.DataFrame(rows)
+            for column in frame.columns:  # lists (several references) as JSON text
+                if frame[column].map(lambda value: isinstance(value, list)).any():
+                    frame[column] = frame[column].map(json.dumps)
+            dataset = mlflow.data.from_pandas(
+                frame, source=sources[context], name=f"{cfg.data.task}/{context}"
+            )
+            tags = {"rows": len(frame)}
+            if context == "training" and stage1_sample_size is not None:
+                tags["stage1_sample_size"] = stage1_sample_size
+            self.tracker.log_dataset(dataset, context, tags)
 
     def stage_metrics(self, stage: str, metrics: dict[str, float], step: int) -> None:
         for name, curve in (("loss", stage), ("val_loss", f"{stage} validation")):
@@ -167,7 +233,10 @@ class ExperimentLog:
         loss_plot = os.path.join(output_dir, PLOTS_DIR, "loss.png")
         if _draw(plot_losses, self.curves, loss_plot):
             self.tracker.log_artifact(loss_plot, PLOTS_DIR)
-        self.tracker.set_tags({"completed": "all"})
+        tags = {"completed": "all"}
+        if self.config is not None:
+            tags["mlflow.note.content"] = describe(summary, self.config)
+        self.tracker.set_tags(tags)
         self.tracker.end("FINISHED")
 
     def stopped_after_stage1(self, output_dir: str) -> None:

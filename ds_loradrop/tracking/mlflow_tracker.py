@@ -68,6 +68,12 @@ class NullTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         pass
 
+    def log_dataset(self, dataset, context: str, tags: Mapping[str, str]) -> None:
+        pass
+
+    def start_system_metrics(self, resumed: bool) -> None:
+        pass
+
     def end(self, status: str) -> None:
         pass
 
@@ -97,6 +103,7 @@ class MlflowTracker(NullTracker):
         self._client = None
         self._failed = False
         self._replay: list[tuple[str, tuple, dict]] = []  # what to re-send after a fallback
+        self._system_metrics = None
         self.run_id = run_id
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
         self._guard(self._start)
@@ -199,7 +206,40 @@ class MlflowTracker(NullTracker):
         else:
             self._guard(lambda: self._client.log_artifact(self.run_id, path, artifact_path))
 
+    def log_dataset(self, dataset, context: str, tags: Mapping[str, str]) -> None:
+        """An ``mlflow.data`` dataset as an input of the run (``context``: training, evaluation, ...)."""
+        self._record("log_dataset", dataset, context, tags)
+
+        def send():
+            from mlflow.entities import DatasetInput, InputTag
+
+            input_tags = [InputTag("mlflow.data.context", context)]
+            input_tags += [InputTag(key, str(value)) for key, value in tags.items()]
+            # what mlflow.log_input sends, for this client's run rather than the fluent API's active one
+            self._client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(), input_tags)])
+
+        self._guard(send)
+
+    def start_system_metrics(self, resumed: bool) -> None:
+        """MLflow's sampler of this node's CPU, memory, disk, network (and GPU) into the run, in a thread."""
+
+        def start():
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10"))
+            self._system_metrics = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=interval,
+                resume_logging=resumed,
+                tracking_uri=self.tracking_uri,
+            )
+            self._system_metrics.start()
+
+        self._guard(start)
+
     def end(self, status: str) -> None:
+        if self._system_metrics is not None:
+            self._guard(self._system_metrics.finish)
         self._guard(lambda: self._client.set_terminated(self.run_id, status=status))
 
 
