@@ -104,6 +104,16 @@ def test_registering_twice_or_taking_another_methods_flag_is_refused():
         register(Thief())
 
 
+def rebuilt_from_files(layout, settings: dict, directory: str):
+    """A fresh tiny model with the adapters of ``layout`` saved to ``directory`` and read back."""
+    from ds_loradrop.method.adapter_files import attach_saved_adapters, save_adapters
+
+    save_adapters(layout, directory, settings=settings, base_model="tiny", plan=None)
+    again = tiny_llama_model()
+    attach_saved_adapters(again, directory)
+    return again
+
+
 @pytest.fixture
 def half_lora():
     """A new method as a user would add one: a class and one registration (removed afterwards)."""
@@ -135,7 +145,6 @@ def half_lora():
 
 def test_a_new_method_is_one_class_and_one_registration(half_lora, tiny_run_args, tmp_path):
     """Registered, it is a --method value, attaches its adapters, and its adapter files rebuild."""
-    from ds_loradrop.method.adapter_files import attach_saved_adapters, save_adapters
     from ds_loradrop.method.placement import inject_lora
     from ds_loradrop.method.registry import Preparation
 
@@ -146,15 +155,7 @@ def test_a_new_method_is_one_class_and_one_registration(half_lora, tiny_run_args
     half_lora.attach(cfg, Preparation(), str(tmp_path))(layout)
     assert layout["q_proj"][0].adapter.lora_A.shape[0] == 4
     randomize_adapters(model)
-    save_adapters(
-        layout,
-        str(tmp_path / "adapter"),
-        settings=half_lora.adapter_settings(cfg.lora),
-        base_model="tiny",
-        plan=None,
-    )
-    again = tiny_llama_model()
-    attach_saved_adapters(again, str(tmp_path / "adapter"))
+    again = rebuilt_from_files(layout, half_lora.adapter_settings(cfg.lora), str(tmp_path / "adapter"))
     tokens = torch.arange(10).unsqueeze(0)
     torch.testing.assert_close(again(tokens).logits, model(tokens).logits)
 
@@ -187,7 +188,6 @@ def _sparse_masks(cfg) -> dict[str, torch.Tensor]:
 def test_every_methods_adapter_files_rebuild_the_trained_model(method, flags, tiny_run_args, tmp_path):
     """Attach, change every trainable tensor, save, rebuild on a fresh model: the same logits (a tensor the
     method's ``rebuild`` forgets to copy would be left at its initial value)."""
-    from ds_loradrop.method.adapter_files import attach_saved_adapters, save_adapters
     from ds_loradrop.method.placement import freeze_all_but_adapters, inject_lora
     from ds_loradrop.method.registry import Preparation
 
@@ -203,15 +203,7 @@ def test_every_methods_adapter_files_rebuild_the_trained_model(method, flags, ti
     with torch.no_grad():
         for param in (p for p in model.parameters() if p.requires_grad):
             param.add_(0.2 * torch.randn(param.shape, generator=generator))
-    save_adapters(
-        layout,
-        str(tmp_path / "adapter"),
-        settings=chosen.adapter_settings(cfg.lora),
-        base_model="tiny",
-        plan=None,
-    )
-    again = tiny_llama_model()
-    attach_saved_adapters(again, str(tmp_path / "adapter"))
+    again = rebuilt_from_files(layout, chosen.adapter_settings(cfg.lora), str(tmp_path / "adapter"))
     tokens = torch.arange(12).unsqueeze(0)
     expected = model(tokens).logits
     assert (expected - tiny_llama_model()(tokens).logits).abs().max() > 1e-3  # the adapters change the output
