@@ -1,6 +1,6 @@
 """The learning-rate schedules of ``--lr_scheduler``: transformers' ``linear``, ``cosine`` and
-``constant_with_warmup``, the same multipliers step for step (``tests/test_lr_schedule.py`` compares them
-with ``transformers.get_scheduler``), on torch's ``LambdaLR``.
+``constant_with_warmup`` (and ``constant``, which the benchmarks use), the same multipliers step for step
+(``tests/test_lr_schedule.py`` compares them with ``transformers.get_scheduler``), on torch's ``LambdaLR``.
 
 Written here rather than taken from ``transformers.get_scheduler`` because importing that imports
 ``transformers.trainer_utils``, which imports all of PEFT: about 3 s in every rank of every launch.
@@ -36,7 +36,13 @@ def constant_multiplier(step: int, *, warmup: int, total: int) -> float:
     return 1.0
 
 
+def flat_multiplier(step: int, *, warmup: int, total: int) -> float:
+    """1 from the first step (no warmup)."""
+    return 1.0
+
+
 MULTIPLIERS = {
+    "constant": flat_multiplier,
     "linear": linear_multiplier,
     "cosine": cosine_multiplier,
     "constant_with_warmup": constant_multiplier,
