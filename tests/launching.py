@@ -135,6 +135,8 @@ def launch(command, env, timeout: int = 900) -> subprocess.CompletedProcess:
 
 def job_env(root) -> dict:
     env = {**os.environ, "DS_LORADROP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    # MLflow's system metrics every second (10 by default): the tests' jobs last seconds
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
