@@ -10,6 +10,7 @@ from ds_loradrop.errors import UsageError
 from ds_loradrop.eval.evaluation import METRICS_NAME, PREDICTIONS_NAME, evaluate
 from ds_loradrop.eval.generation import prompt_token_budget
 from ds_loradrop.method.adapter_files import attach_saved_adapters, read_adapter_config
+from ds_loradrop.method.placement import cast_adapters
 from ds_loradrop.models.loading import (
     load_for_deepspeed,
     load_model_config,
@@ -102,6 +103,7 @@ def evaluate_saved(cfg: OfflineEvalConfig, eval_cfg: EvalConfig) -> dict:
     lm, zero3_loading = load_for_deepspeed(model_path, ds_config, cfg.trust_remote_code)
     if adapter_config is not None:
         attach_saved_adapters(lm, cfg.adapter)
+        cast_adapters(lm, ds_engine.model_dtype(ds_config))  # as in training: ZeRO-3 casts only its own
     engine = ds_engine.build_inference_engine(lm, ds_config)
     max_prompt_tokens = prompt_token_budget(model_config, eval_cfg.max_new_tokens or task.max_new_tokens)
     metrics = evaluate(

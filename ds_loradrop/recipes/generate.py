@@ -20,6 +20,7 @@ from ds_loradrop.data.chat import render_generation_prompt, require_chat_templat
 from ds_loradrop.errors import UsageError
 from ds_loradrop.eval.generation import stop_token_ids
 from ds_loradrop.method.adapter_files import attach_saved_adapters, read_adapter_config
+from ds_loradrop.method.placement import cast_adapters
 from ds_loradrop.models.loading import (
     RANDOM_PRESETS,
     load_causal_lm,
@@ -262,6 +263,7 @@ def load_generator(cfg: GenerateConfig) -> Generator:
     model, zero3_loading = load_for_deepspeed(path, ds_config, cfg.trust_remote_code)
     if adapter:
         attach_saved_adapters(model, adapter)
+        cast_adapters(model, ds_engine.model_dtype(ds_config))  # as in training: ZeRO-3 casts only its own
     engine = ds_engine.build_inference_engine(model, ds_config)
     engine.zero3_loading = zero3_loading  # referenced while the model lives (see load_for_deepspeed)
     synced = world_size > 1 and zero_stage(ds_config) == 3

@@ -226,9 +226,10 @@ def log_data_lineage(cfg: RunConfig, inputs: CheckedInputs, log: ExperimentLog) 
 
     def source(split: str) -> str:
         try:
-            return os.path.abspath(inputs.task.split_path(data_dir, split))
+            path = inputs.task.split_path(data_dir, split)
         except UsageError:
-            return os.path.abspath(data_dir)
+            path = data_dir
+        return os.path.abspath(path) if os.path.exists(path) else path  # a hub id stays one
 
     method = get_method(cfg.finetuning.method)
     log.datasets(

@@ -149,11 +149,19 @@ class ExperimentLog:
     ):
         """The run's data as MLflow inputs: ``data`` maps a context (training, evaluation, validation) to its
         rows (a ``datasets.Dataset`` or a list of dicts), ``sources`` the context to its file or hub id."""
+        if self.tracker.run_id is None or self.resumed:  # off rank 0; a continued run has its inputs
+            return
+        try:
+            self._log_datasets(cfg, sources, data, stage1_sample_size)
+        except Exception as error:  # noqa: BLE001 - lineage is tracking: it never stops training
+            logger.warning(f"MLflow dataset inputs not logged ({type(error).__name__}: {error})")
+
+    def _log_datasets(
+        self, cfg: RunConfig, sources: dict, data: dict, stage1_sample_size: int | None
+    ) -> None:
         import mlflow.data
         import pandas
 
-        if self.tracker.run_id is None or self.resumed:  # off rank 0; a continued run has its inputs
-            return
         for context, rows in data.items():
             if rows is None or len(rows) == 0:
                 continue

@@ -147,11 +147,15 @@ class MlflowTracker(NullTracker):
             f"MLflow tracking at {self.tracking_uri} failed ({reason}); falling back to the local "
             f"store {self._fallback_uri()}"
         )
+        sampling = self._system_metrics is not None
+        self._stop_system_metrics()  # it wrote to the failed store's run
         self.tracking_uri, self.run_id = self._fallback_uri(), None
         replay, self._replay, self._fallback_dir = self._replay, [], None
         self._guard(self._start)
         for method, args, kwargs in replay:
             self._guard(getattr(self, method), *args, **kwargs)
+        if sampling:
+            self.start_system_metrics(resumed=False)
 
     def _fallback_uri(self) -> str:
         return f"sqlite:///{os.path.abspath(os.path.join(self._fallback_dir or '.', 'mlflow.db'))}"
@@ -221,25 +225,37 @@ class MlflowTracker(NullTracker):
         self._guard(send)
 
     def start_system_metrics(self, resumed: bool) -> None:
-        """MLflow's sampler of this node's CPU, memory, disk, network (and GPU) into the run, in a thread."""
+        """MLflow's sampler of this node's CPU, memory, disk, network (and GPU) into the run, in a thread.
+        Best effort: a sampler that cannot start is one warning, and tracking goes on."""
+        if self._failed or self.run_id is None:
+            return
+        try:
+            import inspect
 
-        def start():
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "10"))
-            self._system_metrics = SystemMetricsMonitor(
-                self.run_id,
-                sampling_interval=interval,
-                resume_logging=resumed,
-                tracking_uri=self.tracking_uri,
-            )
+            options = {"sampling_interval": interval, "resume_logging": resumed}
+            if "tracking_uri" in inspect.signature(SystemMetricsMonitor).parameters:  # MLflow >= 3
+                options["tracking_uri"] = self.tracking_uri
+            self._system_metrics = SystemMetricsMonitor(self.run_id, **options)
             self._system_metrics.start()
+        except Exception as error:  # noqa: BLE001 - system metrics are optional
+            self._system_metrics = None
+            logger.warning(f"MLflow system metrics not logged ({type(error).__name__}: {error})")
 
-        self._guard(start)
+    def _stop_system_metrics(self) -> None:
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception as error:  # noqa: BLE001 - system metrics are optional
+                logger.warning(
+                    f"MLflow system metrics did not stop cleanly ({type(error).__name__}: {error})"
+                )
 
     def end(self, status: str) -> None:
-        if self._system_metrics is not None:
-            self._guard(self._system_metrics.finish)
+        self._stop_system_metrics()
         self._guard(lambda: self._client.set_terminated(self.run_id, status=status))
 
 
