@@ -17,6 +17,7 @@ import torch
 
 from ds_loradrop.config import TrainConfig
 from ds_loradrop.data.chat import render_generation_prompt, require_chat_template
+from ds_loradrop.data.tasks import TASKS
 from ds_loradrop.errors import UsageError
 from ds_loradrop.eval.generation import stop_token_ids
 from ds_loradrop.method.adapter_files import attach_saved_adapters, read_adapter_config
@@ -34,12 +35,8 @@ from ds_loradrop.training import engine as ds_engine
 from ds_loradrop.training.distributed import broadcast_object, get_world_size_and_rank, is_rank_zero
 from ds_loradrop.training.ds_config import load_ds_config, resolve_ds_config, zero_stage
 
-# --task: how each task's prompt wraps what the user types (the training prompt of that task).
-TASK_PROMPTS = {
-    "e2e": "Meaning representation: {}\nDescription:",
-    "dialogsum": "Dialogue:\n{}\nSummary:",
-    "gsm8k": "Question: {}\nAnswer:",
-}
+# --task: the tasks whose training prompt wraps one text (DART's takes triples), by their own format_prompt.
+TASK_PROMPTS = {name: TASKS[name].format_prompt for name in ("e2e", "dialogsum", "gsm8k")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -243,7 +240,7 @@ def load_generator(cfg: GenerateConfig) -> Generator:
     load_model_config(model_name, cfg.trust_remote_code, cfg.model_cache_dir)  # an unusable model: one line
     if cfg.ds_config is None:
         path = resolve_model_path(model_name, cfg.model_cache_dir, _no_training_text)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = single_process_device()
         model = load_causal_lm(path, DTYPES[cfg.dtype], cfg.trust_remote_code)
         if adapter:
             attach_saved_adapters(model, adapter)
@@ -279,11 +276,16 @@ def load_peft_generator(cfg: GenerateConfig) -> Generator:
     base = cfg.model or PeftConfig.from_pretrained(cfg.peft).base_model_name_or_path
     load_model_config(base, cfg.trust_remote_code, cfg.model_cache_dir)
     path = resolve_model_path(base, cfg.model_cache_dir, _no_training_text)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = single_process_device()
     model = PeftModel.from_pretrained(
         load_causal_lm(path, DTYPES[cfg.dtype], cfg.trust_remote_code), cfg.peft
     )
     return Generator(model.to(device).eval(), load_tokenizer(path, cfg.trust_remote_code), device, False)
+
+
+def single_process_device() -> torch.device:
+    """Without --ds_config: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _no_training_text(max_examples: int) -> list[str]:
@@ -292,7 +294,7 @@ def _no_training_text(max_examples: int) -> list[str]:
 
 def as_prompt(text: str, cfg: GenerateConfig, tokenizer) -> str:
     if cfg.task:
-        text = TASK_PROMPTS[cfg.task].format(text.strip())
+        text = TASK_PROMPTS[cfg.task](text)
     if cfg.use_chat_template:
         require_chat_template(tokenizer)
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
