@@ -110,6 +110,21 @@ def run_compare(experiment: str, tracking_uri: str, output_dir, env=None):
     return result, {row[0]: row for row in cells}
 
 
+def logged_model_predictions(tracking_uri: str, predictions_file, uris: list[str], pipeline: bool = False):
+    """What each logged MLflow model in ``uris`` generates for the prompts of a run's ``predictions.jsonl``,
+    loaded by a user in a fresh process (``tests/model_client.py``); with it, the run's own predictions."""
+    import json
+    import subprocess
+
+    command = [sys.executable, os.path.join(REPO_ROOT, "tests", "model_client.py"), tracking_uri]
+    command += [str(predictions_file), *uris, *(["--pipeline"] if pipeline else [])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(predictions_file, encoding="utf-8") as handle:
+        own = [json.loads(line)["prediction"] for line in handle]
+    return json.loads(result.stdout.strip().splitlines()[-1]), own
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on a free loopback port, stopped after the session."""

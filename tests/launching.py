@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 from conftest import REPO_ROOT
 
@@ -52,6 +53,8 @@ COMMON = [
     "12",
     "--eval_batch_size",
     "3",
+    "--mlflow_log_model",  # the logged MLflow model is tested where it is the subject (each method's
+    "false",  # one-rank run in test_baselines_distributed.py, the smollm2 run, full fine-tuning)
 ]
 
 
@@ -78,7 +81,10 @@ def assert_no_shm_buffers_left(command) -> None:
     unlinks them), or the suite's launches fill the machine's memory."""
     if "--master_port" not in command:
         return
-    port = command[command.index("--master_port") + 1]
+    assert_no_shm_buffers_left_on(command[command.index("--master_port") + 1])
+
+
+def assert_no_shm_buffers_left_on(port: str) -> None:
     leftover = glob.glob(shm_allreduce_buffer_path("*", port, "*"))
     assert not leftover, leftover
 
@@ -99,6 +105,72 @@ def torchrun(script: str = TRAIN, *args: str, ranks: int = 2) -> list[str]:
 def one_rank(script: str = TRAIN, *args: str) -> list[str]:
     """``python script args``: one rank, no launcher."""
     return [sys.executable, script, *args]
+
+
+def run_ranks_directly(script: str, *args: str, env: dict, ranks: int = 2, timeout: int = 600):
+    """Start ``ranks`` processes of ``script`` with the environment a launcher gives them (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` / ``MASTER_PORT``, ``--local_rank``) but no launcher
+    process (~10 s less per job on this machine), for what is not about the launcher. Returns one
+    CompletedProcess: the first non-zero exit status (an abort is -6), the ranks' outputs joined in rank
+    order. Outputs go to files, not pipes: a rank blocked on a full pipe would stall its peers'
+    collectives."""
+    port = str(free_port())
+    shared = {**env, "WORLD_SIZE": str(ranks), "LOCAL_SIZE": str(ranks), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+    shared.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+    with tempfile.TemporaryDirectory() as logs:
+        started = []
+        for rank in range(ranks):
+            out = open(os.path.join(logs, f"{rank}.out"), "w+")  # noqa: SIM115 - closed below
+            err = open(os.path.join(logs, f"{rank}.err"), "w+")  # noqa: SIM115 - closed below
+            command = [sys.executable, script, f"--local_rank={rank}", *args]
+            environment = {**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            process = subprocess.Popen(
+                command, cwd=REPO_ROOT, env=environment, stdout=out, stderr=err, text=True
+            )
+            started.append((process, out, err))
+        try:
+            statuses = [process.wait(timeout=timeout) for process, _, _ in started]
+        finally:
+            for process, _, _ in started:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        outputs = []
+        for _, out, err in started:
+            out.seek(0), err.seek(0)
+            outputs.append((out.read(), err.read()))
+            out.close(), err.close()
+    assert_no_shm_buffers_left_on(port)
+    returncode = next((status for status in statuses if status != 0), 0)
+    joined_out, joined_err = "".join(o for o, _ in outputs), "".join(e for _, e in outputs)
+    return subprocess.CompletedProcess([script, *args], returncode, joined_out, joined_err)
+
+
+def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python script args`` inside the test's own process (``runpy``, ``sys.argv`` set): its exit status
+    (``SystemExit``, as ``run_main`` ends it), stdout (the project's log included) and stderr captured.
+    Only for single-process entry points that start no process group (the importance tool's reading of a
+    run, plan_memory, compare, export): ~8 s of interpreter start-up less than a subprocess each."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = [h for h in logging.getLogger("ds_loradrop").handlers if isinstance(h, logging.StreamHandler)]
+    streams = [handler.setStream(out) for handler in handlers]
+    saved_argv, status = sys.argv, 0
+    sys.argv = [script, *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
+    return subprocess.CompletedProcess([script, *args], status, out.getvalue(), err.getvalue())
 
 
 def ranks_that_logged(output: str) -> set[str]:

@@ -223,6 +223,19 @@ def test_training_on_the_evaluated_split_holds_the_evaluated_inputs_out(tmp_path
         ),
         (["--max_train_samples", "-1"], "--max_train_samples must be >= 0 (0 = all of them), got -1"),
         (["--max_eval_samples", "-3"], "--max_eval_samples must be >= 0 (0 = all inputs), got -3"),
+        (["--mlflow_register_model", " "], "--mlflow_register_model needs a model name"),
+        (
+            ["--mlflow_register_model", "m", "--report_to", "none"],
+            "--mlflow_register_model needs MLflow tracking (--report_to mlflow)",
+        ),
+        (
+            ["--mlflow_register_model", "m", "--mlflow_log_model", "false"],
+            "--mlflow_register_model registers the logged model: drop --mlflow_log_model false",
+        ),
+        (
+            ["--mlflow_register_model", "m", "--method", "tied_lora"],
+            "--mlflow_register_model: a tied_lora run has no form MLflow's transformers flavour loads",
+        ),
     ],
 )
 def test_more_bad_flag_values(base_args, extra, message):

@@ -69,6 +69,8 @@ def baseline_runs(tmp_path_factory, e2e_dir):
                 "--run_name",
                 f"{method}-one-rank",
                 *common,
+                "--mlflow_log_model",  # each method's one-rank run logs its MLflow model
+                "true",
             ),
             env,
         ).stdout
@@ -234,6 +236,71 @@ def test_compare_puts_every_method_in_one_table(baseline_runs, tmp_path):
         assert row[1:3] == ["FINISHED", method]
         assert int(row[7]) == _summary(out[method]["one_rank"])["trainable_parameters"]
     assert (tmp_path / "metric_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _runs_by_name(store, experiment):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    found = client.get_experiment_by_name(experiment)
+    return {run.info.run_name: run for run in client.search_runs([found.experiment_id])}
+
+
+def test_logged_mlflow_models_generate_what_each_runs_evaluation_generated(baseline_runs):
+    """VeRA and the pruned LoRA are logged as PEFT models a fresh process loads with mlflow.pyfunc and
+    generates the run's own evaluation predictions with; Tied-LoRA (no PEFT form) says why it has none."""
+    from conftest import logged_model_predictions
+
+    out, logs, store = baseline_runs
+    runs = _runs_by_name(store, "baselines")
+    tied = runs["tied_lora-one-rank"].data.tags["mlflow_model"]
+    assert tied.startswith("not logged: --method tied_lora has no PEFT form"), tied
+    assert "no MLflow model logged: --method tied_lora" in logs[("tied_lora", "one_rank")]
+    assert "mlflow_model" not in runs["vera-2ranks"].data.tags  # --mlflow_log_model false (COMMON)
+    for method in ("vera", "sparse_lora"):
+        run = runs[f"{method}-one-rank"]
+        uri = f"runs:/{run.info.run_id}/model"
+        assert run.data.tags["mlflow_model"] == uri
+        assert f"MLflow model logged: mlflow.pyfunc.load_model({uri!r})" in logs[(method, "one_rank")]
+        predictions = os.path.join(out[method]["one_rank"], "eval", "predictions.jsonl")
+        generated, own = logged_model_predictions(store, predictions, [uri])
+        assert [text.strip() for text in generated[uri]["pyfunc"]] == own, method
+
+
+def test_compare_registers_the_best_run_by_a_metric_under_an_alias(baseline_runs):
+    _, _, store = baseline_runs
+    runs = _runs_by_name(store, "baselines")
+    logged = [run for run in runs.values() if "mlflow_model_id" in run.data.tags]
+    assert sorted(run.info.run_name for run in logged) == ["sparse_lora-one-rank", "vera-one-rank"]
+    command = [sys.executable, os.path.join(REPO_ROOT, "launch", "compare.py"), "--experiment", "baselines"]
+    command += ["--tracking_uri", store, "--register_best", "baseline-best", "--alias", "champion"]
+
+    def register(*flags):
+        return subprocess.run(command + list(flags), capture_output=True, text=True, timeout=300, check=False)
+
+    missing = register("--metric", "eval/loss")
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert (
+        missing.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: no finished run of experiment 'baselines' has both the metric 'eval/loss' and a logged"
+        )
+    )
+    for lower in (False, True):
+        result = register("--metric", "eval/rouge_l", *(["--lower_is_better"] if lower else []))
+        assert result.returncode == 0, result.stderr[-2000:]
+        sign = 1 if lower else -1
+        best = min(logged, key=lambda run: (sign * run.data.metrics["eval/rouge_l"], run.info.start_time))
+        assert f"registered run {best.info.run_name} ({best.info.run_id}, eval/rouge_l" in result.stdout
+        assert result.stdout.strip().endswith(
+            f"as models:/baseline-best/{2 if lower else 1} (alias 'champion')"
+        )
+    from mlflow import MlflowClient
+
+    version = MlflowClient(tracking_uri=store).get_model_version_by_alias("baseline-best", "champion")
+    assert int(version.version) == 2 and version.run_id == best.info.run_id
+    assert version.tags["eval/rouge_l"] == str(best.data.metrics["eval/rouge_l"])
 
 
 def test_importance_tool_refuses_adapters_without_lora_pairs(baseline_runs, tmp_path):

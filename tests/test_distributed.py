@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -391,33 +389,22 @@ def test_every_export_format_gives_the_trained_models_logits(runs, tmp_path):
 
 
 def test_export_refuses_a_run_without_adapter_and_a_used_directory(tmp_path, runs):
+    from launching import run_in_process  # export.py starts no process group: in this process
+
     out, _ = runs
     export = os.path.join(REPO_ROOT, "launch", "export.py")
-    result = subprocess.run(
-        [sys.executable, export, "--run", str(tmp_path), "--format", "peft"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_in_process(export, "--run", str(tmp_path), "--format", "peft")
     assert result.returncode == 2 and "has no final adapter" in result.stderr.strip().splitlines()[-1]
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    result = subprocess.run(
-        [
-            sys.executable,
-            export,
-            "--run",
-            out["one_rank"],
-            "--format",
-            "merged",
-            "--output_dir",
-            str(tmp_path / "taken"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_in_process(
+        export,
+        "--run",
+        out["one_rank"],
+        "--format",
+        "merged",
+        "--output_dir",
+        str(tmp_path / "taken"),
     )
     assert result.returncode == 2 and "is not empty" in result.stderr.strip().splitlines()[-1]
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
@@ -430,21 +417,14 @@ def test_export_refuses_a_run_without_adapter_and_a_used_directory(tmp_path, run
     config = json.loads((foreign / "adapter" / "adapter_config.json").read_text())
     config["layers"]["qkv_proj"] = config["layers"].pop("q_proj")
     (foreign / "adapter" / "adapter_config.json").write_text(json.dumps(config))
-    result = subprocess.run(
-        [
-            sys.executable,
-            export,
-            "--run",
-            str(foreign),
-            "--format",
-            "peft",
-            "--output_dir",
-            str(tmp_path / "peft"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_in_process(
+        export,
+        "--run",
+        str(foreign),
+        "--format",
+        "peft",
+        "--output_dir",
+        str(tmp_path / "peft"),
     )
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "LoRA target 'qkv_proj' matches no nn.Linear module" in last, (

@@ -22,6 +22,11 @@ TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
 
 
 def _run(args, timeout=600):
+    """The importance tool in this process (it starts no process group); training in a subprocess."""
+    if args[0] == IMPORTANCE:
+        from launching import run_in_process
+
+        return run_in_process(*args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -179,9 +178,10 @@ def test_bad_values_are_usage_errors(llama_7b):
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, SCRIPT, *args]
-    return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    """launch/plan_memory.py in this process (one process, no process group)."""
+    from launching import run_in_process
+
+    return run_in_process(SCRIPT, *args)
 
 
 def test_entry_point_prints_a_row_per_gpu_count():

@@ -166,8 +166,14 @@ def smollm2_run(tmp_path_factory, smollm2_cache, e2e_dir):
             "2",
             "--logging_steps",
             "1",
-            "--report_to",
-            "none",
+            "--mlflow_tracking_uri",
+            f"sqlite:///{root / 'mlflow.db'}",  # the logged model's test reads it: _store(output)
+            "--mlflow_experiment",
+            "smollm2",
+            "--mlflow_register_model",
+            "smollm2-e2e",
+            "--mlflow_system_metrics",
+            "false",
             "--seed",
             "5",
         ),
@@ -222,6 +228,29 @@ def test_generate_on_two_ranks_under_zero3_gives_the_runs_evaluation_predictions
     )
     assert [row["completion"] for row in got] == [row["prediction"] for row in expected]
     assert len({row["completion"] for row in got}) > 1  # a real model: the answers differ
+
+
+def test_the_registered_model_generates_the_runs_evaluation_through_pyfunc_and_a_pipeline(smollm2_run):
+    """Issue 31's client: the run registered its PEFT model; a fresh process loads models:/smollm2-e2e/1
+    with mlflow.pyfunc and as a plain transformers pipeline, and both generate (greedy) what the project's
+    own 2-rank ZeRO-3 evaluation generated for the same prompts."""
+    from conftest import logged_model_predictions
+
+    output, log = smollm2_run
+    store = f"sqlite:///{os.path.join(os.path.dirname(output), 'mlflow.db')}"
+    assert re.search(r"MLflow model logged: .*; registered as models:/smollm2-e2e/1", log)
+    uri = "models:/smollm2-e2e/1"
+    generated, own = logged_model_predictions(
+        store, os.path.join(output, "eval", "predictions.jsonl"), [uri], True
+    )
+    assert [text.strip() for text in generated[uri]["pyfunc"]] == own
+    assert [text.strip() for text in generated[uri]["pipeline"]] == own
+    assert generated[uri]["pipeline_type"] == "TextGenerationPipeline"
+    assert len(set(own)) > 1  # a real model: the answers differ
+    flavor = generated[uri]["flavor"]
+    # the adapter only: the base model is referenced by its local directory, not copied
+    assert flavor["peft_adaptor"] == "peft" and os.path.isdir(flavor["local_base_model_path"])
+    assert flavor["task"] == "text-generation" and flavor["torch_dtype"] == "torch.float32"
 
 
 def test_peft_and_merged_exports_give_the_trained_models_logits(smollm2_run, tmp_path):

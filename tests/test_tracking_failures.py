@@ -44,6 +44,8 @@ def setup(tmp_path_factory, e2e_dir):
         "2",
         "--mlflow_experiment",
         "faults",
+        "--mlflow_log_model",  # on only where it is the subject (full fine-tuning below)
+        "false",
     ]
     return root, env, store, args
 
@@ -180,6 +182,8 @@ def test_sigterm_writes_a_checkpoint_and_the_resumed_run_finishes(setup):
         *args,
         "--sample_ratio",
         "1.0",
+        "--max_train_samples",  # 64 rows, global batch 8: stage 1 3 x 8 = 24 steps, stage 2 8
+        "64",
         "--max_steps",
         "400",
         "--max_seq_length",
@@ -216,17 +220,17 @@ def test_sigterm_writes_a_checkpoint_and_the_resumed_run_finishes(setup):
     assert _status(store, "preempted") == "KILLED"
     [stopped] = re.findall(r"stage1: signal 15 received; stopping after step (\d+)", log)
     [checkpoint] = os.listdir(out / "checkpoints")
-    assert checkpoint == f"stage1-step-{int(stopped):06d}" and 2 <= int(stopped) < 96
+    assert checkpoint == f"stage1-step-{int(stopped):06d}" and 2 <= int(stopped) < 24
     assert "stopped: terminated by signal 15" in log and "Traceback" not in log
-    truncated = re.findall(r"(\d+) of 256 examples truncated to 40 tokens", log)
+    truncated = re.findall(r"(\d+) of 64 examples truncated to 40 tokens", log)
     assert truncated and int(truncated[0]) > 0
 
     resumed = _run([sys.executable, TRAIN, *common, "--resume", "auto"], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"stage1: resumed from {out / 'checkpoints' / checkpoint} at step {stopped}/96" in resumed.stdout
+    assert f"stage1: resumed from {out / 'checkpoints' / checkpoint} at step {stopped}/24" in resumed.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_truncated"] == int(truncated[0])
-    assert [stage["num_steps"] for stage in summary["stages"]] == [96, 32]
+    assert [stage["num_steps"] for stage in summary["stages"]] == [24, 8]
     client = MlflowClient(tracking_uri=store)
     [run] = client.search_runs(
         [client.get_experiment_by_name("faults").experiment_id],
@@ -287,6 +291,10 @@ def test_importance_recorded_during_the_last_stage1_epoch(setup):
             "last_epoch",
             "--sample_ratio",
             "0.25",
+            "--stage1_max_steps",  # stage 1 whole (3 epochs of 8 steps); stage 2 is not the subject
+            "24",
+            "--max_steps",
+            "2",
             "--output_dir",
             str(out),
             "--mlflow_tracking_uri",
@@ -387,6 +395,8 @@ def test_full_fine_tuning_saves_a_loadable_checkpoint(setup):
             "full",
             "--learning_rate",
             "1e-3",
+            "--mlflow_log_model",
+            "true",
         ],
         env,
     )
@@ -405,6 +415,26 @@ def test_full_fine_tuning_saves_a_loadable_checkpoint(setup):
     changed = [n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)]
     assert len(changed) > 50  # every weight trained, not only adapters
     assert "trainable parameters: full" in result.stdout
+
+    # The MLflow model is the whole checkpoint (no PEFT adapter, no base-model reference), logged instead of
+    # a second copy of it among the run's artifacts, and generates what the run's evaluation generated.
+    from conftest import logged_model_predictions
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=setup[2])
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("faults").experiment_id], filter_string="attributes.run_name = 'full'"
+    )
+    uri = f"runs:/{run.info.run_id}/model"
+    assert run.data.tags["mlflow_model"] == uri
+    assert client.get_logged_model(run.data.tags["mlflow_model_id"]).source_run_id == run.info.run_id
+    assert "model" not in {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    generated, own = logged_model_predictions(setup[2], out / "eval" / "predictions.jsonl", [uri])
+    assert [text.strip() for text in generated[uri]["pyfunc"]] == own
+    assert (
+        "peft_adaptor" not in generated[uri]["flavor"]
+        and "local_base_model_path" not in generated[uri]["flavor"]
+    )
 
 
 @pytest.fixture(scope="module")

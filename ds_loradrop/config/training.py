@@ -245,3 +245,26 @@ class TrackingConfig:
             "$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10), from the global rank 0's node."
         },
     )
+    mlflow_log_model: bool = field(
+        default=True,
+        metadata={
+            "help": "At the end of the run log the trained model as an MLflow model (transformers flavour, "
+            "task text-generation): the PEFT export with a reference to the base model, or the full "
+            "checkpoint for --method full; load it with mlflow.pyfunc.load_model('runs:/<run id>/model')."
+        },
+    )
+    mlflow_register_model: str | None = field(
+        default=None,
+        metadata={"help": "Also register the logged model as a new version of this registered model."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.mlflow_register_model is not None:
+            if not self.mlflow_register_model.strip():
+                raise UsageError("--mlflow_register_model needs a model name")
+            if self.report_to != "mlflow":
+                raise UsageError("--mlflow_register_model needs MLflow tracking (--report_to mlflow)")
+            if not self.mlflow_log_model:
+                raise UsageError(
+                    "--mlflow_register_model registers the logged model: drop --mlflow_log_model false"
+                )

@@ -16,9 +16,6 @@ from __future__ import annotations
 import re
 import string
 
-import sacrebleu
-from rouge_score import rouge_scorer
-
 _PUNCTUATION = set(string.punctuation)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -29,6 +26,8 @@ def corpus_bleu(predictions: list[str], references: list[list[str]], lowercase: 
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference sets")
     if any(not refs for refs in references):
         raise ValueError("every input needs at least one reference")
+    import sacrebleu  # here, not at import: only the scoring rank needs it
+
     num_streams = max(len(refs) for refs in references)
     streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(num_streams)]
     return sacrebleu.corpus_bleu(predictions, streams, lowercase=lowercase).score
@@ -38,6 +37,8 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
     """Mean over inputs of the best ROUGE-L F-measure against its references, x100."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference sets")
+    from rouge_score import rouge_scorer  # here, not at import: it loads nltk and scipy (~2 s per process)
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     best = [
         max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)

@@ -93,6 +93,13 @@ class Method:
         """Run (or take from a resumed run) what the final training needs: nothing for plain LoRA."""
         return Preparation()
 
+    def logged_model_form(self) -> str | None:
+        """What a run logs as its MLflow model: ``"peft"`` (the PEFT export over a reference to the base
+        model), ``"checkpoint"`` (the whole saved model) or None (nothing a transformers pipeline loads)."""
+        if not self.trains_adapters:
+            return "checkpoint"
+        return "peft" if self.peft_expressible else None
+
     # -- the final training --------------------------------------------------------------------------------
     def attach(self, cfg: RunConfig, preparation: Preparation, output_dir: str) -> AttachAdapters | None:
         """How to attach the adapters the final training trains (None: no adapters, every weight trains)."""
@@ -184,6 +191,11 @@ def with_method_settings(cfg: RunConfig) -> RunConfig:
                     f"--{flag} is a setting of --method {other.name}; this run is --method {method.name}"
                 )
     method.fill_settings(cfg.lora, cfg.data.build_task().default_lora_r)
+    if cfg.tracking.mlflow_register_model is not None and method.logged_model_form() is None:
+        raise UsageError(
+            f"--mlflow_register_model: a {method.name} run has no form MLflow's transformers flavour loads "
+            f"(PEFT has no {method.name}); export it with launch/export.py --format merged instead"
+        )
     if cfg.drop.stop_after_stage1 and not method.has_stage1(cfg):
         given = f"--method {method.name}" + (" with --plan" if cfg.drop.plan is not None else "")
         raise UsageError(

@@ -64,8 +64,9 @@ def check_format(fmt: str, method: Method) -> None:
         )
 
 
-def export_peft(adapter_dir: str, output_dir: str) -> None:
-    model, config = load_adapted_model(adapter_dir)
+def export_peft(adapter_dir: str, output_dir: str, dtype: torch.dtype = torch.float32):
+    """Write the PEFT adapter; returns the model it was read from (base model with the adapters attached)."""
+    model, config = load_adapted_model(adapter_dir, dtype)
     method = saved_method(config, adapter_dir)
     check_format("peft", method)
     modules = [name for name in sorted(_module_names(model).values()) if model.get_submodule(name).adapter]
@@ -73,6 +74,24 @@ def export_peft(adapter_dir: str, output_dir: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
     peft_config.save_pretrained(output_dir)
     save_file(state, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return model
+
+
+def load_peft_model(adapter_dir: str, export_dir: str, dtype: torch.dtype = torch.float32):
+    """The run's adapter exported to ``export_dir`` and loaded back with ``PeftModel.from_pretrained`` over
+    the base model (read once), as a user of the export would load it."""
+    from peft import PeftModel
+
+    model = export_peft(adapter_dir, export_dir, dtype)
+    _remove_wrappers(model)
+    return PeftModel.from_pretrained(model, export_dir).eval()
+
+
+def _remove_wrappers(model) -> None:
+    """Put each adapted projection's base layer back in place of its wrapper."""
+    for name in _module_names(model).values():
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, model.get_submodule(name).base)
 
 
 def export_merged(adapter_dir: str, output_dir: str) -> None:
@@ -81,8 +100,7 @@ def export_merged(adapter_dir: str, output_dir: str) -> None:
         for name in _module_names(model).values():
             wrapper = model.get_submodule(name)
             wrapper.base.weight.copy_(merged_weight(wrapper))
-            parent_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attribute, wrapper.base)
+    _remove_wrappers(model)
     model.config.use_cache = True
     model.save_pretrained(output_dir, safe_serialization=True)
     load_tokenizer(config["base_model"]).save_pretrained(output_dir)

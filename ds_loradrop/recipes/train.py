@@ -25,6 +25,7 @@ from ds_loradrop.method.placement import count_full_lora_parameters, count_train
 from ds_loradrop.method.registry import Preparation
 from ds_loradrop.recipes import stages
 from ds_loradrop.recipes.best_adapter import BestAdapter
+from ds_loradrop.recipes.logged_model import log_run_model
 from ds_loradrop.recipes.setup import RunContext, setup, write_json, write_resolved_configs
 from ds_loradrop.recipes.stages import build_model, evaluate_run, read_base_evaluation, train_model
 from ds_loradrop.recipes.summary import RunSummary, report
@@ -170,6 +171,6 @@ def finish(ctx: RunContext, preparation: Preparation, final: FinalStage, start: 
     report(summary)
     if is_rank_zero():
         write_json(os.path.join(ctx.output_dir, SUMMARY_NAME), summary.__dict__)
-        ctx.log.finish(summary, ctx.output_dir)
+        ctx.log.finish(summary, ctx.output_dir, model_logged=log_run_model(ctx))
     barrier()
     return summary

@@ -36,7 +36,9 @@ from ds_loradrop.run_files import (
     SUMMARY_NAME,
     TRACKING_RECORD,
 )
+from ds_loradrop.tracking.logged_model import MODEL_NAME, ModelToLog
 from ds_loradrop.tracking.mlflow_tracker import NullTracker, create_tracker, flatten, git_commit
+from ds_loradrop.tracking.model_registry import LOGGED_MODEL_ID_TAG, LOGGED_MODEL_TAG
 from ds_loradrop.training.distributed import get_logger, is_rank_zero
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,8 +208,34 @@ class ExperimentLog:
             {f"base_eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         )
 
-    def finish(self, summary, output_dir: str) -> None:
-        """Counts, configs, adapter, a sample of predictions and the loss plot; then FINISHED."""
+    @property
+    def tracks(self) -> bool:
+        """Whether this process tracks a run (the global rank 0 with MLflow on and a started run)."""
+        return self.tracker.run_id is not None
+
+    def model(self, model: ModelToLog) -> str | None:
+        """Log the run's trained model; its ``runs:/`` URI (also the run's tag ``mlflow_model``), or None."""
+        info = self.tracker.log_model(model)
+        if info is None:
+            return None
+        uri = f"runs:/{self.tracker.run_id}/{MODEL_NAME}"
+        line = f"MLflow model logged: mlflow.pyfunc.load_model({uri!r})"
+        tags = {LOGGED_MODEL_TAG: uri, LOGGED_MODEL_ID_TAG: info.model_id}
+        if model.register_as is not None and info.registered_model_version is not None:
+            line += f"; registered as models:/{model.register_as}/{info.registered_model_version}"
+            tags["mlflow_registered_model"] = f"{model.register_as}/{info.registered_model_version}"
+        logger.info(line)
+        self.tracker.set_tags(tags)
+        return uri
+
+    def no_model(self, reason: str) -> None:
+        """Say once, in the log and on the run, why no MLflow model was logged."""
+        logger.warning(f"no MLflow model logged: {reason}")
+        self.tracker.set_tags({LOGGED_MODEL_TAG: f"not logged: {reason}"})
+
+    def finish(self, summary, output_dir: str, model_logged: bool = False) -> None:
+        """Counts, configs, adapter (a full model's directory unless it is the logged MLflow model), a sample
+        of predictions and the loss plot; then FINISHED."""
         from ds_loradrop.tracking.plots import plot_losses
 
         counts = {"trainable_parameters": summary.trainable_parameters}
@@ -225,7 +253,7 @@ class ExperimentLog:
         self.tracker.log_metrics(counts)
         for name in (RUN_CONFIG_NAME, DS_CONFIG_NAME, SUMMARY_NAME):
             self.tracker.log_artifact(os.path.join(output_dir, name))
-        for directory in (FINAL_ADAPTER_DIR, FULL_MODEL_DIR):
+        for directory in (FINAL_ADAPTER_DIR,) if model_logged else (FINAL_ADAPTER_DIR, FULL_MODEL_DIR):
             if os.path.isdir(os.path.join(output_dir, directory)):
                 self.tracker.log_artifact(os.path.join(output_dir, directory), directory)
         predictions = os.path.join(output_dir, EVAL_DIR, PREDICTIONS_NAME)

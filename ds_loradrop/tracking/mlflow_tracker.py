@@ -74,6 +74,11 @@ class NullTracker:
     def start_system_metrics(self, resumed: bool) -> None:
         pass
 
+    def log_model(self, model) -> object | None:
+        """Log the run's trained model (:class:`~ds_loradrop.tracking.logged_model.ModelToLog`); MLflow's
+        ``ModelInfo``, or None when not logged."""
+        del model
+
     def end(self, status: str) -> None:
         pass
 
@@ -253,6 +258,20 @@ class MlflowTracker(NullTracker):
                 logger.warning(
                     f"MLflow system metrics did not stop cleanly ({type(error).__name__}: {error})"
                 )
+
+    def log_model(self, model):
+        """Best effort: a model that cannot be logged is one warning; tracking goes on (the model is
+        not part of a fallback's replay)."""
+        if self._failed or self.run_id is None:
+            return None
+        from ds_loradrop.tracking.logged_model import log_transformers_model
+
+        try:
+            return log_transformers_model(self.tracking_uri, self.run_id, model)
+        except Exception as error:  # noqa: BLE001 - the model is optional, the run's metrics are not
+            reason = str(error).splitlines()[0][:300] if str(error) else ""
+            logger.warning(f"the MLflow model was not logged ({type(error).__name__}: {reason})")
+            return None
 
     def end(self, status: str) -> None:
         self._stop_system_metrics()
