@@ -189,6 +189,7 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
         EVALUATE,
         TRAIN,
         deepspeed,
+        direct,
         job_env,
         launch,
         one_rank,
@@ -282,7 +283,7 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
         ).stdout,
     }
     logs["synced_eval"] = launch(
-        deepspeed(
+        direct(
             EVALUATE,
             "--ds_config",
             zero3,

@@ -1,6 +1,6 @@
 """A 2-rank program that does what a finished job does with its process group, then exits.
 
-Started by ``tests/test_clean_exit.py`` (its ranks directly, as a launcher would start them): the project's
+Started by ``tests/test_clean_exit.py`` (through ``tests/rank_launcher.py``): the project's
 ``init_distributed``, the kinds of collectives a job runs (all-reduce, broadcast, all-gather, barrier),
 then the project's ``shutdown_distributed`` unless ``--no_teardown`` is given.
 """

@@ -34,7 +34,7 @@ RESUMED = ("sparse_lora",)
 
 @pytest.fixture(scope="session")
 def baseline_runs(tmp_path_factory, e2e_dir):
-    from launching import COMMON, TRAIN, deepspeed, job_env, launch, one_rank, write_ds_config
+    from launching import COMMON, TRAIN, direct, job_env, launch, one_rank, write_ds_config
 
     root = tmp_path_factory.mktemp("baselines")
     env = job_env(root)
@@ -74,7 +74,7 @@ def baseline_runs(tmp_path_factory, e2e_dir):
             ),
             env,
         ).stdout
-        two_ranks = deepspeed(
+        two_ranks = direct(
             TRAIN,
             "--ds_config",
             zero3,

@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 from conftest import REPO_ROOT
-from launching import TRAIN, assert_partitioned_on_two_ranks, deepspeed, job_env, launch
+from launching import TRAIN, assert_partitioned_on_two_ranks, direct, job_env, launch
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
@@ -38,7 +38,7 @@ def _json(path) -> dict:
 
 
 def _two_ranks(config: str, output: str, args: list[str]) -> list[str]:
-    return deepspeed(TRAIN, "--ds_config", config, "--output_dir", output, *args)
+    return direct(TRAIN, "--ds_config", config, "--output_dir", output, *args)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import subprocess
 
 import pytest
 from conftest import REPO_ROOT
-from launching import job_env, run_ranks_directly
+from launching import assert_no_shm_buffers_left, direct, job_env
 
 pytestmark = pytest.mark.distributed
 
@@ -34,14 +34,17 @@ def _exited_badly(done: subprocess.CompletedProcess) -> bool:
 
 
 def test_the_teardown_keeps_finished_two_rank_programs_from_aborting(tmp_path):
-    """The ranks are started directly, without the launcher: the abort is a rank's own exit status (-6),
-    and the launcher's start-up would be a third of each repetition."""
+    """The ranks are started by the test's own launcher (tests/rank_launcher.py): the abort is a rank's own
+    exit status (-6, reported as 134), and the deepspeed launcher's start-up would be a third of each
+    repetition."""
     env = job_env(tmp_path)
     failures = []
     for attempt in range(REPETITIONS):
-        done = run_ranks_directly(PROGRAM, env=env)  # also: no shared-memory buffer left behind
+        command = direct(PROGRAM)
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
         log = done.stdout + done.stderr
         assert "finished rank 0" in log and "finished rank 1" in log, log[-4000:]
+        assert_no_shm_buffers_left(command)
         if _exited_badly(done):
             failures.append((attempt, done.returncode, log[-2000:]))
     assert not failures, f"{len(failures)} of {REPETITIONS} finished programs exited badly: {failures[0]}"

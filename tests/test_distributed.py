@@ -301,12 +301,12 @@ def test_activation_checkpointing_with_the_shared_adapter_under_zero3_changes_no
 ):
     """The reference 2-rank ZeRO-3 LoRA-drop run again with --gradient_checkpointing (non-reentrant):
     same losses per stage, same plan and same adapters, shared adapter included."""
-    from launching import COMMON, TRAIN, deepspeed, job_env, launch
+    from launching import COMMON, TRAIN, direct, job_env, launch
 
     out, _ = runs
     checkpointed = str(tmp_path / "checkpointed")
     log = launch(
-        deepspeed(
+        direct(
             TRAIN,
             "--ds_config",
             out["zero3_config"],

@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from launching import COMMON, TRAIN, deepspeed, job_env, launch, one_rank, write_ds_config
+from launching import COMMON, TRAIN, direct, job_env, launch, one_rank, write_ds_config
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_padding_free_gives_the_padded_loss_curve(tmp_path, e2e_dir, ranks):
         if ranks == 1:
             command = one_rank(TRAIN, *flags)
         else:
-            command = deepspeed(TRAIN, *flags, "--per_device_train_batch_size", "2")
+            command = direct(TRAIN, *flags, "--per_device_train_batch_size", "2")
         runs[name] = _losses(launch(command, env).stdout)
     assert len(runs["padded"]) >= 8 and runs["padded"].keys() == runs["padding_free"].keys()
     for key, loss in runs["padded"].items():

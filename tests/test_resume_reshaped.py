@@ -1,4 +1,4 @@
-"""Resuming on another number of ranks and another ZeRO stage, through the real launchers.
+"""Resuming on another number of ranks and another ZeRO stage (ranks started by tests/rank_launcher.py).
 
 Sources: the session's reference runs (tests/conftest.py ``runs``: 1 rank ZeRO-3 and 2 ranks ZeRO-2, both
 checkpointing every 4 steps) and a 4-rank ZeRO-3 run made here. A copy of a run directory is cut back to a
@@ -20,7 +20,7 @@ import shutil
 import pytest
 import torch
 from conftest import SHARED_DATA
-from launching import COMMON, TRAIN, deepspeed, job_env, launch, one_rank
+from launching import COMMON, TRAIN, direct, job_env, launch, one_rank
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -90,7 +90,7 @@ def reshaped(runs, tmp_path_factory):
     four = str(root / "four_ranks")
     tracking = ("--mlflow_tracking_uri", store, "--mlflow_experiment", "reshape", "--run_name", "four")
     launch(
-        deepspeed(TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "1", "--save_steps", "4",
+        direct(TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "1", "--save_steps", "4",
                   "--output_dir", four, "--data_dir", E2E_DIR, *COMMON, *tracking, ranks=4),
         env,
     )  # fmt: skip
@@ -104,13 +104,13 @@ def reshaped(runs, tmp_path_factory):
     # 4 ranks ZeRO-3 -> 2 ranks ZeRO-2, in the middle of stage 2, the same MLflow run continued; the
     # 4-rank command line as it was (micro batch 1): the global batch of 8 is kept by accumulating 4
     target = cut_back(four, str(root / "four_to_two"), "stage2-step-000004")
-    log = launch(deepspeed(TRAIN, *resume_args(zero2, 1, target, *tracking)), env)
+    log = launch(direct(TRAIN, *resume_args(zero2, 1, target, *tracking)), env)
     log = log.stdout + log.stderr
     results["four_to_two"] = (target, log)
 
     # 1 rank ZeRO-3 -> 2 ranks ZeRO-2, between stage 1 and stage 2
     target = cut_back(out["one_rank"], str(root / "one_to_two"), "stage1-step-000008")
-    log = launch(deepspeed(TRAIN, *resume_args(zero2, 2, target, "--report_to", "none")), env).stdout
+    log = launch(direct(TRAIN, *resume_args(zero2, 2, target, "--report_to", "none")), env).stdout
     results["one_to_two"] = (target, log)
     results["store"] = (store, "")
     return results

@@ -17,7 +17,7 @@ import torch
 from launching import (
     TRAIN,
     assert_partitioned_on_two_ranks,
-    deepspeed,
+    direct,
     job_env,
     launch,
     write_ds_config,
@@ -134,7 +134,7 @@ def smollm2_run(tmp_path_factory, smollm2_cache, e2e_dir):
     env = {**job_env(root), "DS_LORADROP_CACHE": cache}
     output = str(root / "run")
     result = launch(
-        deepspeed(
+        direct(
             TRAIN,
             "--ds_config",
             write_ds_config(root / "zero3.json", 3),
@@ -224,7 +224,7 @@ def test_generate_on_two_ranks_under_zero3_gives_the_runs_evaluation_predictions
     env = {**job_env(tmp_path), "DS_LORADROP_CACHE": smollm2_cache[0]}
     zero3 = write_ds_config(tmp_path / "zero3.json", 3)
     expected, got, _ = generate_like_the_evaluation(
-        deepspeed(GENERATE, "--ds_config", zero3), output, tmp_path, env, max_new_tokens=8
+        direct(GENERATE, "--ds_config", zero3), output, tmp_path, env, max_new_tokens=8
     )
     assert [row["completion"] for row in got] == [row["prediction"] for row in expected]
     assert len({row["completion"] for row in got}) > 1  # a real model: the answers differ

@@ -13,10 +13,29 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import deepspeed
+
+def _import_deepspeed():
+    """``import deepspeed`` with MLflow hidden: DeepSpeed's autotuner (unused here) imports MLflow when it
+    is installed, 1.5-3 s of every rank's start-up on this machine. Only the global rank 0 tracks, and it
+    imports MLflow itself when it does (tests/test_startup_imports.py keeps the other ranks free of it)."""
+    if "mlflow" in sys.modules:  # a process that already tracks: nothing to save
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # meanwhile `import mlflow` raises ImportError, as if not installed
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
+
+
+deepspeed = _import_deepspeed()
+
 import torch
 from deepspeed.accelerator import get_accelerator
 from transformers.integrations import HfDeepSpeedConfig
