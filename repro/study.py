@@ -23,7 +23,6 @@ import gzip
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -247,6 +246,7 @@ def run_one(
         )
     else:
         result = collect_result(out, grid, cell, seed, command, seconds)
+        result["rescored_metrics"] = rescored_metrics(out)
         # The predictions first: a result file is the mark of a finished run.
         written = [copy_predictions(out, predictions_path(path)), write_result(path, result)]
         scores = ", ".join(
@@ -267,16 +267,36 @@ def predictions_path(result_path: str) -> str:
     return result_path[: -len(".json")] + ".predictions.jsonl.gz"
 
 
+def prediction_rows(out: str) -> list[dict]:
+    with open(os.path.join(out, "eval", "predictions.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
 def copy_predictions(out: str, target: str) -> str:
-    """The run's evaluated predictions (``eval/predictions.jsonl``), gzip-compressed to ``target``, so that
-    a score can be recomputed or rescored (lowercased, per source) from the committed files."""
-    source = os.path.join(out, "eval", "predictions.jsonl")
+    """The run's predictions, gzip-compressed to ``target``: each input's id and the generated text only.
+    The prompts and references are dataset rows and are not committed; the id names the input in the
+    data, and the scores a report needs beyond the run's own (lower-cased BLEU) are computed when the run
+    finishes (:func:`rescored_metrics`)."""
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = target + ".tmp"
-    with open(source, "rb") as src, gzip.GzipFile(staging, "wb", mtime=0) as dst:
-        shutil.copyfileobj(src, dst)
+    rows = [
+        json.dumps({"id": row["id"], "prediction": row["prediction"]}) + "\n" for row in prediction_rows(out)
+    ]
+    with gzip.GzipFile(staging, "wb", mtime=0) as handle:  # mtime 0: the same run gives the same bytes
+        handle.write("".join(rows).encode("utf-8"))
     os.replace(staging, target)
     return target
+
+
+def rescored_metrics(out: str) -> dict:
+    """Scores of the run's predictions besides its own: BLEU lower-cased (DART's official script)."""
+    from ds_loradrop.eval.metrics import corpus_bleu
+
+    rows = prediction_rows(out)
+    if not rows or any(not row.get("references") for row in rows):
+        return {}
+    predictions, references = [row["prediction"] for row in rows], [row["references"] for row in rows]
+    return {"bleu_lowercase": corpus_bleu(predictions, references, lowercase=True)}
 
 
 def write_result(path: str, result: dict) -> str:

@@ -177,10 +177,11 @@ def _result(results, cell, seed, bleu, params, **extra):
     path = os.path.join(results, "final", cell, f"seed{seed}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     run = {"cell": cell, "seed": seed, "trainable_parameters": params, "wall_seconds_launch": 600.0,
-           "eval_metrics": {"bleu": bleu, "rouge_l": bleu + 5}, **extra}  # fmt: skip
+           "eval_metrics": {"bleu": bleu, "rouge_l": bleu + 5},
+           "rescored_metrics": {"bleu_lowercase": 100.0}, **extra}  # fmt: skip
     with open(path, "w") as handle:
         json.dump(run, handle)
-    rows = [{"prediction": "The Eagle is a Pub.", "references": ["The Eagle is a pub."]}]
+    rows = [{"id": "dart-validation-0", "prediction": "The Eagle is a Pub."}]  # no dataset rows
     with gzip.open(path[: -len(".json")] + ".predictions.jsonl.gz", "wt") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
 

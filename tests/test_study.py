@@ -76,6 +76,9 @@ def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
     with gzip.open(results / "loradrop" / "seed2.predictions.jsonl.gz", "rt") as handle:
         predictions = [json.loads(line) for line in handle]
     assert len(predictions) == 6 and all(p["prediction"] is not None for p in predictions)
+    assert all(set(p) == {"id", "prediction"} for p in predictions)  # no prompt, no references: dataset rows
+    lowercase = _json(results / "loradrop" / "seed2.json")["rescored_metrics"]["bleu_lowercase"]
+    assert lowercase >= _json(results / "loradrop" / "seed2.json")["eval_metrics"]["bleu"] - 1e-9
     half_seed1 = _json(results / "T0.5" / "seed1.json")
 
     # finished runs are skipped; a run without a result file continues from its newest checkpoint
