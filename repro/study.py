@@ -118,7 +118,7 @@ def budget_threshold(source_run: str, budget: int) -> float:
 
     plan = read_json(os.path.join(source_run, "plan.json"))
     with safe_open(os.path.join(source_run, "stage1_adapter", "adapter_model.safetensors"), "pt") as handle:
-        shapes = {key: handle.get_slice(key).get_shape() for key in handle}
+        shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
     normalized = {name: target["normalized"] for name, target in plan["targets"].items()}
     return threshold_for_budget(normalized, layer_parameters(shapes, list(normalized)), budget)
 

@@ -224,3 +224,25 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     # rescored from the committed predictions: "Pub" vs "pub" counts only when cased
     assert "| LoRA | 3 | 32.00 ± 1.00 | 100.00 ± 0.00 |" in text
     assert "- LoRA − LoRA-drop: +1.00 BLEU over 3 seed(s)" in text
+
+
+def test_the_budget_threshold_reads_a_runs_plan_and_stage1_adapter(tmp_path):
+    """study.budget_threshold on files as a run writes them (it once iterated the safetensors handle)."""
+    import torch
+    from safetensors.torch import save_file
+    from study import budget_threshold
+
+    run = tmp_path / "run"
+    (run / "stage1_adapter").mkdir(parents=True)
+    normalized = [0.4, 0.3, 0.2, 0.1]
+    plan = {"targets": {"q_proj": {"normalized": normalized}}}
+    (run / "plan.json").write_text(json.dumps(plan))
+    tensors = {}
+    for layer in range(4):
+        tensors[f"q_proj.layers.{layer}.lora_A"] = torch.zeros(8, 64)
+        tensors[f"q_proj.layers.{layer}.lora_B"] = torch.zeros(64, 8)
+    save_file(tensors, str(run / "stage1_adapter" / "adapter_model.safetensors"))
+    per_layer = 2 * 8 * 64
+    # two own layers and the shared one: the first two layers by importance cover 0.7
+    threshold = budget_threshold(str(run), 3 * per_layer)
+    assert 0.4 < threshold <= 0.7
