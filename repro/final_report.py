@@ -4,8 +4,8 @@
 
 Every comparison is paired by seed (same seed = same data order and stage-1 sample) and tested with a
 paired t-test; the p-values of all comparisons in the report form one family, corrected with Holm's method
-(``repro/stats.py``). The findings use the corrected values. Lower-cased and per-source DART scores are
-recomputed from the committed predictions.
+(``repro/stats.py``). The findings use the corrected values. Lower-cased DART BLEU is the one each run
+scored when it finished (``rescored_metrics`` in its result file).
 """
 
 from __future__ import annotations
@@ -38,12 +38,9 @@ def count_text(values: list[float]) -> str:
     return f"{sum(values) / len(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def rescored_bleu(results_dir: str, cell: str, runs: list[dict], lowercase: bool) -> dict[int, float]:
-    """BLEU of each run lower-cased (DART's official script), as scored when the run finished; a run
+def lowercased_bleu(runs: list[dict]) -> dict[int, float]:
+    """Each run's BLEU lower-cased (DART's official script), as scored when the run finished; a run
     without it is left out. (The committed predictions hold no references: those are dataset rows.)"""
-    del results_dir, cell
-    if not lowercase:
-        return {run["seed"]: run["eval_metrics"]["bleu"] for run in runs}
     return {
         run["seed"]: run["rescored_metrics"]["bleu_lowercase"]
         for run in runs
@@ -156,10 +153,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
         per_seed_4x = dict(zip(gap_4x.seeds, gap_4x.differences))
         scale_index["change"] = family.add(paired("gap change (4x − 1x)", per_seed_4x, per_seed_1x))
     # DART (entity split): LoRA-drop − LoRA, cased and lower-cased
-    dart_lower = {
-        cell: rescored_bleu(results_dir, cell, runs[cell], lowercase=True) if runs[cell] else {}
-        for cell in ("dart/lora", "dart/loradrop")
-    }
+    dart_lower = {cell: lowercased_bleu(runs[cell]) for cell in ("dart/lora", "dart/loradrop")}
     dart_index = {
         "cased": family.add(paired("DART BLEU", bleu["dart/loradrop"], bleu["dart/lora"])),
         "lower": family.add(

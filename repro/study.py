@@ -246,9 +246,10 @@ def run_one(
         )
     else:
         result = collect_result(out, grid, cell, seed, command, seconds)
-        result["rescored_metrics"] = rescored_metrics(out)
+        rows = prediction_rows(out)
+        result["rescored_metrics"] = rescored_metrics(rows)
         # The predictions first: a result file is the mark of a finished run.
-        written = [copy_predictions(out, predictions_path(path)), write_result(path, result)]
+        written = [copy_predictions(rows, predictions_path(path)), write_result(path, result)]
         scores = ", ".join(
             f"{k} {v:.2f}" for k, v in result["eval_metrics"].items() if k in ("bleu", "rouge_l", "accuracy")
         )
@@ -268,31 +269,29 @@ def predictions_path(result_path: str) -> str:
 
 
 def prediction_rows(out: str) -> list[dict]:
+    """The run's evaluated predictions (``eval/predictions.jsonl``: id, prompt, prediction, references)."""
     with open(os.path.join(out, "eval", "predictions.jsonl"), encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
 
 
-def copy_predictions(out: str, target: str) -> str:
+def copy_predictions(rows: list[dict], target: str) -> str:
     """The run's predictions, gzip-compressed to ``target``: each input's id and the generated text only.
     The prompts and references are dataset rows and are not committed; the id names the input in the
     data, and the scores a report needs beyond the run's own (lower-cased BLEU) are computed when the run
     finishes (:func:`rescored_metrics`)."""
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = target + ".tmp"
-    rows = [
-        json.dumps({"id": row["id"], "prediction": row["prediction"]}) + "\n" for row in prediction_rows(out)
-    ]
+    lines = [json.dumps({"id": row["id"], "prediction": row["prediction"]}) + "\n" for row in rows]
     with gzip.GzipFile(staging, "wb", mtime=0) as handle:  # mtime 0: the same run gives the same bytes
-        handle.write("".join(rows).encode("utf-8"))
+        handle.write("".join(lines).encode("utf-8"))
     os.replace(staging, target)
     return target
 
 
-def rescored_metrics(out: str) -> dict:
-    """Scores of the run's predictions besides its own: BLEU lower-cased (DART's official script)."""
+def rescored_metrics(rows: list[dict]) -> dict:
+    """Scores of a run's prediction rows besides its own: BLEU lower-cased (DART's official script)."""
     from ds_loradrop.eval.metrics import corpus_bleu
 
-    rows = prediction_rows(out)
     if not rows or any(not row.get("references") for row in rows):
         return {}
     predictions, references = [row["prediction"] for row in rows], [row["references"] for row in rows]

@@ -70,23 +70,22 @@ def _log_run_model(ctx: RunContext) -> bool:
             f"the run's artifact {FINAL_ADAPTER_DIR}/ (launch/export.py --format merged makes a checkpoint)"
         )
         return False
-    settings = {
-        "torch_dtype": ctx.dtype,
-        "input_example": input_example(ctx),
-        "register_as": tracking.mlflow_register_model,
-    }
-    if form == "checkpoint":
-        # the saved checkpoint read back (MLflow 3.17 cannot log a checkpoint directory by path under
-        # transformers 5: its pipeline lookup expects a class where transformers now gives a name)
-        trained = load_causal_lm(os.path.join(ctx.output_dir, FULL_MODEL_DIR), ctx.dtype).eval()
-        components = {"model": trained, "tokenizer": ctx.tokenizer}
-        model = ModelToLog(components, None, generation=generation_settings(ctx, trained), **settings)
-        return ctx.log.model(model) is not None
-    base_model_path = ctx.model_path if os.path.isdir(ctx.model_path) else None  # else a hub reference
     with tempfile.TemporaryDirectory(prefix=".mlflow-model-", dir=ctx.output_dir) as export_dir:
-        peft_model = load_peft_model(os.path.join(ctx.output_dir, FINAL_ADAPTER_DIR), export_dir, ctx.dtype)
-        components = {"model": peft_model, "tokenizer": ctx.tokenizer}
+        if form == "checkpoint":
+            # the saved checkpoint read back (MLflow 3.17 cannot log a checkpoint directory by path under
+            # transformers 5: its pipeline lookup expects a class where transformers now gives a name)
+            trained = load_causal_lm(os.path.join(ctx.output_dir, FULL_MODEL_DIR), ctx.dtype).eval()
+            base_model_path = None
+        else:
+            adapter_dir = os.path.join(ctx.output_dir, FINAL_ADAPTER_DIR)
+            trained = load_peft_model(adapter_dir, export_dir, ctx.dtype)
+            base_model_path = ctx.model_path if os.path.isdir(ctx.model_path) else None  # else the hub's
         model = ModelToLog(
-            components, base_model_path, generation=generation_settings(ctx, peft_model), **settings
+            components={"model": trained, "tokenizer": ctx.tokenizer},
+            base_model_path=base_model_path,
+            torch_dtype=ctx.dtype,
+            generation=generation_settings(ctx, trained),
+            input_example=input_example(ctx),
+            register_as=tracking.mlflow_register_model,
         )
         return ctx.log.model(model) is not None

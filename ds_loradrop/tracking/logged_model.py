@@ -13,7 +13,7 @@ What is logged (``name="model"``, so ``runs:/<run id>/model`` loads it):
 ``mlflow.models.Model.log`` is called rather than ``mlflow.transformers.log_model`` because the latter always
 checks the input example by loading the logged model again and generating with it: for a 7B base model that
 is a second copy of the weights on rank 0's host and minutes of CPU generation at the end of every run.
-``tests/test_logged_model.py`` loads and predicts in a fresh process instead.
+The tests load and predict in a fresh process instead (``tests/model_client.py``).
 """
 
 from __future__ import annotations
