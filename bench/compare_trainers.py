@@ -3,8 +3,8 @@
     python bench/compare_trainers.py --model smollm2-135m --task e2e --ranks 2 --rounds 3
 
 Each round launches every contender of bench/trainer_peers.py once, in its own process (2 ranks: the
-``deepspeed`` launcher; the plain loop under ``torchrun``), in the same order; rounds repeat so that
-drifts of a shared machine hit every contender alike. Printed per contender: useful (target) tokens/s
+``deepspeed`` launcher, or ``torchrun`` with ``--launcher torchrun``; the plain loop under ``torchrun``),
+in the same order; rounds repeat so that drifts of a shared machine hit every contender alike. Printed per contender: useful (target) tokens/s
 and real tokens/s (median over rounds), FLOP utilisation against the best fp32 matmul this script
 measures with the same threads per rank, peak RSS per rank, and the ratios of ours to each peer (median
 over rounds of the per-round ratio, with its range). Ours' three contenders alternate in one process in
@@ -46,6 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ds_config", default=os.path.join(REPO_ROOT, "ds_configs", "zero2.json"))
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument(
+        "--launcher",
+        default="deepspeed",
+        choices=("deepspeed", "torchrun"),
+        help="what starts the DeepSpeed contenders' 2 ranks (the plain PEFT loop always runs under "
+        "torchrun); torchrun starts ~10 s sooner on a CPU machine: the deepspeed runner and its launch.py "
+        "each import DeepSpeed first",
+    )
+    parser.add_argument(
         "--no_memory_alone",
         dest="memory_alone",
         action="store_false",
@@ -71,7 +79,7 @@ def launch_command(args, contender: str, out: str, alone: str | None = None) -> 
     if args.ranks == 1:
         return [sys.executable, script, *flags]
     port = str(free_port())
-    if contender == "peer_loop":  # DDP without DeepSpeed
+    if contender == "peer_loop" or args.launcher == "torchrun":  # peer_loop: DDP without DeepSpeed
         return [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
             script, *flags,
@@ -182,6 +190,7 @@ def report(args, summary: dict, peak_flops: float) -> str:
             f"{args.model}, task {args.task}, {args.ranks} rank(s), global batch {args.global_batch_size}, "
             f"{args.steps} timed steps (one epoch of {args.steps * args.global_batch_size} rows) after "
             f"{args.warmup_epochs} untimed epoch(s) over them, {args.rounds} round(s), fp32, "
+            f"started by {args.launcher}, "
             f"matmul peak {peak_flops / 1e9:.0f} GFLOP/s per rank"
         ),
         "",

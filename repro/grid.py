@@ -212,6 +212,8 @@ TINY = Grid(
         "--max_new_tokens",
         "8",
         "--no_eval_base_model",
+        "--val_loss_samples",
+        "8",
         "--save_steps",
         "2",
     ),

@@ -53,6 +53,8 @@ COMMON = [
     "12",
     "--eval_batch_size",
     "3",
+    "--val_loss_samples",  # the validation loss's own test scores more (tests/test_validation_loss.py)
+    "24",
     "--mlflow_log_model",  # the logged MLflow model is tested where it is the subject (each method's
     "false",  # one-rank run in test_baselines_distributed.py, the smollm2 run, full fine-tuning)
 ]

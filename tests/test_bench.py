@@ -166,6 +166,8 @@ def test_trainer_comparison_runs_every_contender_on_two_ranks(tmp_path, e2e_dir)
         "1",
         "--global_batch_size",
         "4",
+        "--launcher",  # the deepspeed launcher is tested where it is the subject (tests/conftest.py's runs)
+        "torchrun",
         "--json",
         str(out),
     ]

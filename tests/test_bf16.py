@@ -53,6 +53,7 @@ def bf16_runs(tmp_path_factory, smollm2_cache, e2e_dir):
         "--per_device_train_batch_size", "2", "--sample_ratio", "0.5", "--stage1_epochs", "1",
         "--threshold", "0.9", "--max_steps", "4", "--save_steps", "2", "--learning_rate", "2e-3",
         "--max_seq_length", "64", "--max_eval_samples", "4", "--max_new_tokens", "8",
+        "--val_loss_samples", "8",
         "--eval_batch_size", "2", "--logging_steps", "1", "--report_to", "none", "--seed", "5",
     ]  # fmt: skip
     out, logs = {}, {}
@@ -190,6 +191,7 @@ def test_the_llama2_shaped_model_trains_end_to_end_under_zero3_in_bf16(tmp_path,
         "--per_device_train_batch_size", "2", "--sample_ratio", "0.5", "--stage1_epochs", "1",
         "--threshold", "0.9", "--max_steps", "3", "--learning_rate", "3e-3",
         "--max_seq_length", "64", "--max_eval_samples", "4", "--max_new_tokens", "6",
+        "--val_loss_samples", "8",
         "--eval_batch_size", "4", "--report_to", "none", "--seed", "2",
     ]  # fmt: skip
     log = launch(_two_ranks(SHIPPED[3], output, args), env).stdout

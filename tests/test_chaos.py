@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
-from launching import COMMON, DEEPSPEED, TRAIN, deepspeed, free_port, job_env
+from launching import COMMON, DEEPSPEED, TRAIN, direct, free_port, job_env
 
 pytestmark = pytest.mark.distributed
 
@@ -20,8 +20,11 @@ CHAOS = os.path.join(REPO_ROOT, "bench", "chaos.py")
 
 
 def test_a_self_restarting_job_survives_faults_at_random_times(runs, tmp_path, e2e_dir):
+    """Started by tests/rank_launcher.py (4 attempts, ~10 s of launcher start-up less each): what restarts
+    is the subject; the ``deepspeed`` launcher under launch/restart.py is the next test's and
+    test_multinode_faults.py's."""
     out, _ = runs
-    command = deepspeed(TRAIN, "--ds_config", out["zero2_config"], "--per_device_train_batch_size", "2",
+    command = direct(TRAIN, "--ds_config", out["zero2_config"], "--per_device_train_batch_size", "2",
                         "--data_dir", e2e_dir, *COMMON, "--save_steps", "2",
                         "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                         "--mlflow_experiment", "chaos")  # fmt: skip

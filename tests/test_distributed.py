@@ -296,55 +296,6 @@ def test_compare_builds_the_table_and_both_plots(runs, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_activation_checkpointing_with_the_shared_adapter_under_zero3_changes_nothing(
-    runs, tmp_path, e2e_dir
-):
-    """The reference 2-rank ZeRO-3 LoRA-drop run again with --gradient_checkpointing (non-reentrant):
-    same losses per stage, same plan and same adapters, shared adapter included."""
-    from launching import COMMON, TRAIN, direct, job_env, launch
-
-    out, _ = runs
-    checkpointed = str(tmp_path / "checkpointed")
-    log = launch(
-        direct(
-            TRAIN,
-            "--ds_config",
-            out["zero3_config"],
-            "--per_device_train_batch_size",
-            "2",
-            "--output_dir",
-            checkpointed,
-            "--data_dir",
-            e2e_dir,
-            *COMMON,
-            "--gradient_checkpointing",
-            "true",
-            "--report_to",
-            "none",
-        ),
-        job_env(tmp_path),
-    ).stdout
-    assert "ZeRO stage 3" in log
-    with open(os.path.join(out["zero3_2ranks"], "summary.json")) as handle:
-        reference = json.load(handle)
-    with open(os.path.join(checkpointed, "summary.json")) as handle:
-        summary = json.load(handle)
-    assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
-    for ours, theirs in zip(summary["stages"], reference["stages"]):
-        assert ours["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-6)
-    assert (
-        _plan(checkpointed)["targets"]["q_proj"]["retained"]
-        == _plan(out["zero3_2ranks"])["targets"]["q_proj"]["retained"]
-    )
-    mine, reference_tensors = _tensors(checkpointed, "adapter"), _tensors(out["zero3_2ranks"], "adapter")
-    assert set(mine) == set(reference_tensors) and any(".shared." in name for name in mine)
-    for name, tensor in mine.items():
-        torch.testing.assert_close(tensor, reference_tensors[name], rtol=0, atol=1e-6, msg=name)
-
-
-# --- export of a trained run ----------------------------------------------------------------------
-
-
 def test_every_export_format_gives_the_trained_models_logits(runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

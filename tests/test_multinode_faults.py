@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 from conftest import REPO_ROOT
-from launching import COMMON, DEEPSPEED, NODE_LAUNCH, TRAIN, deepspeed, free_port, job_env, launch
+from launching import COMMON, DEEPSPEED, NODE_LAUNCH, TRAIN, deepspeed, direct, free_port, job_env, launch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -69,6 +69,9 @@ def two_nodes(runs, tmp_path_factory, e2e_dir):
         f"sqlite:///{root / 'mlflow.db'}",
         "--mlflow_experiment",
         "two-nodes",
+        # checked here rather than in a run of its own: equal to the one-node run without it
+        "--gradient_checkpointing",
+        "true",
     ]
     second = subprocess.Popen(
         ["bash", NODE_LAUNCH, *args],
@@ -89,9 +92,21 @@ def two_nodes(runs, tmp_path_factory, e2e_dir):
 
 
 def test_two_nodes_select_and_train_like_one_node(runs, two_nodes):
+    """Two nodes of one rank each (launch/node_launch.sh), with activation checkpointing (non-reentrant)
+    on every decoder layer: the same plan, losses and adapters (the shared one included) as the one-node
+    run without it."""
     out, _ = runs
     root, first_log, second_log = two_nodes
     assert "[ds_loradrop rank0]" in first_log and "[ds_loradrop rank1]" not in first_log
+    assert "activation checkpointing: 8 decoder layers recompute in backward" in first_log
+    with open(os.path.join(out["zero3_2ranks"], "summary.json")) as handle:
+        reference_stages = json.load(handle)["stages"]
+    with open(root / "run" / "summary.json") as handle:
+        stages = json.load(handle)["stages"]
+    assert [s["name"] for s in stages] == ["stage1", "stage2"]
+    for ours, theirs in zip(stages, reference_stages, strict=True):
+        assert ours["final_loss"] == pytest.approx(theirs["final_loss"], rel=1e-6)
+    assert any(".shared." in name for name in _adapters(root / "run"))
     assert "[ds_loradrop rank1] rank 1 holds layer mask" in second_log
     reference, candidate = _plan(out["zero3_2ranks"]), _plan(root / "run")
     assert candidate["world_size"] == 2 and candidate["num_tokens"] == reference["num_tokens"]
@@ -167,9 +182,9 @@ class Job:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def _checkpointing_job(out: dict, e2e_dir: str, output_dir, store: str) -> list[str]:
+def _checkpointing_job(out: dict, e2e_dir: str, output_dir, store: str, launcher=deepspeed) -> list[str]:
     """The 2-rank reference configuration (ZeRO-3), checkpointing every 2 steps, tracked in ``store``."""
-    return deepspeed(
+    return launcher(
         TRAIN,
         "--ds_config",
         out["zero3_config"],
@@ -228,7 +243,9 @@ def faults(runs, tmp_path_factory, e2e_dir):
     facts["term_returncode"], facts["term_log"] = preempted.process.returncode, preempted.log
     facts["after_term"] = sorted(os.listdir(root / "run" / "checkpoints"))
 
-    facts["final_log"] = launch([*args, "--resume", "auto"], env).stdout
+    # the last resume only has to finish the run: the launcher is not its subject
+    finish = _checkpointing_job(out, e2e_dir, root / "run", store, launcher=direct)
+    facts["final_log"] = launch([*finish, "--resume", "auto"], env).stdout
     return facts
 
 

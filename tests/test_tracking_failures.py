@@ -38,6 +38,8 @@ def setup(tmp_path_factory, e2e_dir):
         "8",
         "--max_eval_samples",
         "4",
+        "--val_loss_samples",
+        "8",
         "--max_new_tokens",
         "6",
         "--logging_steps",

@@ -279,6 +279,13 @@ def load_for_deepspeed(path: str, ds_config: dict, trust_remote_code: bool = Fal
     return load_causal_lm(path, ds_engine.model_dtype(ds_config), trust_remote_code), zero3_loading
 
 
+def recomputed_layers(model: torch.nn.Module) -> int:
+    """How many decoder layers of ``model`` recompute their activations in backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer as Layer
+
+    return sum(isinstance(m, Layer) and m.gradient_checkpointing is True for m in model.modules())
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute every decoder layer in backward, non-reentrant.
 

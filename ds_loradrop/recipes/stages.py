@@ -20,7 +20,7 @@ from ds_loradrop.method.placement import (
     freeze_all_but_adapters,
     inject_lora,
 )
-from ds_loradrop.models.loading import enable_activation_checkpointing, load_for_deepspeed
+from ds_loradrop.models.loading import enable_activation_checkpointing, load_for_deepspeed, recomputed_layers
 from ds_loradrop.recipes.setup import RunContext
 from ds_loradrop.run_files import BASE_EVAL_DIR, METRICS_NAME, step_eval_dir
 from ds_loradrop.training import engine as ds_engine
@@ -53,6 +53,8 @@ def build_model(ctx: RunContext, attach: Callable[[AdapterLayout], None] | None,
     model.config.use_cache = False
     if ctx.cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
+        layers = recomputed_layers(model)
+        logger.info("activation checkpointing: %d decoder layers recompute in backward", layers)
     if attach is None:
         for param in model.parameters():
             param.requires_grad_(True)
