@@ -20,6 +20,21 @@ sys.path.insert(0, REPO_ROOT)
 SHARED_DATA = os.environ.get("DS_LORADROP_DATA_ROOT", os.path.join(REPO_ROOT, "..", "shared", "data"))
 
 
+# Fixtures whose runs several test modules read: with ``pytest -n 2 --dist loadgroup`` (.ci/run) every test
+# that uses one runs on the same worker, so each is made once per suite (a session fixture is per worker).
+SHARED_RUN_FIXTURES = ("runs", "mlflow_server")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per test module (its module fixtures are made once), one for every test that reads
+    the shared reference runs. Without ``-n`` the marks change nothing."""
+    for item in items:
+        shared = any(name in item.fixturenames for name in SHARED_RUN_FIXTURES)
+        group = "shared_runs" if shared else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def e2e_dir() -> str:
     path = os.path.join(SHARED_DATA, "e2e")
