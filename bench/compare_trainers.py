@@ -4,11 +4,12 @@
 
 Each round launches every contender of bench/trainer_peers.py once, in its own process (2 ranks: the
 ``deepspeed`` launcher, or ``torchrun`` with ``--launcher torchrun``; the plain loop under ``torchrun``),
-in the same order; rounds repeat so that drifts of a shared machine hit every contender alike. Printed per contender: useful (target) tokens/s
-and real tokens/s (median over rounds), FLOP utilisation against the best fp32 matmul this script
-measures with the same threads per rank, peak RSS per rank, and the ratios of ours to each peer (median
-over rounds of the per-round ratio, with its range). Ours' three contenders alternate in one process in
-the timed rounds; after the rounds each runs once more alone (untimed) for its peak memory.
+in the same order; rounds repeat so that drifts of a shared machine hit every contender alike. Printed
+per contender: useful (target) tokens/s and real tokens/s (median over rounds), FLOP utilisation against
+the best fp32 matmul this script measures with the same threads per rank, peak RSS per rank, and the
+ratios of ours to each peer (median over rounds of the per-round ratio, with its range). Ours' three
+contenders alternate in one process in the timed rounds; after the rounds each runs once more alone
+(untimed) for its peak memory.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from xdist_groups import pytest_itemcollected  # noqa: F401 - the hook (test groups), registered by this import
 
 # No hub access here: fail fast on hub ids instead of retrying for half a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,21 +19,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO_ROOT, ".cache", 
 sys.path.insert(0, REPO_ROOT)
 
 SHARED_DATA = os.environ.get("DS_LORADROP_DATA_ROOT", os.path.join(REPO_ROOT, "..", "shared", "data"))
-
-
-# Fixtures whose runs several test modules read: with ``pytest -n 2 --dist loadgroup`` (.ci/run) every test
-# that uses one runs on the same worker, so each is made once per suite (a session fixture is per worker).
-SHARED_RUN_FIXTURES = ("runs", "mlflow_server")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """One xdist group per test module (its module fixtures are made once), one for every test that reads
-    the shared reference runs. Without ``-n`` the marks change nothing."""
-    for item in items:
-        shared = any(name in item.fixturenames for name in SHARED_RUN_FIXTURES)
-        group = "shared_runs" if shared else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
