@@ -25,9 +25,9 @@ def test_a_self_restarting_job_survives_faults_at_random_times(runs, tmp_path, e
     test_multinode_faults.py's."""
     out, _ = runs
     command = direct(TRAIN, "--ds_config", out["zero2_config"], "--per_device_train_batch_size", "2",
-                        "--data_dir", e2e_dir, *COMMON, "--save_steps", "2",
-                        "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        "--mlflow_experiment", "chaos")  # fmt: skip
+                     "--data_dir", e2e_dir, *COMMON, "--save_steps", "2",
+                     "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     "--mlflow_experiment", "chaos")  # fmt: skip
     report = str(tmp_path / "chaos.json")
     result = subprocess.run(
         [sys.executable, CHAOS, "--faults", "3", "--seed", "7", "--output_dir", str(tmp_path / "run"),
