@@ -425,6 +425,12 @@ def main(argv: list[str] | None = None) -> None:
         "--results_dir", default=StudyDirs.results, help="Result files (default repro/results)."
     )
     parser.add_argument("--runs_dir", default=StudyDirs.runs, help="Run directories (default study_runs).")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="The interpreter of each run's command (default: this one; the result files name it by its "
+        "file name).",
+    )
     args = parser.parse_args(argv)
     grid = GRIDS[args.grid]
     dirs = StudyDirs(os.path.abspath(args.results_dir), os.path.abspath(args.runs_dir))
@@ -435,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds or None
     if args.action == "run":
         try:
-            run(dirs, grid, args.only, seeds, sys.executable, args.commit)
+            run(dirs, grid, args.only, seeds, args.python, args.commit)
         except RuntimeError as error:
             Progress(dirs, grid)(f"stopped: {error}")
             sys.exit(1)

@@ -23,6 +23,7 @@ TRAIN = os.path.join(REPO_ROOT, "launch", "train.py")
 EVALUATE = os.path.join(REPO_ROOT, "launch", "evaluate.py")
 NODE_LAUNCH = os.path.join(REPO_ROOT, "launch", "node_launch.sh")
 RANK_LAUNCHER = os.path.join(REPO_ROOT, "tests", "rank_launcher.py")
+PRELOADED_PYTHON = os.path.join(REPO_ROOT, "tests", "preloaded_python.py")
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 COMMON = [
     "--model",
@@ -93,14 +94,16 @@ def deepspeed(script: str = TRAIN, *args: str, ranks: int = 2) -> list[str]:
     return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
 
 
-def direct(script: str = TRAIN, *args: str, ranks: int = 2) -> list[str]:
+def direct(script: str = TRAIN, *args: str, ranks: int = 2, preloaded: bool = True) -> list[str]:
     """N ranks started by ``tests/rank_launcher.py`` with the environment ``deepspeed`` gives them, from a
     launcher that imports no torch (~8-10 s less per job): for multi-rank jobs whose launcher is not what
     the test is about. ``deepspeed(...)`` stays where users' launch is the subject (the shared runs, the
-    chaos and multi-node tests, the benchmarks)."""
+    chaos and multi-node tests, the benchmarks). ``preloaded``: each rank forked from the session's preload
+    server (:func:`one_rank`); False where the test is about the rank processes themselves."""
     return [
         sys.executable,
         RANK_LAUNCHER,
+        *(["--preloaded"] if preloaded else []),
         "--ranks",
         str(ranks),
         "--master_port",
@@ -118,9 +121,13 @@ def torchrun(script: str = TRAIN, *args: str, ranks: int = 2) -> list[str]:
     ]  # fmt: skip
 
 
-def one_rank(script: str = TRAIN, *args: str) -> list[str]:
-    """``python script args``: one rank, no launcher."""
-    return [sys.executable, script, *args]
+def one_rank(script: str = TRAIN, *args: str, preloaded: bool = True) -> list[str]:
+    """``python script args``: one rank, no launcher. ``preloaded``: through ``tests/preloaded_python.py``,
+    which forks the job from the session's preload server with torch, DeepSpeed and transformers imported
+    (~7 s of CPU less a process; conftest starts the server). False where the process itself is the subject
+    (signals, ``/proc``, peak memory, start-up): the forked job's parent, command line and hash seed are the
+    server's."""
+    return [sys.executable, PRELOADED_PYTHON, script, *args] if preloaded else [sys.executable, script, *args]
 
 
 def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:

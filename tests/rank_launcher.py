@@ -4,7 +4,10 @@ reports it). Imports only the standard library: about 50 ms where the ``deepspee
 interpreter importing torch and DeepSpeed (~8-10 s here). For jobs whose launcher is not under test;
 ``deepspeed``, ``torchrun`` and ``launch/node_launch.sh`` are tested where they are the subject.
 
-    python tests/rank_launcher.py --ranks 2 --master_port P script.py [args ...]
+    python tests/rank_launcher.py [--preloaded] --ranks 2 --master_port P script.py [args ...]
+
+``--preloaded``: each rank is started by ``tests/preloaded_python.py`` (forked from the session's preload
+server, its imports done) rather than a new interpreter.
 
 Each rank's output is written to a file and copied to this process's stdout / stderr in rank order when
 all have ended (a rank blocked on a full pipe would stall its peers' collectives). A rank that fails
@@ -20,10 +23,15 @@ import sys
 import tempfile
 import time
 
+PRELOADED_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preloaded_python.py")
+
 
 def main(argv: list[str]) -> int:
+    preloaded = bool(argv) and argv[0] == "--preloaded"
+    argv = argv[1:] if preloaded else argv
     if len(argv) < 5 or argv[0] != "--ranks" or argv[2] != "--master_port":
-        print("usage: rank_launcher.py --ranks N --master_port P script.py [args ...]", file=sys.stderr)
+        usage = "usage: rank_launcher.py [--preloaded] --ranks N --master_port P script.py [args ...]"
+        print(usage, file=sys.stderr)
         return 2
     ranks, port, script, args = int(argv[1]), argv[3], argv[4], argv[5:]
     shared = {**os.environ, "WORLD_SIZE": str(ranks), "LOCAL_SIZE": str(ranks), "CROSS_RANK": "0"}
@@ -34,7 +42,8 @@ def main(argv: list[str]) -> int:
         for rank in range(ranks):
             out = open(os.path.join(logs, f"{rank}.out"), "w+b")  # noqa: SIM115 - closed below
             err = open(os.path.join(logs, f"{rank}.err"), "w+b")  # noqa: SIM115 - closed below
-            command = [sys.executable, "-u", script, f"--local_rank={rank}", *args]
+            python = [sys.executable, PRELOADED_PYTHON] if preloaded else [sys.executable]
+            command = [*python, "-u", script, f"--local_rank={rank}", *args]
             environment = {**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             started.append((subprocess.Popen(command, env=environment, stdout=out, stderr=err), out, err))
         status = 0

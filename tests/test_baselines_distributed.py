@@ -15,11 +15,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import REPO_ROOT, run_compare
+from launching import one_rank
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -272,7 +272,7 @@ def test_compare_registers_the_best_run_by_a_metric_under_an_alias(baseline_runs
     runs = _runs_by_name(store, "baselines")
     logged = [run for run in runs.values() if "mlflow_model_id" in run.data.tags]
     assert sorted(run.info.run_name for run in logged) == ["sparse_lora-one-rank", "vera-one-rank"]
-    command = [sys.executable, os.path.join(REPO_ROOT, "launch", "compare.py"), "--experiment", "baselines"]
+    command = [*one_rank(os.path.join(REPO_ROOT, "launch", "compare.py")), "--experiment", "baselines"]
     command += ["--tracking_uri", store, "--register_best", "baseline-best", "--alias", "champion"]
 
     def register(*flags):
@@ -307,8 +307,7 @@ def test_importance_tool_refuses_adapters_without_lora_pairs(baseline_runs, tmp_
     out, _, _ = baseline_runs
     result = subprocess.run(
         [
-            sys.executable,
-            os.path.join(REPO_ROOT, "launch", "importance.py"),
+            *one_rank(os.path.join(REPO_ROOT, "launch", "importance.py")),
             "--run",
             out["vera"]["one_rank"],
             "--adapter",
@@ -338,8 +337,7 @@ def test_offline_evaluation_under_zero2_rebuilds_the_saved_adapters(baseline_run
     run = out["tied_lora"]["one_rank"]
     launch(
         [
-            sys.executable,
-            EVALUATE,
+            *one_rank(EVALUATE),
             "--ds_config",
             os.path.join(REPO_ROOT, "ds_configs", "zero2.json"),
             "--task",

@@ -40,7 +40,7 @@ def test_the_teardown_keeps_finished_two_rank_programs_from_aborting(tmp_path):
     env = job_env(tmp_path)
     failures = []
     for attempt in range(REPETITIONS):
-        command = direct(PROGRAM)
+        command = direct(PROGRAM, preloaded=False)  # each rank's own interpreter ends: the subject
         done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
         log = done.stdout + done.stderr
         assert "finished rank 0" in log and "finished rank 1" in log, log[-4000:]

@@ -207,15 +207,15 @@ def test_a_small_dataset_of_your_own_trains_the_tiny_preset(tmp_path):
     high")."""
     import os
     import subprocess
-    import sys
 
     from conftest import REPO_ROOT
+    from launching import one_rank
 
     data = tmp_path / "qa.jsonl"
     rows = [json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}"}) for i in range(48)]
     data.write_text("\n".join(rows) + "\n")
     result = subprocess.run(
-        [sys.executable, "launch/train.py", "--task", "custom", "--dataset", str(data), "--model",
+        [*one_rank("launch/train.py"), "--task", "custom", "--dataset", str(data), "--model",
          "tiny-llama", "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--stage1_epochs", "1",
          "--max_eval_samples", "4", "--max_new_tokens", "4", "--report_to", "none"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,

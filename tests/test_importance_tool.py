@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 from conftest import REPO_ROOT
+from launching import one_rank
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
@@ -30,7 +30,7 @@ def _run(args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
-        [sys.executable, *args],
+        one_rank(*args),
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -20,6 +20,7 @@ from launching import (
     direct,
     job_env,
     launch,
+    one_rank,
     write_ds_config,
 )
 from safetensors.torch import load_file
@@ -287,7 +288,6 @@ def test_chat_jsonl_with_the_instruct_model_trains_evaluates_and_exports(smollm2
     chat template, evaluation of held-out conversations, the same predictions from launch/evaluate.py,
     and a PEFT export."""
     import csv
-    import sys
 
     from launching import EVALUATE, TRAIN
 
@@ -316,7 +316,7 @@ def test_chat_jsonl_with_the_instruct_model_trains_evaluates_and_exports(smollm2
     ]
     launch(
         [
-            sys.executable, TRAIN, *common, "--max_train_samples", "0", "--sample_ratio", "0.5",
+            *one_rank(TRAIN), *common, "--max_train_samples", "0", "--sample_ratio", "0.5",
             "--per_device_train_batch_size", "4", "--stage1_max_steps", "2", "--max_steps", "2",
             "--max_eval_samples", "4", "--max_new_tokens", "16", "--no_eval_base_model",
             "--val_loss_samples", "8",
@@ -339,7 +339,7 @@ def test_chat_jsonl_with_the_instruct_model_trains_evaluates_and_exports(smollm2
     offline = tmp_path / "offline"
     launch(
         [
-            sys.executable, EVALUATE, *common, "--split", "train", "--adapter", str(out / "adapter"),
+            *one_rank(EVALUATE), *common, "--split", "train", "--adapter", str(out / "adapter"),
             "--max_eval_samples", "4", "--max_new_tokens", "16", "--output_dir", str(offline),
             "--ds_config", write_ds_config(tmp_path / "zero2.json", 2),
         ],
@@ -350,8 +350,7 @@ def test_chat_jsonl_with_the_instruct_model_trains_evaluates_and_exports(smollm2
 
     launch(
         [
-            sys.executable,
-            os.path.join(os.path.dirname(TRAIN), "export.py"),
+            *one_rank(os.path.join(os.path.dirname(TRAIN), "export.py")),
             "--run",
             str(out),
             "--format",

@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-from launching import COMMON, TRAIN, job_env
+from launching import COMMON, TRAIN, job_env, one_rank
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -40,7 +39,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoints_resumable(
 
     out, _ = runs
     run = os.path.join(small_disk, "run")
-    command = [sys.executable, TRAIN, "--ds_config", out["zero3_config"], "--per_device_train_batch_size",
+    command = [*one_rank(TRAIN), "--ds_config", out["zero3_config"], "--per_device_train_batch_size",
                "4", "--data_dir", e2e_dir, *COMMON, "--save_steps", "2", "--report_to", "none"]  # fmt: skip
     env = job_env(tmp_path)
     result = subprocess.run(

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
+from launching import PRELOADED_PYTHON
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +45,11 @@ def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
         "DS_LORADROP_DATA_ROOT": os.path.dirname(e2e_dir),
     }
     env.pop("MLFLOW_TRACKING_URI", None)
+    # each run's interpreter: the preloaded stand-in for python (tests/preloaded_python.py), under that name
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{PRELOADED_PYTHON}" "$@"\n')
+    python.chmod(0o755)
     dirs = [
         "--grid",
         "tiny",
@@ -51,6 +57,8 @@ def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
         str(tmp_path / "results"),
         "--runs_dir",
         str(tmp_path / "runs"),
+        "--python",
+        str(python),
     ]
     log = _study(["run", *dirs], env)
     assert "grid tiny: 6 runs to do" in log and "grid tiny: all runs done" in log
@@ -62,6 +70,7 @@ def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
         )
         assert lora["method"] == "lora" and drop["method"] == "loradrop" and lora["seed"] == seed
         assert f"--seed {seed}" in drop["command"] and "--resume auto" in drop["command"]
+        assert drop["command"].startswith("python launch/train.py ")  # --python, named by its file name
         assert [s["name"] for s in drop["stages"]] == ["stage1", "stage2"]
         # T = 0.5 from the same seed's stage 1: same importance, fewer kept layers, no stage 1 of its own
         assert [s["name"] for s in half["stages"]] == ["stage2"] and half["plan"]["threshold"] == 0.5

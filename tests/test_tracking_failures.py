@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import REPO_ROOT, run_compare
+from launching import one_rank
 from mlflow import MlflowClient
 
 from ds_loradrop.training.distributed import free_port
@@ -73,8 +74,7 @@ def test_tracking_server_down_does_not_stop_training(setup):
     started = time.time()
     result = _run(
         [
-            sys.executable,
-            TRAIN,
+            *one_rank(TRAIN),
             *args,
             "--method",
             "lora",
@@ -104,8 +104,7 @@ def test_tracking_server_down_does_not_stop_training(setup):
     # with --mlflow_fallback_local the run lands in <output_dir>/mlflow.db, complete
     result = _run(
         [
-            sys.executable,
-            TRAIN,
+            *one_rank(TRAIN),
             *args,
             "--method",
             "lora",
@@ -146,8 +145,7 @@ def test_a_run_whose_training_raises_ends_failed(setup):
     weights.write_bytes(weights.read_bytes()[:1000])
     result = _run(
         [
-            sys.executable,
-            TRAIN,
+            *one_rank(TRAIN),
             *args,
             "--model",
             str(broken),
@@ -227,7 +225,7 @@ def test_sigterm_writes_a_checkpoint_and_the_resumed_run_finishes(setup):
     truncated = re.findall(r"(\d+) of 64 examples truncated to 40 tokens", log)
     assert truncated and int(truncated[0]) > 0
 
-    resumed = _run([sys.executable, TRAIN, *common, "--resume", "auto"], env)
+    resumed = _run([*one_rank(TRAIN), *common, "--resume", "auto"], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"stage1: resumed from {out / 'checkpoints' / checkpoint} at step {stopped}/24" in resumed.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -247,8 +245,7 @@ def test_a_diverged_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(set
     out = root / "diverged"
     result = _run(
         [
-            sys.executable,
-            TRAIN,
+            *one_rank(TRAIN),
             *args,
             "--method",
             "lora",
@@ -286,8 +283,7 @@ def test_importance_recorded_during_the_last_stage1_epoch(setup):
     out = root / "last_epoch"
     result = _run(
         [
-            sys.executable,
-            TRAIN,
+            *one_rank(TRAIN),
             *args,
             "--importance_pass",
             "last_epoch",
@@ -334,8 +330,7 @@ def test_ablation_variants_and_carried_stage2_adapters(setup):
     # a learning rate of 1e-9 leaves stage 2 where it started: the carried stage-1 weights
     result = _run(
         [
-            sys.executable,
-            TRAIN,
+            *one_rank(TRAIN),
             *args,
             "--max_steps",
             "3",
@@ -382,8 +377,7 @@ def test_full_fine_tuning_saves_a_loadable_checkpoint(setup):
     out = root / "full"
     result = _run(
         [
-            sys.executable,
-            TRAIN,
+            *one_rank(TRAIN),
             *args,
             "--method",
             "full",
@@ -456,9 +450,7 @@ def whole(setup):
         "--mlflow_tracking_uri",
         store,
     ]
-    done = _run(
-        [sys.executable, TRAIN, *common, "--output_dir", str(root / "whole"), "--run_name", "whole"], env
-    )
+    done = _run([*one_rank(TRAIN), *common, "--output_dir", str(root / "whole"), "--run_name", "whole"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "whole", common
 
@@ -504,8 +496,7 @@ def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup, whol
 
     resumed = _run(
         [
-            sys.executable,
-            TRAIN,
+            *one_rank(TRAIN),
             *common,
             "--output_dir",
             str(out),
@@ -533,7 +524,7 @@ def test_killed_in_stage2_and_resumed_ends_like_an_uninterrupted_run(setup, whol
 
     # a changed configuration is refused before anything is touched
     refused = _run(
-        [sys.executable, TRAIN, *common, "--output_dir", str(out), "--resume", "auto", "--lora_r", "4"], env
+        [*one_rank(TRAIN), *common, "--output_dir", str(out), "--resume", "auto", "--lora_r", "4"], env
     )
     assert (
         refused.returncode == 2
@@ -550,7 +541,7 @@ def test_stop_after_stage1_then_resume_trains_stage2_like_an_uninterrupted_run(s
     root, env, store, _ = setup
     whole_dir, common = whole
     out = root / "stage1_first"
-    command = [sys.executable, TRAIN, *common, "--output_dir", str(out), "--run_name", "stage1-first"]
+    command = [*one_rank(TRAIN), *common, "--output_dir", str(out), "--run_name", "stage1-first"]
     stopped = _run([*command, "--stop_after_stage1"], env)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopping after stage 1 (--stop_after_stage1)" in stopped.stdout
@@ -586,8 +577,7 @@ def test_compare_lists_lora_loradrop_full_and_unfinished_runs(setup, whole, tmp_
     root, env, store, args = setup
     lora = _run(
         [
-            sys.executable,
-            TRAIN,
+            *one_rank(TRAIN),
             *args,
             "--method",
             "lora",

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT, tiny_llama_model
-from launching import TRAIN, job_env, launch
+from launching import TRAIN, job_env, launch, one_rank
 from safetensors.torch import load_file
 
 from ds_loradrop.data.batching import IGNORE_INDEX
@@ -69,7 +68,7 @@ def test_a_run_logs_the_validation_curve_keeps_the_best_adapter_and_reuses_token
         "--ds_config", os.path.join(REPO_ROOT, "ds_configs", "zero2.json"),
         "--mlflow_tracking_uri", store,
     ]  # fmt: skip
-    first = launch([sys.executable, TRAIN, *args, "--output_dir", str(tmp_path / "a")], env)
+    first = launch([*one_rank(TRAIN), *args, "--output_dir", str(tmp_path / "a")], env)
     assert "training data: 96 examples tokenised; cached in" in first.stdout + first.stderr
     out = tmp_path / "a"
     summary = json.loads((out / "summary.json").read_text())
@@ -90,7 +89,7 @@ def test_a_run_logs_the_validation_curve_keeps_the_best_adapter_and_reuses_token
     same = all(torch.equal(final[k], kept[k]) for k in final)
     assert same == (best_step == 6)  # the final adapter exactly when the best is the last step
 
-    second = launch([sys.executable, TRAIN, *args, "--output_dir", str(tmp_path / "b")], env)
+    second = launch([*one_rank(TRAIN), *args, "--output_dir", str(tmp_path / "b")], env)
     log = second.stdout + second.stderr
     assert "training data: 96 examples' tokens loaded from the cache" in log
     assert "no tokenisation" in log and "examples tokenised" not in log
@@ -99,5 +98,5 @@ def test_a_run_logs_the_validation_curve_keeps_the_best_adapter_and_reuses_token
 
     # other validation rows (a different selection of the same split): tokenised again, not reused
     fewer = [*args, "--val_loss_samples", "12", "--output_dir", str(tmp_path / "c")]
-    log = launch([sys.executable, TRAIN, *fewer], env).stdout
+    log = launch([*one_rank(TRAIN), *fewer], env).stdout
     assert "validation: 12 examples tokenised" in log and "training data: 96 examples' tokens loaded" in log
