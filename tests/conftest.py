@@ -137,6 +137,7 @@ def preload_server(request, tmp_path_factory):
     ``launching.one_rank`` / ``direct`` find it through ``$DS_LORADROP_TEST_PRELOAD``, ~7 s of CPU less per
     job process. Without it they start a plain interpreter."""
     import subprocess
+    import tempfile
 
     from preloaded_python import SOCKET_VARIABLE
 
@@ -145,6 +146,8 @@ def preload_server(request, tmp_path_factory):
         return
     root = tmp_path_factory.mktemp("preload")
     path = str(root / "socket")
+    if len(path) > 100:  # a Unix socket's path has at most 107 bytes
+        path = tempfile.mkdtemp(prefix="preload-") + "/socket"
     open(path + ".starting", "w").close()  # jobs wait for the server while it imports
     with open(root / "server.log", "w") as log:
         server = subprocess.Popen(

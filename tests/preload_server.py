@@ -12,15 +12,15 @@ killing any job still running.
 
 from __future__ import annotations
 
-import io
 import os
 import runpy
 import select
 import signal
 import socket
 import sys
+import warnings
 
-from preloaded_python import receive_message, send_message
+from preloaded_python import FORWARDED_SIGNALS, receive_message, send_message
 
 # launch/train.py's imports at start, what its ranks import while running (DeepSpeed's engine pulls
 # torch._inductor in through its Muon optimizer at initialize; rank 0 tracks with MLflow and scores), and
@@ -41,9 +41,7 @@ PRELOADED = (
 
 def _preload() -> None:
     import importlib
-    import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     for name in PRELOADED:
         try:
             importlib.import_module(name)
@@ -51,27 +49,32 @@ def _preload() -> None:
             print(f"preload: {name} not imported: {error}", file=sys.stderr)
 
 
-def _threads() -> int:
-    """This process's threads but jemalloc's background one (pyarrow's allocator, through datasets), which
-    jemalloc's own fork handlers make safe."""
+def _fork_unsafe_state() -> str | None:
+    """Why this process must not fork now, or None: a thread but jemalloc's background one (pyarrow's
+    allocator, through datasets; jemalloc's own fork handlers make it safe), or CUDA initialised."""
     names = []
     for task in os.listdir("/proc/self/task"):
         with open(f"/proc/self/task/{task}/comm") as handle:
             names.append(handle.read().strip())
-    return sum(name != "jemalloc_bg_thd" for name in names)
+    threads = sum(name != "jemalloc_bg_thd" for name in names)
+    if threads != 1:
+        return f"{threads} threads"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "CUDA initialised"
+    return None
 
 
 def _become_job(request: dict, fds: list[int]) -> None:
-    """In the forked child: this process becomes ``python script args`` with the request's streams,
-    environment and working directory. Returns to the caller only to exit."""
-    for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
-        signal.signal(
-            signal_number, signal.default_int_handler if signal_number == signal.SIGINT else signal.SIG_DFL
-        )
+    """In the forked child (the forwarded signals still blocked): this process becomes ``python script
+    args`` with the request's streams, environment and working directory. Returns only to exit."""
+    for number in FORWARDED_SIGNALS + (signal.SIGCHLD,):
+        signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # one sent meanwhile acts now
     for target, fd in zip((0, 1, 2), fds):
         os.dup2(fd, target)
         os.close(fd)
-    _standard_streams(unbuffered=request["unbuffered"] or bool(request["env"].get("PYTHONUNBUFFERED")))
+    _buffer_streams(unbuffered=request["unbuffered"] or bool(request["env"].get("PYTHONUNBUFFERED")))
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -80,32 +83,60 @@ def _become_job(request: dict, fds: list[int]) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+    warnings.filters[:] = _WARNING_FILTERS  # as before the imports
+    try:  # the peak resident set from here on, not the server's (a job's peak memory is logged)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
     script = request["argv"][0]
     sys.argv = list(request["argv"])
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    sys.path[0] = os.path.dirname(os.path.realpath(script))
     runpy.run_path(script, run_name="__main__")
 
 
-def _standard_streams(unbuffered: bool) -> None:
-    """New ``sys.stdin/stdout/stderr`` over descriptors 0-2, buffered as a fresh interpreter buffers them
-    (``-u``: not at all; a terminal: by line; stderr: by line)."""
-    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
-        interactive = os.isatty(fd)
-        raw_unbuffered = unbuffered and mode == "w"
-        binary = open(fd, mode + "b", 0 if raw_unbuffered else -1, closefd=False)  # noqa: SIM115 - the process's
-        stream = io.TextIOWrapper(
-            binary,
-            encoding=getattr(sys, name).encoding,
-            errors="backslashreplace" if name == "stderr" else getattr(sys, name).errors,
-            line_buffering=mode == "w" and (interactive or name == "stderr") and not raw_unbuffered,
-            write_through=raw_unbuffered,
-        )
-        setattr(sys, name, stream)
-        setattr(sys, f"__{name}__", stream)
+def _buffer_streams(unbuffered: bool) -> None:
+    """``sys.stdout`` / ``sys.stderr``, now over the job's descriptors, buffered as a fresh interpreter
+    buffers them (``-u``: flushed at every write; a terminal: by line; stderr: by line). Reconfigured in
+    place: logging handlers made at import hold these objects."""
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        by_line = unbuffered or os.isatty(fd) or stream is sys.stderr
+        stream.reconfigure(line_buffering=by_line, write_through=unbuffered)
+
+
+def _serve_one(client: socket.socket, jobs: dict, clients: dict, listener: socket.socket) -> bool:
+    """Read one request and fork its job; True in the forked child (which then runs it)."""
+    client.settimeout(30)  # a stand-in that connects and stalls does not hold the server
+    request, fds = receive_message(client, max_fds=3)
+    client.settimeout(None)
+    unsafe = _fork_unsafe_state()
+    if request is None or len(fds) != 3 or unsafe:
+        if unsafe:  # the stand-in then runs a plain interpreter
+            print(f"preload: {unsafe}, not forking", file=sys.stderr)
+        for fd in fds:
+            os.close(fd)
+        client.close()
+        return False
+    sys.stdout.flush(), sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)  # none lost before the job's handlers
+    pid = os.fork()
+    if pid == 0:
+        listener.close()
+        for other in clients:
+            other.close()
+        client.close()
+        _become_job(request, fds)
+        return True
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    for fd in fds:
+        os.close(fd)
+    jobs[pid], clients[client] = client, pid
+    send_message(client, {"pid": pid})
+    return False
 
 
 def serve(path: str) -> None:
-    """Accept requests until the parent ends; returns in each forked child, which then runs its job."""
+    """Accept requests until the parent ends; returns in each forked child, after its job."""
     starting = path + ".starting"
     try:
         _preload()
@@ -126,35 +157,22 @@ def serve(path: str) -> None:
             for connection in readable:
                 if connection is listener:
                     client, _ = listener.accept()
-                    request, fds = receive_message(client, max_fds=3)
-                    if request is None or len(fds) != 3:
+                    try:
+                        if _serve_one(client, jobs, clients, listener):
+                            return  # the forked child, its job done
+                    except OSError as error:  # that stand-in went away: its job (if forked) goes too
+                        print(f"preload: a request failed: {error!r}", file=sys.stderr)
+                        if client in clients:
+                            _kill(clients.pop(client), signal.SIGKILL)
                         client.close()
-                        for fd in fds:
-                            os.close(fd)
-                        continue
-                    threads = _threads()
-                    if threads != 1:  # never fork with threads: the stand-in runs a plain interpreter
-                        print(f"preload: {threads} threads, not forking", file=sys.stderr)
-                        for fd in fds:
-                            os.close(fd)
-                        client.close()
-                        continue
-                    pid = os.fork()
-                    if pid == 0:
-                        listener.close()
-                        for other in clients:
-                            other.close()
-                        client.close()
-                        _become_job(request, fds)
-                        return
-                    for fd in fds:
-                        os.close(fd)
-                    send_message(client, {"pid": pid})
-                    jobs[pid], clients[client] = client, pid
-                else:  # a client that wrote or closed: it died, so its job goes too
-                    if not connection.recv(1):
-                        _kill(clients.pop(connection), signal.SIGKILL)
-                        connection.close()
+                    continue
+                try:  # a stand-in never writes after its request: readable means it died
+                    alive = connection.recv(1)
+                except OSError:
+                    alive = b""
+                if not alive:
+                    _kill(clients.pop(connection), signal.SIGKILL)
+                    connection.close()
             _reap(jobs, clients)
     finally:
         if os.getpid() == _server_pid:
@@ -181,21 +199,21 @@ def _reap(jobs: dict, clients: dict) -> None:
         if pid == 0:
             return
         client = jobs.pop(pid, None)
-        if client is None:
+        if client is None or client not in clients:
             continue
-        if client in clients:
-            clients.pop(client)
-            try:
-                send_message(client, {"status": os.waitstatus_to_exitcode(status)})
-            except OSError:
-                pass
-            client.close()
+        clients.pop(client)
+        try:
+            send_message(client, {"status": os.waitstatus_to_exitcode(status)})
+        except OSError:
+            pass
+        client.close()
 
 
 _server_pid = os.getpid()
 # One OpenMP / BLAS thread here: with more, importing torch starts BLAS thread pools and the server would
 # have threads to fork. A job's own OMP_NUM_THREADS (else as many as it has CPUs) is set when it starts.
 SERVER_THREADS = "1"
+_WARNING_FILTERS = list(warnings.filters)  # a fresh interpreter's, before any import adds its own
 
 if __name__ == "__main__":
     os.environ["OMP_NUM_THREADS"] = SERVER_THREADS

@@ -49,40 +49,42 @@ def send_message(connection: socket.socket, message: dict, fds: list[int] = ()) 
 
 
 def receive_message(connection: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[int]]:
-    """One message and the file descriptors sent with it; (None, []) when the peer closed first."""
-    if max_fds:
-        data, fds, _, _ = socket.recv_fds(connection, 1 << 16, max_fds)
-    else:
-        data, fds = connection.recv(1 << 16), []
-    if not data:
+    """Exactly one message (never a byte of the next: a job's status can follow its pid at once) and the
+    file descriptors sent with it; (None, fds) when the peer closed before a whole message."""
+    first, fds = b"", []
+    if max_fds:  # the descriptors come with the message's first bytes
+        first, fds, _, _ = socket.recv_fds(connection, _HEADER.size, max_fds)
+        if not first:
+            return None, fds
+    header = _receive_exactly(connection, _HEADER.size, first)
+    if header is None:
         return None, fds
-    while len(data) < _HEADER.size:
-        data += _receive_more(connection)
-    (length,) = _HEADER.unpack(data[: _HEADER.size])
-    while len(data) < _HEADER.size + length:
-        data += _receive_more(connection)
-    return json.loads(data[_HEADER.size : _HEADER.size + length]), fds
+    payload = _receive_exactly(connection, _HEADER.unpack(header)[0])
+    return (None if payload is None else json.loads(payload)), fds
 
 
-def _receive_more(connection: socket.socket) -> bytes:
-    chunk = connection.recv(1 << 16)
-    if not chunk:
-        raise ConnectionError("the preload server closed the connection mid-message")
-    return chunk
+def _receive_exactly(connection: socket.socket, size: int, data: bytes = b"") -> bytes | None:
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
-def _connect(path: str, wait_s: float = 180.0) -> socket.socket | None:
+def _connect(path: str, wait_s: float = 120.0) -> socket.socket | None:
     """The server's socket, waiting while it is still importing; None when there is none to wait for."""
     deadline = time.monotonic() + wait_s
-    pending = path + ".starting"  # there while the server imports
+    pending = path + ".starting"  # there while the server imports; removed once it listens
     while True:
+        importing = os.path.exists(pending)  # looked at first: absent means listening (or gone) by now
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             connection.connect(path)
             return connection
         except OSError:
             connection.close()
-        if not os.path.exists(pending) or time.monotonic() > deadline:
+        if not importing or time.monotonic() > deadline:
             return None
         time.sleep(0.1)
 
@@ -98,21 +100,41 @@ def main(argv: list[str]) -> int:
     connection = _connect(path) if path and script_argv else None
     if connection is None:
         _become_python(argv)
+    job: list[int] = []  # its pid once the server has forked it
+    early: list[int] = []  # signals that came before: sent to the job as soon as it exists
+
+    def forward(received: int, _frame) -> None:
+        if not job:
+            early.append(received)
+            return
+        try:
+            os.kill(job[0], received)
+        except ProcessLookupError:  # it has just ended: its status is on the way
+            pass
+
+    for number in FORWARDED_SIGNALS:
+        signal.signal(number, forward)
     request = {"argv": script_argv, "env": dict(os.environ), "cwd": os.getcwd(), "unbuffered": unbuffered}
     send_message(connection, request, [0, 1, 2])
     started, _ = receive_message(connection)
-    if started is None:  # the server went away before forking: run it here
+    if started is None:  # the server did not fork it: run it here
+        if early:
+            signal.signal(early[0], signal.SIG_DFL)
+            os.kill(os.getpid(), early[0])
         _become_python(argv)
-    job = started["pid"]
-    for number in FORWARDED_SIGNALS:
-        signal.signal(number, lambda received, _frame: os.kill(job, received))
+    job.append(started["pid"])
+    for number in early:
+        forward(number, None)
     ended, _ = receive_message(connection)
     if ended is None:
-        print(f"error: the preload server ended before job {job} reported its status", file=sys.stderr)
+        print(f"error: the preload server ended before job {job[0]} reported its status", file=sys.stderr)
         return 1
     status = ended["status"]  # os.waitstatus_to_exitcode: -N for a signal
     if status < 0:
-        signal.signal(-status, signal.SIG_DFL)
+        try:
+            signal.signal(-status, signal.SIG_DFL)  # SIGKILL and SIGSTOP have no handler to reset
+        except (OSError, ValueError):
+            pass
         os.kill(os.getpid(), -status)
         return 128 - status
     return status

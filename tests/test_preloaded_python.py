@@ -81,6 +81,17 @@ def test_signals_reach_the_job_and_a_killed_stand_in_takes_its_job_along(preload
             time.sleep(0.1)
 
 
+def test_a_job_killed_by_a_signal_and_one_that_ends_at_once_report_their_own_status(preload_server, tmp_path):
+    """The status can reach the stand-in right behind the job's pid; a job killed by SIGKILL is reported as
+    killed, not as a failure of the stand-in."""
+    killed = _write(tmp_path, "killed.py", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    quick = _write(tmp_path, "quick.py", "import sys\nsys.exit(int(sys.argv[1]))\n")
+    assert subprocess.run(one_rank(killed), check=False).returncode == -signal.SIGKILL
+    for status in (0, 2, 5, 0, 2, 5):
+        done = subprocess.run(one_rank(quick, str(status)), capture_output=True, text=True, check=False)
+        assert (done.returncode, done.stderr) == (status, "")
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as handle:
