@@ -125,8 +125,8 @@ def one_rank(script: str = TRAIN, *args: str, preloaded: bool = True) -> list[st
     """``python script args``: one rank, no launcher. ``preloaded``: through ``tests/preloaded_python.py``,
     which forks the job from the session's preload server with torch, DeepSpeed and transformers imported
     (~7 s of CPU less a process; conftest starts the server). False where the process itself is the subject
-    (signals, ``/proc``, peak memory, start-up): the forked job's parent, command line and hash seed are the
-    server's."""
+    (signals, ``/proc``, start-up, what a user's terminal shows, memory benchmarks): the forked job's parent,
+    command line and string-hash seed are the server's."""
     return [sys.executable, PRELOADED_PYTHON, script, *args] if preloaded else [sys.executable, script, *args]
 
 
