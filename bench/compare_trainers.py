@@ -61,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="skip the extra runs of each of ours alone (its peak memory as a run of its own: the timed "
         "rounds alternate all three in one process)",
     )
+    parser.add_argument(
+        "--python",
+        default=None,
+        help="the interpreter of the contenders' rank processes (default: this one); the launcher runs it "
+        "as the program (torchrun --no-python, deepspeed --no_python --no_local_rank)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1 or args.warmup_epochs < 0:
@@ -78,15 +84,17 @@ def launch_command(args, contender: str, out: str, alone: str | None = None) -> 
         *(["--alone", alone] if alone else []),
     ]  # fmt: skip
     if args.ranks == 1:
-        return [sys.executable, script, *flags]
+        return [args.python or sys.executable, script, *flags]
     port = str(free_port())
     if contender == "peer_loop" or args.launcher == "torchrun":  # peer_loop: DDP without DeepSpeed
+        python = ["--no-python", args.python] if args.python else []
         return [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-            script, *flags,
+            *python, script, *flags,
         ]  # fmt: skip
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [deepspeed, "--num_gpus", "2", "--master_port", port, script, *flags]
+    python = ["--no_python", "--no_local_rank", args.python] if args.python else []  # rank from LOCAL_RANK
+    return [deepspeed, "--num_gpus", "2", "--master_port", port, *python, script, *flags]
 
 
 def environment(ranks: int) -> dict:

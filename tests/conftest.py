@@ -132,16 +132,19 @@ def logged_model_predictions(tracking_uri: str, predictions_file, uris: list[str
 
 @pytest.fixture(scope="session", autouse=True)
 def preload_server(request, tmp_path_factory):
-    """When the session runs integration tests: one server (per pytest process) that forks the tests' jobs
-    with torch, DeepSpeed and transformers imported (tests/preload_server.py); jobs started by
-    ``launching.one_rank`` / ``direct`` find it through ``$DS_LORADROP_TEST_PRELOAD``, ~7 s of CPU less per
-    job process. Without it they start a plain interpreter."""
+    """When the session runs integration or benchmark tests: one server (per pytest process) that forks the
+    tests' jobs with torch, DeepSpeed and transformers imported (tests/preload_server.py); jobs started by
+    ``launching.one_rank`` / ``direct`` / ``torchrun(preloaded=True)`` find it through
+    ``$DS_LORADROP_TEST_PRELOAD``, ~7 s of CPU less per job process. Without it they start a plain
+    interpreter."""
     import subprocess
     import tempfile
 
     from preloaded_python import SOCKET_VARIABLE
 
-    if not any(item.get_closest_marker("integration") for item in request.session.items):
+    if not any(
+        item.get_closest_marker(m) for item in request.session.items for m in ("integration", "bench")
+    ):
         yield None
         return
     root = tmp_path_factory.mktemp("preload")

@@ -113,11 +113,14 @@ def direct(script: str = TRAIN, *args: str, ranks: int = 2, preloaded: bool = Tr
     ]
 
 
-def torchrun(script: str = TRAIN, *args: str, ranks: int = 2) -> list[str]:
-    """``torchrun --nproc_per_node N --master_port P script args``."""
+def torchrun(script: str = TRAIN, *args: str, ranks: int = 2, preloaded: bool = False) -> list[str]:
+    """``torchrun --nproc_per_node N --master_port P script args``. ``preloaded``: each rank forked from the
+    preload server (``--no-python python tests/preloaded_python.py script args``), where neither the launcher
+    nor the rank processes are the subject."""
+    python = ["--no-python", sys.executable, PRELOADED_PYTHON] if preloaded else []
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-        "--master_port", str(free_port()), script, *args,
+        "--master_port", str(free_port()), *python, script, *args,
     ]  # fmt: skip
 
 
@@ -128,6 +131,18 @@ def one_rank(script: str = TRAIN, *args: str, preloaded: bool = True) -> list[st
     (signals, ``/proc``, start-up, what a user's terminal shows, memory benchmarks): the forked job's parent,
     command line and string-hash seed are the server's."""
     return [sys.executable, PRELOADED_PYTHON, script, *args] if preloaded else [sys.executable, script, *args]
+
+
+def preloaded_python_program(directory) -> str:
+    """An executable ``directory/python`` that runs its arguments as :func:`one_rank` does, forked from the
+    preload server: for programs that take the interpreter of the processes they start
+    (``repro/study.py --python``, ``bench/compare_trainers.py --python``)."""
+    python = os.path.join(str(directory), "python")
+    os.makedirs(str(directory), exist_ok=True)
+    with open(python, "w") as handle:
+        handle.write(f'#!/bin/sh\nexec "{sys.executable}" "{PRELOADED_PYTHON}" "$@"\n')
+    os.chmod(python, 0o755)
+    return python
 
 
 def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:

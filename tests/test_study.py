@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
-from launching import PRELOADED_PYTHON
+from launching import preloaded_python_program
 
 pytestmark = pytest.mark.integration
 
@@ -46,10 +46,7 @@ def test_tiny_study_runs_skips_resumes_and_reports(tmp_path, e2e_dir):
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     # each run's interpreter: the preloaded stand-in for python (tests/preloaded_python.py), under that name
-    python = tmp_path / "bin" / "python"
-    python.parent.mkdir()
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{PRELOADED_PYTHON}" "$@"\n')
-    python.chmod(0o755)
+    python = preloaded_python_program(tmp_path / "bin")
     dirs = [
         "--grid",
         "tiny",

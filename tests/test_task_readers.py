@@ -159,3 +159,23 @@ def test_e2e_test_split_layout(tmp_path):
     examples = get_task("e2e").load_eval(str(tmp_path), "test")
     assert [len(ex.references) for ex in examples] == [2, 1]
     assert examples[0].references == ["A serves Thai food.", "Thai food, at A."]
+
+
+def test_a_training_split_is_parsed_once_per_file_version(tmp_path, monkeypatch):
+    """A run reads its training split three times (checks, examples, a random preset's tokenizer text): one
+    parse while the file is unchanged, a new one when it changes, and the callers' filtering never reaches
+    the kept examples."""
+    task = get_task("e2e")
+    parses = []
+    read = task.read_records
+    monkeypatch.setattr(task, "read_records", lambda path: parses.append(path) or read(path))
+    train = tmp_path / "trainset.csv"
+    train.write_text("mr,ref\nname[A],A is here.\nname[B],B is there.\n")
+    first = task.load_train(str(tmp_path), 1)
+    everything = task.load_train(str(tmp_path), exclude_prompts={first[0]["prompt"]})
+    assert first.num_rows == 1 and everything.num_rows == 1 and len(parses) == 1
+    pairs = [(row["prompt"], row["target"]) for row in (first[0], everything[0])]
+    assert task.training_text(str(tmp_path)) == [text for pair in pairs for text in pair]
+    assert len(parses) == 1
+    train.write_text("mr,ref\nname[A],A is here.\nname[B],B is there.\nname[C],C too.\n")
+    assert task.load_train(str(tmp_path)).num_rows == 3 and len(parses) == 2

@@ -94,14 +94,31 @@ class Task(ABC):
     ) -> datasets.Dataset:
         """Training examples (``prompt``, ``target``, ``stratum``) of ``split``: the first ``max_samples``
         examples, leaving out those whose prompt is in ``exclude_prompts`` (a held-out evaluation slice)."""
-        records = self.load_records(data_dir, split)
-        examples = [ex for record in records for ex in self.training_examples(record)]
+        examples = self.every_training_example(data_dir, split)
         examples = [ex for ex in examples if ex["prompt"] not in exclude_prompts]
         if max_samples is not None:
             examples = examples[:max_samples]
         if not examples:
             raise UsageError(f"task {self.name!r}: no training examples in the {split} split of {data_dir!r}")
         return datasets.Dataset.from_list(examples)
+
+    def every_training_example(self, data_dir: str, split: str) -> list[dict]:
+        """Every training example of ``split``, in file order. Parsed once per task object and file version:
+        a run reads its training split three times (the checks, the training examples, a random preset's
+        tokenizer text). Callers must not change the list or its dicts."""
+        path = self.split_path(data_dir, split)
+        try:
+            stamp = os.stat(path)
+            version = (stamp.st_mtime_ns, stamp.st_size)
+        except OSError:  # not a local file (a hub dataset): one version for the task object's life
+            version = None
+        key = (data_dir, split, path, version)
+        parsed = self.__dict__.setdefault("_parsed_examples", {})
+        if key not in parsed:
+            records = self.load_records(data_dir, split)
+            parsed.clear()  # one split file's examples kept at a time
+            parsed[key] = [ex for record in records for ex in self.training_examples(record)]
+        return parsed[key]
 
     def load_eval(self, data_dir: str, split: str, max_samples: int | None = None) -> list[EvalExample]:
         examples = self.eval_examples(self.load_records(data_dir, split), split)
