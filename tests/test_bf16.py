@@ -43,17 +43,18 @@ def _two_ranks(config: str, output: str, args: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bf16_runs(tmp_path_factory, smollm2_cache, e2e_dir):
-    """smollm2-135m LoRA-drop under each shipped bf16 config (stage 1 and stage 2 four steps each, a
-    checkpoint every 2 steps), and the ZeRO-3 run resumed from its stage-2 step-2 checkpoint."""
+    """smollm2-135m LoRA-drop under each shipped bf16 config (stage 1 two steps on its 8-example sample,
+    stage 2 four steps, a checkpoint every 2 steps), and the ZeRO-3 run resumed from its stage-2 step-2
+    checkpoint."""
     cache, _ = smollm2_cache
     root = tmp_path_factory.mktemp("bf16")
     env = {**job_env(root), "DS_LORADROP_CACHE": cache}
     args = [
-        "--model", "smollm2-135m", "--data_dir", e2e_dir, "--max_train_samples", "32",
+        "--model", "smollm2-135m", "--data_dir", e2e_dir, "--max_train_samples", "16",
         "--per_device_train_batch_size", "2", "--sample_ratio", "0.5", "--stage1_epochs", "1",
         "--threshold", "0.9", "--max_steps", "4", "--save_steps", "2", "--learning_rate", "2e-3",
         "--max_seq_length", "64", "--max_eval_samples", "4", "--max_new_tokens", "8",
-        "--val_loss_samples", "8",
+        "--val_loss_samples", "4",
         "--eval_batch_size", "2", "--logging_steps", "1", "--report_to", "none", "--seed", "5",
     ]  # fmt: skip
     out, logs = {}, {}
@@ -82,7 +83,8 @@ def test_bf16_trains_bf16_weights_with_fp32_master_weights_under_zero2_and_zero3
                 "optimizer_state float32" in logs[stage]
             )
         assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
-        assert all(math.isfinite(s["final_loss"]) and s["num_steps"] == 4 for s in summary["stages"])
+        assert all(math.isfinite(s["final_loss"]) for s in summary["stages"])
+        assert [s["num_steps"] for s in summary["stages"]] == [2, 4]
         # generation in bf16: every evaluated input got a text, and the scores were computed
         predictions = (
             open(os.path.join(out[stage], "eval", "predictions.jsonl")).read().splitlines()  # noqa: SIM115

@@ -47,20 +47,22 @@ def test_a_self_restarting_job_survives_faults_at_random_times(runs, tmp_path, e
 
 
 def test_a_restart_that_gets_fewer_ranks_continues_on_them(runs, tmp_path, e2e_dir):
-    """A node lost: after the first fault the hostfile shrinks from 2 slots to 1 and the restarted job
-    continues the 2-rank run on 1 rank (the global batch of 8 kept by accumulating 4 micro batches)."""
+    """A node lost: launch/restart.py around the DeepSpeed launcher (ZeRO-3); after the first fault the
+    hostfile shrinks from 2 slots to 1 and the restarted job continues the 2-rank run on 1 rank (the global
+    batch of 8 kept by accumulating 4 micro batches), ends with the 2-rank reference's adapters and one
+    FINISHED MLflow run that says (tag and metric) it was restarted once."""
     out, _ = runs
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     command = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), TRAIN, "--ds_config", out["zero2_config"],
+               "127.0.0.1", "--master_port", str(free_port()), TRAIN, "--ds_config", out["zero3_config"],
                "--per_device_train_batch_size", "2", "--data_dir", e2e_dir, *COMMON, "--save_steps", "2",
                "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                "--mlflow_experiment", "shrink"]  # fmt: skip
     report = str(tmp_path / "chaos.json")
     result = subprocess.run(
         [sys.executable, CHAOS, "--faults", "1", "--seed", "3", "--output_dir", str(tmp_path / "run"),
-         "--reference", out["zero2_torchrun"], "--json", report, "--shrink_hostfile", str(hostfile),
+         "--reference", out["zero3_2ranks"], "--json", report, "--shrink_hostfile", str(hostfile),
          "--shrink_to", "1", "--tolerance", "5e-5", "--", *command],
         cwd=REPO_ROOT, env=job_env(tmp_path), capture_output=True, text=True, timeout=1500, check=False,
     )  # fmt: skip
@@ -71,3 +73,10 @@ def test_a_restart_that_gets_fewer_ranks_continues_on_them(runs, tmp_path, e2e_d
     assert figures["mlflow_status"] == "FINISHED" and figures["max_abs_difference"] <= 5e-5
     log = result.stdout + result.stderr
     assert "on 1 rank(s): gradient accumulation 2 -> 4 keeps its global batch of 8" in log
+    assert "restart 1/3 from the newest complete checkpoint" in log and "restart 2/3" not in log
+    from mlflow import MlflowClient
+
+    with open(tmp_path / "run" / "tracking.json") as handle:
+        tracking = json.load(handle)
+    run = MlflowClient(tracking_uri=tracking["tracking_uri"]).get_run(tracking["run_id"])
+    assert run.data.tags["restarts"] == "1" and run.data.metrics["restarts"] == 1

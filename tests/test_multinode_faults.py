@@ -1,9 +1,10 @@
 """Two simulated nodes, a rank killed, a preempted job: through the real launchers, against the 2-rank
 reference run of the session fixture ``runs`` (same configuration, tests/launching.py).
 
-Five launches: the two-node run (two DeepSpeed launchers via launch/node_launch.sh, one rank each, at a
+Four launches: the two-node run (two DeepSpeed launchers via launch/node_launch.sh, one rank each, at a
 loopback master address), and one job that loses a rank to SIGKILL, is resumed and preempted with SIGTERM,
-and is resumed again to the end; and a self-restarting job (launch/restart.py) that loses a rank.
+and is resumed again to the end. A self-restarting job (launch/restart.py around the DeepSpeed launcher,
+ZeRO-3) that loses a rank is tests/test_chaos.py's second test.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -299,34 +299,3 @@ def test_resumed_twice_ends_like_the_uninterrupted_run(runs, faults):
     final = _adapters(faults["root"] / "run")
     assert any(value.abs().max() > 1e-3 for key, value in final.items() if key.endswith("lora_B"))
     assert torch.isfinite(torch.cat([value.flatten() for value in final.values()])).all()
-
-
-def test_a_self_restarting_job_loses_a_rank_in_stage_2_and_finishes_by_itself(runs, tmp_path, e2e_dir):
-    """launch/restart.py around the DeepSpeed launcher: rank 1 SIGKILLed after the stage-2 step-2
-    checkpoint; the job restarts from it with --resume auto, exits 0, ends with the uninterrupted run's
-    adapters, and MLflow holds one FINISHED run that says it was restarted once."""
-    out, _ = runs
-    env = job_env(tmp_path)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    restart = [sys.executable, os.path.join(REPO_ROOT, "launch", "restart.py"), "--restart_delay", "1"]
-    job = Job(
-        [*restart, "--max_restarts", "2", "--", *_checkpointing_job(out, e2e_dir, tmp_path / "run", store)],
-        env,
-    )
-    try:
-        job.wait_for(r"stage2: checkpoint .*stage2-step-000002")
-        job.rank_process(1).kill()
-        killed_at = time.time()
-        job.wait_for(r"stage2: resumed from .*stage2-step-00000[2-9]")
-        print(f"restarted and resumed stage 2 {time.time() - killed_at:.1f}s after the kill")
-        assert job.wait_for_end(timeout=600), job.log[-4000:]
-    finally:
-        job.kill()
-    assert job.process.returncode == 0, job.log[-4000:]
-    assert "restart 1/2 from the newest complete checkpoint" in job.log and "restart 2/2" not in job.log
-    assert "stage 1 finished before: using its plan" in job.log
-    assert _max_abs_difference(_adapters(tmp_path / "run"), _adapters(out["zero3_2ranks"])) <= 1e-6
-    client = MlflowClient(tracking_uri=store)
-    [run] = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["restarts"] == "1" and run.data.metrics["restarts"] == 1
