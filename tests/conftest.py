@@ -31,11 +31,19 @@ def e2e_dir() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
-    """(cache directory, converted checkpoint) of the smollm2-135m preset, converted once per session."""
+    """(cache directory, converted checkpoint) of the smollm2-135m preset, converted once per session: under
+    pytest-xdist in the workers' common temporary directory, by the first worker to ask (30-50 s of CPU that
+    the SmolLM2 and bf16 modules' workers would each spend)."""
+    from filelock import FileLock
+
     from ds_loradrop.models.loading import ensure_smollm2
 
-    cache = tmp_path_factory.mktemp("smollm2_cache")
-    return str(cache), ensure_smollm2(str(cache))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by this session's workers
+    cache = root / "smollm2_cache"
+    with FileLock(str(root / "smollm2_cache.lock")):
+        return str(cache), ensure_smollm2(str(cache))
 
 
 def tiny_llama_model(num_layers: int = 4, seed: int = 0, num_key_value_heads: int = 4):
