@@ -21,11 +21,11 @@ CHAOS = os.path.join(REPO_ROOT, "bench", "chaos.py")
 
 def test_a_self_restarting_job_survives_faults_at_random_times(runs, tmp_path, e2e_dir):
     """Started by tests/rank_launcher.py (4 attempts, ~10 s of launcher start-up less each): what restarts
-    is the subject; the ``deepspeed`` launcher under launch/restart.py is the next test's and
-    test_multinode_faults.py's. Its ranks are forked from the preload server: bench/chaos.py finds each
-    rank's stand-in (tests/preloaded_python.py) by its ``/proc`` command line and environment, which are the
-    rank's; a SIGTERM sent to it reaches the rank, and a SIGKILL makes the server kill the rank at once
-    (tests/test_preloaded_python.py)."""
+    is the subject; the ``deepspeed`` launcher under launch/restart.py is the next test's (the multi-node
+    and preemption launches are test_multinode_faults.py's). Its ranks are forked from the preload server:
+    bench/chaos.py finds each rank's stand-in (tests/preloaded_python.py) by its ``/proc`` command line and
+    environment, which are the rank's; a SIGTERM sent to it reaches the rank, and a SIGKILL makes the
+    server kill the rank at once (tests/test_preloaded_python.py)."""
     out, _ = runs
     command = direct(TRAIN, "--ds_config", out["zero2_config"], "--per_device_train_batch_size", "2",
                      "--data_dir", e2e_dir, *COMMON, "--save_steps", "2",

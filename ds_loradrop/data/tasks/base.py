@@ -112,7 +112,7 @@ class Task(ABC):
             version = (stamp.st_mtime_ns, stamp.st_size)
         except OSError:  # not a local file (a hub dataset): one version for the task object's life
             version = None
-        key = (data_dir, split, path, version)
+        key = (path, version)  # the split's file names the data directory and split
         parsed = self.__dict__.setdefault("_parsed_examples", {})
         if key not in parsed:
             records = self.load_records(data_dir, split)
