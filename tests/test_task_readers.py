@@ -162,9 +162,9 @@ def test_e2e_test_split_layout(tmp_path):
 
 
 def test_a_training_split_is_parsed_once_per_file_version(tmp_path, monkeypatch):
-    """A run reads its training split three times (checks, examples, a random preset's tokenizer text): one
-    parse while the file is unchanged, a new one when it changes, and the callers' filtering never reaches
-    the kept examples."""
+    """A run reads its training split three times (checks, examples, a random preset's tokenizer text) and
+    its validation split in between: one parse per split while its file is unchanged, a new one when it
+    changes, and the callers' filtering never reaches the kept examples."""
     task = get_task("e2e")
     parses = []
     read = task.read_records
@@ -177,5 +177,8 @@ def test_a_training_split_is_parsed_once_per_file_version(tmp_path, monkeypatch)
     pairs = [(row["prompt"], row["target"]) for row in (first[0], everything[0])]
     assert task.training_text(str(tmp_path)) == [text for pair in pairs for text in pair]
     assert len(parses) == 1
+    (tmp_path / "devset.csv").write_text("mr,ref\nname[D],D is near.\n")  # the held-out split, read between
+    assert task.load_train(str(tmp_path), split="validation").num_rows == 1 and len(parses) == 2
+    assert task.training_text(str(tmp_path), 1) == list(pairs[0]) and len(parses) == 2
     train.write_text("mr,ref\nname[A],A is here.\nname[B],B is there.\nname[C],C too.\n")
-    assert task.load_train(str(tmp_path)).num_rows == 3 and len(parses) == 2
+    assert task.load_train(str(tmp_path)).num_rows == 3 and len(parses) == 3

@@ -105,7 +105,8 @@ class Task(ABC):
     def every_training_example(self, data_dir: str, split: str) -> list[dict]:
         """Every training example of ``split``, in file order. Parsed once per task object and file version:
         a run reads its training split three times (the checks, the training examples, a random preset's
-        tokenizer text). Callers must not change the list or its dicts."""
+        tokenizer text) and its validation split as held-out examples in between. Callers must not change
+        the list or its dicts."""
         path = self.split_path(data_dir, split)
         try:
             stamp = os.stat(path)
@@ -116,7 +117,8 @@ class Task(ABC):
         parsed = self.__dict__.setdefault("_parsed_examples", {})
         if key not in parsed:
             records = self.load_records(data_dir, split)
-            parsed.clear()  # one split file's examples kept at a time
+            for stale in [other for other in parsed if other[0] == path]:  # one version kept per file
+                del parsed[stale]
             parsed[key] = [ex for record in records for ex in self.training_examples(record)]
         return parsed[key]
 
@@ -132,7 +134,9 @@ class Task(ABC):
 
     def training_text(self, data_dir: str, max_examples: int = 20000, split: str = "train") -> list[str]:
         """Text to train a tokenizer on: prompts and targets of the first training examples."""
-        examples = self.load_train(data_dir, max_examples, split)
+        examples = self.every_training_example(data_dir, split)[:max_examples]
+        if not examples:
+            raise UsageError(f"task {self.name!r}: no training examples in the {split} split of {data_dir!r}")
         return [text for ex in examples for text in (ex["prompt"], ex["target"])]
 
 
