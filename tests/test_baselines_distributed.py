@@ -34,7 +34,7 @@ RESUMED = ("sparse_lora",)
 
 @pytest.fixture(scope="session")
 def baseline_runs(tmp_path_factory, e2e_dir):
-    from launching import COMMON, TRAIN, direct, job_env, launch, one_rank, write_ds_config
+    from launching import COMMON, TRAIN, direct, global_batch, job_env, launch, one_rank, write_ds_config
 
     root = tmp_path_factory.mktemp("baselines")
     env = job_env(root)
@@ -62,8 +62,7 @@ def baseline_runs(tmp_path_factory, e2e_dir):
                 TRAIN,
                 "--ds_config",
                 zero2,
-                "--per_device_train_batch_size",
-                "4",
+                *global_batch(1, 4),
                 "--output_dir",
                 one,
                 "--run_name",
@@ -78,8 +77,7 @@ def baseline_runs(tmp_path_factory, e2e_dir):
             TRAIN,
             "--ds_config",
             zero3,
-            "--per_device_train_batch_size",
-            "2",
+            *global_batch(2, 2),  # ZeRO-3 accumulating on 2 ranks: here (tests/launching.py)
             "--output_dir",
             two,
             "--run_name",

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
-from launching import COMMON, DEEPSPEED, TRAIN, direct, free_port, job_env
+from launching import COMMON, DEEPSPEED, TRAIN, direct, free_port, global_batch, job_env
 
 pytestmark = pytest.mark.distributed
 
@@ -27,7 +27,7 @@ def test_a_self_restarting_job_survives_faults_at_random_times(runs, tmp_path, e
     environment, which are the rank's; a SIGTERM sent to it reaches the rank, and a SIGKILL makes the
     server kill the rank at once (tests/test_preloaded_python.py)."""
     out, _ = runs
-    command = direct(TRAIN, "--ds_config", out["zero2_config"], "--per_device_train_batch_size", "2",
+    command = direct(TRAIN, "--ds_config", out["zero2_config"], *global_batch(2, 2),
                      "--data_dir", e2e_dir, *COMMON, "--save_steps", "2",
                      "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                      "--mlflow_experiment", "chaos")  # fmt: skip
@@ -49,14 +49,14 @@ def test_a_self_restarting_job_survives_faults_at_random_times(runs, tmp_path, e
 def test_a_restart_that_gets_fewer_ranks_continues_on_them(runs, tmp_path, e2e_dir):
     """A node lost: launch/restart.py around the DeepSpeed launcher (ZeRO-3); after the first fault the
     hostfile shrinks from 2 slots to 1 and the restarted job continues the 2-rank run on 1 rank (the global
-    batch of 8 kept by accumulating 4 micro batches), ends with the 2-rank reference's adapters and one
+    batch of 8 kept by accumulating 2 micro batches), ends with the 2-rank reference's adapters and one
     FINISHED MLflow run that says (tag and metric) it was restarted once."""
     out, _ = runs
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     command = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", "0", "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), TRAIN, "--ds_config", out["zero3_config"],
-               "--per_device_train_batch_size", "2", "--data_dir", e2e_dir, *COMMON, "--save_steps", "2",
+               *global_batch(2, 4), "--data_dir", e2e_dir, *COMMON, "--save_steps", "2",
                "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                "--mlflow_experiment", "shrink"]  # fmt: skip
     report = str(tmp_path / "chaos.json")
@@ -72,7 +72,7 @@ def test_a_restart_that_gets_fewer_ranks_continues_on_them(runs, tmp_path, e2e_d
     assert figures["faults_injected"] == ["kill_rank"] and figures["restarts_recorded"] == 1
     assert figures["mlflow_status"] == "FINISHED" and figures["max_abs_difference"] <= 5e-5
     log = result.stdout + result.stderr
-    assert "on 1 rank(s): gradient accumulation 2 -> 4 keeps its global batch of 8" in log
+    assert "on 1 rank(s): gradient accumulation 1 -> 2 keeps its global batch of 8" in log
     assert "restart 1/3 from the newest complete checkpoint" in log and "restart 2/3" not in log
     from mlflow import MlflowClient
 

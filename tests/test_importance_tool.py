@@ -102,7 +102,7 @@ def test_a_plain_peft_adapter_gives_the_same_profile(runs, tmp_path):
 
 
 def test_training_with_a_given_plan_skips_stage1_and_trains_that_layout(runs, tmp_path, e2e_dir):
-    from launching import COMMON
+    from launching import COMMON, global_batch
 
     out, _ = runs
     result = _run(
@@ -116,8 +116,7 @@ def test_training_with_a_given_plan_skips_stage1_and_trains_that_layout(runs, tm
             TRAIN,
             "--ds_config",
             out["zero3_config"],
-            "--per_device_train_batch_size",
-            "4",
+            *global_batch(1, 4),
             "--data_dir",
             e2e_dir,
             *COMMON,

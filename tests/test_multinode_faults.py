@@ -22,7 +22,18 @@ import psutil
 import pytest
 import torch
 from conftest import REPO_ROOT
-from launching import COMMON, DEEPSPEED, NODE_LAUNCH, TRAIN, deepspeed, direct, free_port, job_env, launch
+from launching import (
+    COMMON,
+    DEEPSPEED,
+    NODE_LAUNCH,
+    TRAIN,
+    deepspeed,
+    direct,
+    free_port,
+    global_batch,
+    job_env,
+    launch,
+)
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -58,8 +69,7 @@ def two_nodes(runs, tmp_path_factory, e2e_dir):
     args = [
         "--ds_config",
         out["zero3_config"],
-        "--per_device_train_batch_size",
-        "2",
+        *global_batch(2, 4),
         "--data_dir",
         e2e_dir,
         *COMMON,
@@ -188,8 +198,7 @@ def _checkpointing_job(out: dict, e2e_dir: str, output_dir, store: str, launcher
         TRAIN,
         "--ds_config",
         out["zero3_config"],
-        "--per_device_train_batch_size",
-        "2",
+        *global_batch(2, 4),
         "--data_dir",
         e2e_dir,
         *COMMON,

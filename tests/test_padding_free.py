@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from launching import COMMON, TRAIN, direct, job_env, launch, one_rank, write_ds_config
+from launching import COMMON, TRAIN, direct, global_batch, job_env, launch, one_rank, write_ds_config
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +41,15 @@ def _flags(e2e_dir, out, ds_config, extra):
 def test_padding_free_gives_the_padded_loss_curve(tmp_path, e2e_dir, ranks):
     env = job_env(tmp_path)
     ds_config = write_ds_config(tmp_path / "ds.json", 2 if ranks == 1 else 3)
-    method = ["--per_device_train_batch_size", "4"] if ranks == 1 else ["--method", "lora"]
+    # accumulating on either: packing then spans the micro batches of a step
+    method = global_batch(1, 4) if ranks == 1 else ["--method", "lora", *global_batch(2, 2)]
     runs = {}
     for name, extra in (("padded", []), ("padding_free", ["--padding_free"])):
         flags = _flags(e2e_dir, tmp_path / name, ds_config, [*method, *extra])
         if ranks == 1:
             command = one_rank(TRAIN, *flags)
         else:
-            command = direct(TRAIN, *flags, "--per_device_train_batch_size", "2")
+            command = direct(TRAIN, *flags)
         runs[name] = _losses(launch(command, env).stdout)
     assert len(runs["padded"]) >= 8 and runs["padded"].keys() == runs["padding_free"].keys()
     for key, loss in runs["padded"].items():

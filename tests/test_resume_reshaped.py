@@ -20,7 +20,7 @@ import shutil
 import pytest
 import torch
 from conftest import SHARED_DATA
-from launching import COMMON, TRAIN, direct, job_env, launch, one_rank
+from launching import COMMON, TRAIN, direct, global_batch, job_env, launch, one_rank
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -59,12 +59,11 @@ def assert_adapters_close(candidate: str, reference: str, tolerance: float = TOL
     return worst
 
 
-def resume_args(config: str, per_device: int, output_dir: str, *extra) -> list[str]:
+def resume_args(config: str, batch: list[str], output_dir: str, *extra) -> list[str]:
     return [
         "--ds_config",
         config,
-        "--per_device_train_batch_size",
-        str(per_device),
+        *batch,
         "--output_dir",
         output_dir,
         "--data_dir",
@@ -85,12 +84,12 @@ def reshaped(runs, tmp_path_factory):
     zero2, zero3 = out["zero2_config"], out["zero3_config"]
     results = {}
 
-    # 4 ranks, ZeRO-3, global batch 8 (micro 1 x accumulation 2 x 4), its own MLflow store
+    # 4 ranks, ZeRO-3, global batch 8 (micro 2 x 4), its own MLflow store
     store = f"sqlite:///{root / 'mlflow.db'}"
     four = str(root / "four_ranks")
     tracking = ("--mlflow_tracking_uri", store, "--mlflow_experiment", "reshape", "--run_name", "four")
     launch(
-        direct(TRAIN, "--ds_config", zero3, "--per_device_train_batch_size", "1", "--save_steps", "4",
+        direct(TRAIN, "--ds_config", zero3, *global_batch(4, 2), "--save_steps", "4",
                   "--output_dir", four, "--data_dir", E2E_DIR, *COMMON, *tracking, ranks=4),
         env,
     )  # fmt: skip
@@ -98,19 +97,22 @@ def reshaped(runs, tmp_path_factory):
 
     # 2 ranks ZeRO-2 -> 1 rank ZeRO-3, in the middle of stage 2
     target = cut_back(out["zero2_torchrun"], str(root / "two_to_one"), "stage2-step-000004")
-    log = launch(one_rank(TRAIN, *resume_args(zero3, 4, target, "--report_to", "none")), env).stdout
+    command = one_rank(TRAIN, *resume_args(zero3, global_batch(1, 4), target, "--report_to", "none"))
+    log = launch(command, env).stdout
     results["two_to_one"] = (target, log)
 
     # 4 ranks ZeRO-3 -> 2 ranks ZeRO-2, in the middle of stage 2, the same MLflow run continued; the
-    # 4-rank command line as it was (micro batch 1): the global batch of 8 is kept by accumulating 4
+    # 4-rank command line as it was (micro batch 2, no accumulation): the global batch of 8 is kept by
+    # accumulating 2
     target = cut_back(four, str(root / "four_to_two"), "stage2-step-000004")
-    log = launch(direct(TRAIN, *resume_args(zero2, 1, target, *tracking)), env)
+    log = launch(direct(TRAIN, *resume_args(zero2, global_batch(4, 2), target, *tracking)), env)
     log = log.stdout + log.stderr
     results["four_to_two"] = (target, log)
 
     # 1 rank ZeRO-3 -> 2 ranks ZeRO-2, between stage 1 and stage 2
     target = cut_back(out["one_rank"], str(root / "one_to_two"), "stage1-step-000008")
-    log = launch(direct(TRAIN, *resume_args(zero2, 2, target, "--report_to", "none")), env).stdout
+    command = direct(TRAIN, *resume_args(zero2, global_batch(2, 2), target, "--report_to", "none"))
+    log = launch(command, env).stdout
     results["one_to_two"] = (target, log)
     results["store"] = (store, "")
     return results
@@ -132,7 +134,7 @@ def test_four_ranks_zero3_resumed_on_two_ranks_zero2_continues_its_mlflow_run(ru
     out, _ = runs
     target, log = reshaped["four_to_two"]
     assert "(portable state: 4 ranks, ZeRO-3 -> 2 ranks, ZeRO-2)" in log
-    assert "on 2 rank(s): gradient accumulation 2 -> 4 keeps its global batch of 8" in log
+    assert "on 2 rank(s): gradient accumulation 1 -> 2 keeps its global batch of 8" in log
     assert_adapters_close(target, out["zero2_torchrun"])
     assert_adapters_close(reshaped["four_ranks"][0], out["one_rank"])
     client = MlflowClient(tracking_uri=reshaped["store"][0])

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 import torch
-from launching import COMMON, TRAIN, job_env, one_rank
+from launching import COMMON, TRAIN, global_batch, job_env, one_rank
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
@@ -39,8 +39,8 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoints_resumable(
 
     out, _ = runs
     run = os.path.join(small_disk, "run")
-    command = [*one_rank(TRAIN), "--ds_config", out["zero3_config"], "--per_device_train_batch_size",
-               "4", "--data_dir", e2e_dir, *COMMON, "--save_steps", "2", "--report_to", "none"]  # fmt: skip
+    command = [*one_rank(TRAIN), "--ds_config", out["zero3_config"], *global_batch(1, 4),
+               "--data_dir", e2e_dir, *COMMON, "--save_steps", "2", "--report_to", "none"]  # fmt: skip
     env = job_env(tmp_path)
     result = subprocess.run(
         [*command, "--output_dir", run], env=env, capture_output=True, text=True, check=False
