@@ -233,8 +233,9 @@ def mlflow_server(tmp_path_factory):
 def runs(tmp_path_factory, e2e_dir, mlflow_server):
     """The distributed reference runs (tests/launching.py's configuration), made once per session.
 
-    zero3_2ranks (deepspeed, 2 ranks, ZeRO-3) tracks to a real MLflow server; one_rank (python) and
-    zero2_torchrun (torchrun, 2 ranks, ZeRO-2) to a local store; synced_eval is launch/evaluate.py over
+    zero3_2ranks (deepspeed, 2 ranks, ZeRO-3, fresh interpreters: users' launch) tracks to a real MLflow
+    server; one_rank (python) and zero2_torchrun (torchrun, 2 ranks, ZeRO-2, ranks forked from the preload
+    server) to a local store; synced_eval is launch/evaluate.py over
     zero3_2ranks' adapter with synced generation. Returns (output directories, stdout of each).
     """
     from launching import (
@@ -329,6 +330,8 @@ def runs(tmp_path_factory, e2e_dir, mlflow_server):
                 *data,
                 *COMMON,
                 *tracking["zero2_torchrun"],
+                # the launcher is torchrun (its rank environment, no --local_rank); the ranks forked warm
+                preloaded=True,
             ),
             env,
         ).stdout,
