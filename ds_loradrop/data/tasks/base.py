@@ -94,13 +94,25 @@ class Task(ABC):
     ) -> datasets.Dataset:
         """Training examples (``prompt``, ``target``, ``stratum``) of ``split``: the first ``max_samples``
         examples, leaving out those whose prompt is in ``exclude_prompts`` (a held-out evaluation slice)."""
+        examples = self.first_training_examples(data_dir, split, max_samples, exclude_prompts)
+        return datasets.Dataset.from_list(examples)
+
+    def first_training_examples(
+        self,
+        data_dir: str,
+        split: str,
+        max_samples: int | None = None,
+        exclude_prompts: set[str] = frozenset(),
+    ) -> list[dict]:
+        """:meth:`load_train`'s examples as the parsed dicts (not to be changed); a UsageError when none."""
         examples = self.every_training_example(data_dir, split)
-        examples = [ex for ex in examples if ex["prompt"] not in exclude_prompts]
+        if exclude_prompts:
+            examples = [ex for ex in examples if ex["prompt"] not in exclude_prompts]
         if max_samples is not None:
             examples = examples[:max_samples]
         if not examples:
             raise UsageError(f"task {self.name!r}: no training examples in the {split} split of {data_dir!r}")
-        return datasets.Dataset.from_list(examples)
+        return examples
 
     def every_training_example(self, data_dir: str, split: str) -> list[dict]:
         """Every training example of ``split``, in file order. Parsed once per task object and file version:
@@ -134,9 +146,7 @@ class Task(ABC):
 
     def training_text(self, data_dir: str, max_examples: int = 20000, split: str = "train") -> list[str]:
         """Text to train a tokenizer on: prompts and targets of the first training examples."""
-        examples = self.every_training_example(data_dir, split)[:max_examples]
-        if not examples:
-            raise UsageError(f"task {self.name!r}: no training examples in the {split} split of {data_dir!r}")
+        examples = self.first_training_examples(data_dir, split, max_examples)
         return [text for ex in examples for text in (ex["prompt"], ex["target"])]
 
 
