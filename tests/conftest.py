@@ -16,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # DeepSpeed JIT-builds CPU ops; keep the tests' builds apart from other environments' (see DEEPSPEED_NOTES).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO_ROOT, ".cache", "torch_extensions"))
+# Every job builds them with the environment's ninja (pip's), as an activated environment would: a job that
+# found another ninja on PATH (the system's 1.11 hashes a command unlike pip's 1.13) took the other's build
+# for a changed one and rebuilt DeepSpeed's shared-memory op, ~45 s of CPU, each time the two alternated.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 sys.path.insert(0, REPO_ROOT)
 
 SHARED_DATA = os.environ.get("DS_LORADROP_DATA_ROOT", os.path.join(REPO_ROOT, "..", "shared", "data"))

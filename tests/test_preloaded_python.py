@@ -19,11 +19,11 @@ from launching import PRELOADED_PYTHON, one_rank
 pytestmark = pytest.mark.integration
 
 PROBE = """
-import json, os, sys
+import json, os, shutil, sys
 print(json.dumps({
     "argv": sys.argv, "cwd": os.getcwd(), "variable": os.environ.get("PROBE_VARIABLE"),
     "path0": sys.path[0], "stdin": sys.stdin.read(), "name": __name__, "file": __file__,
-    "torch_imported": "torch" in sys.modules,
+    "torch_imported": "torch" in sys.modules, "ninja": shutil.which("ninja"),
 }))
 print("to stderr", file=sys.stderr)
 sys.exit(int(sys.argv[1]))
@@ -60,6 +60,9 @@ def test_a_preloaded_job_sees_what_a_fresh_interpreter_gives_and_exits_with_its_
     assert plain.pop("torch_imported") is False and preloaded.pop("torch_imported") is True  # forked, warm
     assert preloaded == plain
     assert plain["argv"] == [script, "3"] and plain["stdin"] == "from stdin" and plain["cwd"] == str(tmp_path)
+    # DeepSpeed's JIT builds run the environment's ninja in every job (conftest): with two ninjas the jobs
+    # rebuilt its shared-memory op each time they alternated (their build logs hash commands differently)
+    assert plain["ninja"] == os.path.join(os.path.dirname(sys.executable), "ninja")
 
 
 def test_signals_reach_the_job_and_a_killed_stand_in_takes_its_job_along(preload_server, tmp_path):
