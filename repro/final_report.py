@@ -117,6 +117,29 @@ def params_plot(points: list[tuple[str, list[float], list[float]]], path: str) -
     plt.close(figure)
 
 
+def status_line(grid: Grid, runs: dict[str, list[dict]]) -> str:
+    """How much of the grid has finished (every table shows what has, n per row) and where the earlier
+    one-rate study, with the paper's threshold and ablation tables, is."""
+    planned = {c.name: c.seeds or grid.seeds for c in grid.cells if c.same_as is None}
+    missing = {
+        name: [s for s in seeds if s not in {r["seed"] for r in runs.get(name, [])}]
+        for name, seeds in planned.items()
+    }
+    total = sum(len(seeds) for seeds in planned.values())
+    left = sum(len(seeds) for seeds in missing.values())
+    state = (
+        f"**Status: {total - left} of {total} runs finished.** Still to run: "
+        + "; ".join(f"{name} seed {', '.join(map(str, seeds))}" for name, seeds in missing.items() if seeds)
+        + ". Every table shows the runs that have finished (n per row)."
+        if left
+        else f"**Status: all {total} runs finished.**"
+    )
+    return (
+        f"{state} The earlier study, every method at one rate (5e-4; VeRA 5e-2), with the paper's threshold "
+        "(Table 6) and ablation (Table 7) cells: [repro/PAPER_GRID.md](repro/PAPER_GRID.md)."
+    )
+
+
 def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: str) -> str:
     """Write REPRODUCTION.md (``output``) and the parameters-vs-BLEU plot; return the text."""
     results_dir = os.path.join(results_root, grid.name)
@@ -182,6 +205,8 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
             f"corrected with Holm's method over all {len(family.comparisons)} comparisons of this report "
             "together. A difference is called higher or lower only where p (Holm) < 0.05."
         ),
+        "",
+        status_line(grid, runs),
         "",
         "## Learning rates",
         "",

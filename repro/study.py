@@ -1,7 +1,7 @@
-"""The reproduction study: run a grid through the real CLI, resumably, and write REPRODUCTION.md.
+"""The reproduction study: run a grid through the real CLI, resumably, and write its report.
 
     python repro/study.py run [--grid paper] [--only e2e/lora e2e/loradrop] [--seeds 1 2 3] [--commit]
-    python repro/study.py report [--grid paper] [--output REPRODUCTION.md]
+    python repro/study.py report [--grid final] [--output REPRODUCTION.md]
     python repro/study.py status [--grid paper]
 
 ``run`` goes through the grid's cells seed by seed (a cell's plan source first). A run whose result file
@@ -418,8 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--output",
         default=None,
-        help="report: where to write (default REPRODUCTION.md for "
-        "the paper grid, <runs_dir>/<grid>/REPRODUCTION.md otherwise).",
+        help="report: where to write (default REPRODUCTION.md for the final grid, repro/TUNING.md for the "
+        "tuning grid, repro/PAPER_GRID.md for the paper grid (one rate for all, the paper's Tables 6 and 7), "
+        "<runs_dir>/<grid>/REPRODUCTION.md otherwise).",
     )
     parser.add_argument(
         "--results_dir", default=StudyDirs.results, help="Result files (default repro/results)."
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         from report import write_report
 
         default = (
-            os.path.join(REPO_ROOT, "REPRODUCTION.md")
+            os.path.join(REPO_ROOT, "repro", "PAPER_GRID.md")
             if grid.name == "paper"
             else os.path.join(dirs.grid_runs(grid), "REPRODUCTION.md")
         )

@@ -224,6 +224,21 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     # rescored from the committed predictions: "Pub" vs "pub" counts only when cased
     assert "| LoRA | 3 | 32.00 ± 1.00 | 100.00 ± 0.00 |" in text
     assert "- LoRA − LoRA-drop: +1.00 BLEU over 3 seed(s)" in text
+    # what is left is said: the headline cells' seeds 4-5, cells never run, nothing that has finished
+    status = next(line for line in text.splitlines() if line.startswith("**Status: "))
+    assert status.startswith("**Status: 18 of 45 runs finished.** Still to run: e2e/lora seed 4, 5;")
+    assert "e2e/vera seed 1, 2, 3;" in status and "gsm8k/loradrop seed 1." in status
+    assert "e2e/sparse_lora" not in status and "dart/lora" not in status
+    assert "[repro/PAPER_GRID.md](repro/PAPER_GRID.md)" in status
+
+
+def test_the_final_reports_status_says_when_every_run_has_finished():
+    from final_report import status_line
+    from grid import final_grid
+
+    grid = final_grid("no such file")
+    runs = {c.name: [{"seed": s} for s in c.seeds or grid.seeds] for c in grid.cells if c.same_as is None}
+    assert status_line(grid, runs).startswith("**Status: all 45 runs finished.** The earlier study")
 
 
 def test_the_budget_threshold_reads_a_runs_plan_and_stage1_adapter(tmp_path):
