@@ -86,12 +86,16 @@ def test_each_recipe_parses_and_begins_with_the_command_that_runs_it(recipe):
     assert cfg.finetuning.method == "loradrop" and cfg.drop.threshold == 0.9
 
 
-def test_the_quick_start_recipe_is_the_default_run_under_zero2():
+def test_the_quick_start_recipe_is_the_default_run_under_zero2_at_loradrops_tuned_rate():
     recipe = os.path.join(REPO_ROOT, "recipes", "e2e_loradrop.yaml")
     from_recipe = parse_run_config(["--config", recipe]).to_dict()
     default = parse_run_config(["--ds_config", "ds_configs/zero2.json"]).to_dict()
     assert from_recipe["train"].pop("output_dir") == "outputs/e2e_loradrop"
     default["train"].pop("output_dir")
+    with open(os.path.join(REPO_ROOT, "repro", "results", "tuning", "chosen_rates.json")) as handle:
+        tuned = float(json.load(handle)["loradrop"]["learning_rate"])
+    assert from_recipe["train"].pop("learning_rate") == tuned == 5e-3  # the study's choice (issue 28)
+    default["train"].pop("learning_rate")
     assert from_recipe == default
 
 
