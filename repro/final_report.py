@@ -18,6 +18,8 @@ from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, Grid
 from report import fmt, load_results
 from stats import PairedComparison, holm, paired, verdict
 
+PAPER_REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "PAPER_GRID.md")
+
 LORA_PARAMETERS = 460_800
 
 
@@ -117,7 +119,7 @@ def params_plot(points: list[tuple[str, list[float], list[float]]], path: str) -
     plt.close(figure)
 
 
-def status_line(grid: Grid, runs: dict[str, list[dict]]) -> str:
+def status_line(grid: Grid, runs: dict[str, list[dict]], paper_report: str = "repro/PAPER_GRID.md") -> str:
     """How much of the grid has finished (every table shows what has, n per row) and where the earlier
     one-rate study, with the paper's threshold and ablation tables, is."""
     planned = {c.name: c.seeds or grid.seeds for c in grid.cells if c.same_as is None}
@@ -136,7 +138,7 @@ def status_line(grid: Grid, runs: dict[str, list[dict]]) -> str:
     )
     return (
         f"{state} The earlier study, every method at one rate (5e-4; VeRA 5e-2), with the paper's threshold "
-        "(Table 6) and ablation (Table 7) cells: [repro/PAPER_GRID.md](repro/PAPER_GRID.md)."
+        f"(Table 6) and ablation (Table 7) cells: [repro/PAPER_GRID.md]({paper_report})."
     )
 
 
@@ -206,7 +208,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
             "together. A difference is called higher or lower only where p (Holm) < 0.05."
         ),
         "",
-        status_line(grid, runs),
+        status_line(grid, runs, os.path.relpath(PAPER_REPORT, os.path.dirname(os.path.abspath(output)))),
         "",
         "## Learning rates",
         "",

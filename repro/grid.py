@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Cell:
     name: str  # "<task>/<variant>", also the results folder
-    table: str  # which table of REPRODUCTION.md it belongs to
+    table: str  # which table of its grid's report it belongs to
     args: tuple[str, ...] = ()  # flags beyond the grid's common ones
     plan_from: str | None = None
     plan_args: tuple[str, ...] = ()

@@ -1,8 +1,11 @@
 """The reproduction study: run a grid through the real CLI, resumably, and write its report.
 
-    python repro/study.py run [--grid paper] [--only e2e/lora e2e/loradrop] [--seeds 1 2 3] [--commit]
-    python repro/study.py report [--grid final] [--output REPRODUCTION.md]
-    python repro/study.py status [--grid paper]
+    python repro/study.py run --grid final [--only e2e/lora e2e/loradrop] [--seeds 1 2 3] [--commit]
+    python repro/study.py report --grid final [--output REPRODUCTION.md]
+    python repro/study.py status --grid final
+
+``--grid`` defaults to ``paper`` (the earlier one-rate study, reported in repro/PAPER_GRID.md); ``final``
+is the tuned-rate study reported in REPRODUCTION.md, ``tuning`` its learning-rate search (repro/TUNING.md).
 
 ``run`` goes through the grid's cells seed by seed (a cell's plan source first). A run whose result file
 ``repro/results/<grid>/<cell>/seed<N>.json`` exists is skipped; any other run is launched with
@@ -12,8 +15,8 @@ is written at once and, with ``--commit``, committed on its own. Progress goes t
 ``study_runs/<grid>/progress.log``; all runs of a grid are one MLflow experiment
 (``study_runs/<grid>/mlflow.db``). ``report`` reads only the committed result files.
 
-Run it in the background (``nohup python repro/study.py run --grid paper --commit &``) and check the
-progress file; it takes hours on a 2-core machine.
+Run the whole study in the background (``nohup bash repro/campaign.sh > study.log 2>&1 &``: tuning, final,
+the provenance rerun) and check the progress file; it takes many hours on a 2-core machine.
 """
 
 from __future__ import annotations

@@ -229,7 +229,9 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     assert status.startswith("**Status: 18 of 45 runs finished.** Still to run: e2e/lora seed 4, 5;")
     assert "e2e/vera seed 1, 2, 3;" in status and "gsm8k/loradrop seed 1." in status
     assert "e2e/sparse_lora" not in status and "dart/lora" not in status
-    assert "[repro/PAPER_GRID.md](repro/PAPER_GRID.md)" in status
+    # the earlier study's report, linked from wherever this one is written
+    paper = os.path.relpath(os.path.join(REPO_ROOT, "repro", "PAPER_GRID.md"), tmp_path)
+    assert f"[repro/PAPER_GRID.md]({paper})" in status and os.path.isfile(tmp_path / paper)
 
 
 def test_the_final_reports_status_says_when_every_run_has_finished():
@@ -261,3 +263,15 @@ def test_the_budget_threshold_reads_a_runs_plan_and_stage1_adapter(tmp_path):
     # two own layers and the shared one: the first two layers by importance cover 0.7
     threshold = budget_threshold(str(run), 3 * per_layer)
     assert 0.4 < threshold <= 0.7
+
+
+def test_the_one_rate_reports_says_it_is_superseded_and_links_the_tuned_rate_report(tmp_path):
+    from grid import PAPER
+    from report import write_report
+
+    (tmp_path / "results").mkdir()
+    output = tmp_path / "out" / "PAPER_GRID.md"
+    text = write_report(PAPER, str(tmp_path / "results"), str(output))
+    superseded = next(line for line in text.splitlines() if line.startswith("**Superseded** by"))
+    link = superseded.split("[REPRODUCTION.md](", 1)[1].split(")", 1)[0]
+    assert os.path.normpath(os.path.join(output.parent, link)) == os.path.join(REPO_ROOT, "REPRODUCTION.md")
