@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -408,3 +409,25 @@ def test_resume_reads_the_method_of_a_run_config_that_kept_it_under_drop(tmp_pat
     check_resume_matches(cfg, str(path))
     with pytest.raises(UsageError, match=r"changed configuration \(finetuning.method\)"):
         check_resume_matches(parse_run_config(["--method", "loradrop"]), str(path))
+
+
+def test_a_rendezvous_port_in_use_is_one_error_line(base_args, tmp_path):
+    """Another job on the machine holds the launcher's port (deepspeed's default 29500 is everyone's):
+    rank 0 says so in one line and which flag to change, instead of torch's traceback."""
+    from launching import TRAIN, one_rank
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        result = subprocess.run(
+            one_rank(TRAIN, *base_args), env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    expected = f"error: the rendezvous port {port} on 127.0.0.1 is in use (another job on this machine?)"
+    assert lines[-1].startswith(expected) and "--master_port" in lines[-1], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "run_config.json").exists()

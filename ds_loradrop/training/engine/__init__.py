@@ -40,6 +40,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers.integrations import HfDeepSpeedConfig
 
+from ds_loradrop.errors import UsageError
 from ds_loradrop.training.distributed import (
     barrier,
     free_port,
@@ -63,7 +64,16 @@ def init_distributed(timeout: datetime.timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    deepspeed.init_distributed(timeout=timeout, verbose=False)
+    try:
+        deepspeed.init_distributed(timeout=timeout, verbose=False)
+    except torch.distributed.DistNetworkError as error:  # rank 0 could not open the rendezvous store
+        if "EADDRINUSE" not in str(error):
+            raise
+        address = f"{os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')}"
+        raise UsageError(
+            f"the rendezvous port {address} is in use (another job on this machine?): launch with another "
+            "--master_port"
+        ) from None
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
