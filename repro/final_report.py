@@ -14,11 +14,11 @@ import json
 import math
 import os
 
-from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, Grid
+from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, REPO_ROOT, Grid
 from report import fmt, load_results
 from stats import PairedComparison, holm, paired, verdict
 
-PAPER_REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "PAPER_GRID.md")
+PAPER_REPORT = os.path.join(REPO_ROOT, "repro", "PAPER_GRID.md")
 
 LORA_PARAMETERS = 460_800
 

@@ -290,6 +290,8 @@ TUNING = Grid(
 # Issue 28, steps 2-7: every cell at its method's tuned rate (repro/results/tuning/chosen_rates.json),
 # reported on the validation split. Where a cell's rate is not tuned yet its args hold UNTUNED and the
 # study refuses to run it.
+# The repository root: where reports, figures and result files are placed from.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHOSEN_RATES_FILE = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results", "tuning", "chosen_rates.json"
 )

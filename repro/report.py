@@ -16,9 +16,7 @@ import math
 import os
 import statistics
 
-from grid import Cell, Grid
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from grid import REPO_ROOT, Cell, Grid
 
 METRICS = ("bleu", "rouge_l", "accuracy")
 PAPER_NOTES = {
