@@ -14,9 +14,11 @@ import json
 import math
 import os
 
-from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, REPO_ROOT, Grid
+from findings import Facts, Indices, findings_section
+from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, REPO_ROOT, Grid, short_label
 from report import fmt, load_results
-from stats import PairedComparison, holm, paired, verdict
+from scipy import stats as scipy_stats
+from stats import Family, p_text, paired, verdict
 
 PAPER_REPORT = os.path.join(REPO_ROOT, "repro", "PAPER_GRID.md")
 
@@ -48,26 +50,6 @@ def lowercased_bleu(runs: list[dict]) -> dict[int, float]:
         for run in runs
         if "bleu_lowercase" in run.get("rescored_metrics", {})
     }
-
-
-class Family:
-    """The report's comparisons; Holm-corrected together before the text is written."""
-
-    def __init__(self):
-        self.comparisons: list[PairedComparison] = []
-
-    def add(self, comparison: PairedComparison | None) -> int | None:
-        if comparison is None:
-            return None
-        self.comparisons.append(comparison)
-        return len(self.comparisons) - 1
-
-    def adjusted(self) -> list[float]:
-        return holm([c.p_value for c in self.comparisons])
-
-
-def p_text(p: float) -> str:
-    return "-" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
 def comparison_cells(family: Family, index: int | None, adjusted: list[float]) -> str:
@@ -165,27 +147,51 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
     # matched budgets: LoRA-drop at the baseline's count minus the baseline
     match_index = {
         b: family.add(
-            paired(f"LoRA-drop at {b}'s budget − {b}", bleu[f"e2e/loradrop_match_{b}"], bleu[f"e2e/{b}"])
+            paired(
+                f"LoRA-drop at {short_label(b)}'s budget − {short_label(b)}",
+                bleu[f"e2e/loradrop_match_{b}"],
+                bleu[f"e2e/{b}"],
+            )
         )
         for b in BASELINE_PARAMETERS
     }
     # data scale: LoRA-drop − LoRA at 1,200 and 4,800 rows, and the change of the gap
-    gap_1x = paired("gap, 1,200 rows", bleu["e2e/loradrop"], bleu["e2e/lora"])
-    gap_4x = paired("gap, 4,800 rows", bleu["e2e4x/loradrop"], bleu["e2e4x/lora"])
-    scale_index = {"1x": family.add(gap_1x), "4x": family.add(gap_4x)}
+    # data scale: LoRA − LoRA-drop at 4,800 rows and the change of that gap; at 1,200 rows the gap is the
+    # E2E table's own comparison (one family member, not two)
+    gap_1x = paired("LoRA − LoRA-drop", bleu["e2e/lora"], bleu["e2e/loradrop"])
+    gap_4x = paired("LoRA − LoRA-drop, 4,800 rows", bleu["e2e4x/lora"], bleu["e2e4x/loradrop"])
+    scale_index = {"1x": main_index["lora"], "4x": family.add(gap_4x)}
     if gap_1x and gap_4x:
         per_seed_1x = dict(zip(gap_1x.seeds, gap_1x.differences))
         per_seed_4x = dict(zip(gap_4x.seeds, gap_4x.differences))
-        scale_index["change"] = family.add(paired("gap change (4x − 1x)", per_seed_4x, per_seed_1x))
+        change = "(LoRA − LoRA-drop) at 4,800 − at 1,200 rows"
+        scale_index["change"] = family.add(paired(change, per_seed_4x, per_seed_1x))
     # DART (entity split): LoRA-drop − LoRA, cased and lower-cased
     dart_lower = {cell: lowercased_bleu(runs[cell]) for cell in ("dart/lora", "dart/loradrop")}
     dart_index = {
-        "cased": family.add(paired("DART BLEU", bleu["dart/loradrop"], bleu["dart/lora"])),
+        "cased": family.add(paired("DART: LoRA-drop − LoRA", bleu["dart/loradrop"], bleu["dart/lora"])),
         "lower": family.add(
-            paired("DART BLEU (lower-cased)", dart_lower["dart/loradrop"], dart_lower["dart/lora"])
+            paired(
+                "DART: LoRA-drop − LoRA, lower-cased BLEU",
+                dart_lower["dart/loradrop"],
+                dart_lower["dart/lora"],
+            )
         ),
     }
     adjusted = family.adjusted()
+    dart_split = read_dart_split(os.path.join(results_root, grid.name, "dart_split.json"))
+    gsm8k = gsm8k_rows(runs)
+    drop_parameters = parameters(runs["e2e/loradrop"])
+    facts = Facts(
+        loradrop_bleu=list(bleu["e2e/loradrop"].values()),
+        loradrop_share=(
+            100 * sum(drop_parameters) / len(drop_parameters) / LORA_PARAMETERS if drop_parameters else None
+        ),
+        dart_bleu={m: list(bleu[f"dart/{m}"].values()) for m in ("lora", "loradrop")},
+        dart_template_bleu=dart_split["template"]["bleu"] if dart_split else None,
+        gsm8k=gsm8k,
+    )
+    where = Indices(main=main_index, matched=match_index, scale=scale_index, dart=dart_index)
 
     lines = [
         "# Reproduction: LoRA-drop against LoRA and its baselines, each at its own tuned learning rate",
@@ -209,6 +215,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
         ),
         "",
         status_line(grid, runs, os.path.relpath(PAPER_REPORT, os.path.dirname(os.path.abspath(output)))),
+        *findings_section(family, adjusted, where, facts),
         "",
         "## Learning rates",
         "",
@@ -286,7 +293,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
     ]
     points = [
         (
-            METHOD_LABELS[m].split(" (")[0] if m != "loradrop" else "LoRA-drop T = 0.9",
+            short_label(m) if m != "loradrop" else "LoRA-drop T = 0.9",
             parameters(runs[f"e2e/{m}"]),
             list(bleu[f"e2e/{m}"].values()),
         )
@@ -304,7 +311,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
         )
         points.append(
             (
-                f"LoRA-drop at {baseline}'s budget",
+                f"LoRA-drop at {short_label(baseline)}'s budget",
                 parameters(matched),
                 list(bleu[f"e2e/loradrop_match_{baseline}"].values()),
             )
@@ -320,12 +327,11 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
         "",
         (
             "LoRA and LoRA-drop at their tuned rates on 4x the rows (stage 1 samples 10 % of them, so it "
-            "is 4x "
-            "longer too). Δ: LoRA-drop minus LoRA, seed by seed; the last row compares the two gaps seed "
-            "by seed."
+            "is 4x longer too). Δ: LoRA minus LoRA-drop, seed by seed (on 1,200 rows it is the E2E table's "
+            "comparison); the last row compares the two gaps seed by seed."
         ),
         "",
-        "| rows | LoRA BLEU | LoRA-drop BLEU | Δ (LoRA-drop − LoRA) | p | p (Holm) | reading |",
+        "| rows | LoRA BLEU | LoRA-drop BLEU | Δ (LoRA − LoRA-drop) | p | p (Holm) | reading |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for key, rows, prefix in (("1x", "1,200", "e2e"), ("4x", "4,800", "e2e4x")):
@@ -339,10 +345,9 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
         f"{comparison_cells(family, scale_index.get('change'), adjusted)} |"
     )
 
-    lines += dart_section(results_root, grid, runs, bleu, dart_lower, family, dart_index, adjusted)
-    lines += gsm8k_section(runs)
+    lines += dart_section(dart_split, runs, bleu, dart_lower, family, dart_index, adjusted)
+    lines += gsm8k_section(gsm8k)
     lines += provenance_section(results_root)
-    lines += findings_section(family, adjusted)
     hours = machine_hours(*(os.path.join(results_root, g) for g in ("tuning", grid.name, "rerun")))
     lines += [
         "",
@@ -360,13 +365,18 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
     return text
 
 
-def dart_section(results_root, grid, runs, bleu, dart_lower, family, dart_index, adjusted) -> list[str]:
-    split_file = os.path.join(results_root, grid.name, "dart_split.json")
+def read_dart_split(path: str) -> dict | None:
+    """The DART split's description (``repro/dart_split.py`` writes it), None before it is built."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def dart_section(split, runs, bleu, dart_lower, family, dart_index, adjusted) -> list[str]:
     lines = ["", "## DART on a split by entity", ""]
-    if not os.path.isfile(split_file):
+    if split is None:
         return lines + ["Not run yet."]
-    with open(split_file) as handle:
-        split = json.load(handle)
     sources = ", ".join(
         f"{s} {split['eval_by_source'].get(s, 0)} / {split['train_rows_by_source'].get(s, 0)}"
         for s in sorted(split["dev_inputs_by_source"], key=lambda s: -split["dev_inputs_by_source"][s])
@@ -415,43 +425,45 @@ def dart_section(results_root, grid, runs, bleu, dart_lower, family, dart_index,
     return lines
 
 
-def gsm8k_section(runs) -> list[str]:
+GSM8K_PROBLEMS = 500
+
+
+def gsm8k_rows(runs: dict[str, list[dict]]) -> list[tuple[str, float]]:
+    """(row, accuracy %) of the GSM8K cells that finished: the base model (scored in the LoRA run), LoRA,
+    LoRA-drop."""
+    lora = runs["gsm8k/lora"]
+    rows = []
+    if lora and lora[0].get("base_eval_metrics"):
+        rows.append(("base model (no training)", lora[0]["base_eval_metrics"]["accuracy"]))
+    for cell, label in (("gsm8k/lora", "LoRA"), ("gsm8k/loradrop", METHOD_LABELS["loradrop"])):
+        if runs[cell]:
+            rows.append((label, runs[cell][0]["eval_metrics"]["accuracy"]))
+    return rows
+
+
+def gsm8k_section(rows: list[tuple[str, float]]) -> list[str]:
     lines = [
         "",
         "## GSM8K",
         "",
         (
-            "The first 500 problems of GSM8K's training file are evaluated (left out of training; no test "
-            "split "
-            "here) and 1,200 of the rest trained on, one seed. Accuracy: the number after `####` (else "
-            "the last "
-            "number) equals the gold answer."
+            f"The first {GSM8K_PROBLEMS} problems of GSM8K's training file are evaluated (left out of "
+            "training; no test split here) and 1,200 of the rest trained on, one seed. Accuracy: the number "
+            "after `####` (else the last number) equals the gold answer. The interval is Wilson's 95 % "
+            "interval for one run's share of correct answers (problems only, not seeds)."
         ),
         "",
-        "| row | accuracy (%) | correct of 500 |",
-        "|---|---:|---:|",
     ]
-    lora = runs["gsm8k/lora"]
-    rows = []
-    if lora and lora[0].get("base_eval_metrics"):
-        rows.append(("base model (no training)", lora[0]["base_eval_metrics"]["accuracy"]))
-    for cell, label in (("gsm8k/lora", "LoRA"), ("gsm8k/loradrop", "LoRA-drop (T = 0.9)")):
-        if runs[cell]:
-            rows.append((label, runs[cell][0]["eval_metrics"]["accuracy"]))
     if not rows:
-        return lines[:-4] + ["Not run yet."]
+        return lines + ["Not run yet."]
+    lines += ["| row | accuracy (%) | 95 % interval | correct |", "|---|---:|---:|---:|"]
     for label, accuracy in rows:
-        lines.append(f"| {label} | {accuracy:.1f} | {round(accuracy * 5)} |")
-    best = max(a for _, a in rows)
-    if best < 10:
-        lines += [
-            "",
-            (
-                f"At most {best:.1f} % (the SmolLM2-135M model is near the floor on grade-school "
-                "arithmetic): "
-                "this row cannot tell the methods apart."
-            ),
-        ]
+        correct = round(accuracy * GSM8K_PROBLEMS / 100)
+        interval = scipy_stats.binomtest(correct, GSM8K_PROBLEMS).proportion_ci(method="wilson")
+        lines.append(
+            f"| {label} | {accuracy:.1f} | {100 * interval.low:.1f}-{100 * interval.high:.1f} | "
+            f"{correct} of {GSM8K_PROBLEMS} |"
+        )
     return lines
 
 
@@ -483,20 +495,5 @@ def provenance_section(results_root: str) -> list[str]:
         lines.append(
             f"| {cell} | {old['eval_metrics']['bleu']:.2f} ({old.get('git_commit', '')[:8]}) | "
             f"{new['eval_metrics']['bleu']:.2f} ({new.get('git_commit', '')[:8]}) | {delta:+.2f} |"
-        )
-    return lines
-
-
-def findings_section(family: Family, adjusted: list[float]) -> list[str]:
-    """One line per comparison, worded by its Holm-corrected p-value (``stats.verdict``)."""
-    lines = ["", "## Findings (worded by p (Holm))", ""]
-    if not family.comparisons:
-        return lines + ["No comparison has two finished cells yet."]
-    for comparison, p in zip(family.comparisons, adjusted):
-        reading = verdict(comparison.mean, p)
-        sign = "first higher" if reading == "higher" else "first lower" if reading == "lower" else reading
-        lines.append(
-            f"- {comparison.label}: {comparison.mean:+.2f} BLEU over {comparison.n} seed(s), p (Holm) "
-            f"{p_text(p)}: {sign}."
         )
     return lines

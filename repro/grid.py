@@ -262,6 +262,11 @@ METHOD_LABELS = {
 }
 
 
+def short_label(method: str) -> str:
+    """A method's name without its settings: "Sparse Adapter" for "Sparse Adapter (SNIP, sparsity 0.5)"."""
+    return METHOD_LABELS[method].split(" (")[0]
+
+
 def _tuning_cells() -> tuple[Cell, ...]:
     return tuple(
         Cell(

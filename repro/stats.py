@@ -74,3 +74,24 @@ def verdict(difference: float, adjusted_p: float, alpha: float = ALPHA) -> str:
     if adjusted_p < alpha:
         return "higher" if difference > 0 else "lower"
     return "no significant difference"
+
+
+def p_text(p: float) -> str:
+    """A p-value as the report writes it: three decimals, or two significant digits below 0.001."""
+    return "-" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+class Family:
+    """The report's comparisons; Holm-corrected together before the text is written."""
+
+    def __init__(self):
+        self.comparisons: list[PairedComparison] = []
+
+    def add(self, comparison: PairedComparison | None) -> int | None:
+        if comparison is None:
+            return None
+        self.comparisons.append(comparison)
+        return len(self.comparisons) - 1
+
+    def adjusted(self) -> list[float]:
+        return holm([c.p_value for c in self.comparisons])

@@ -173,8 +173,8 @@ def test_the_final_grid_runs_each_method_at_its_tuned_rate_and_skips_untuned_one
     assert "skipped e2e/full seed 1: its method's learning rate is not tuned yet" in log
 
 
-def _result(results, cell, seed, bleu, params, **extra):
-    path = os.path.join(results, "final", cell, f"seed{seed}.json")
+def _result(results, cell, seed, bleu, params, grid="final", **extra):
+    path = os.path.join(results, grid, cell, f"seed{seed}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     run = {"cell": cell, "seed": seed, "trainable_parameters": params, "wall_seconds_launch": 600.0,
            "eval_metrics": {"bleu": bleu, "rouge_l": bleu + 5},
@@ -202,6 +202,16 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
         _result(results, "e2e/loradrop_match_sparse_lora", seed, matched, 230400, plan={"threshold": 0.79})
         _result(results, "dart/lora", seed, 30.0 + seed, 460800)
         _result(results, "dart/loradrop", seed, 29.0 + seed, 291840)
+    # 4x the rows: the gap (LoRA-drop − LoRA) -0.5, -0.4, -0.3 against -1.0, -1.1, -0.9 at 1x
+    for seed, (lora, drop) in enumerate([(62.0, 61.5), (63.0, 62.6), (61.0, 60.7)], start=1):
+        _result(results, "e2e4x/lora", seed, lora, 460800)
+        _result(results, "e2e4x/loradrop", seed, drop, 291840)
+    base = {"base_eval_metrics": {"accuracy": 1.2}}
+    _result(results, "gsm8k/lora", 1, 0.0, 460800, eval_metrics={"accuracy": 2.4}, **base)
+    _result(results, "gsm8k/loradrop", 1, 0.0, 291840, eval_metrics={"accuracy": 3.0})
+    # the earlier study's cell and its rerun on the final commit
+    _result(results, "e2e/lora", 1, 55.0, 460800, grid="paper", git_commit="a" * 40)
+    _result(results, "e2e/lora", 1, 55.5, 460800, grid="rerun", git_commit="b" * 40)
     from dart_split import write_split
 
     write_split(
@@ -217,8 +227,31 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     assert "+1.00 ± 0.06 (n=3)" in lora_row
     p = scipy_stats.ttest_rel([60.0, 61.0, 59.0], [59.0, 59.9, 58.1]).pvalue
     assert f"| {p:.3f} |" in lora_row
-    # the family: LoRA, sparse vs LoRA-drop, matched sparse, the 1x gap, DART cased and lower-cased
-    assert "over all 6 comparisons" in text
+    # the family: LoRA, sparse vs LoRA-drop, matched sparse, the 4x gap and its change from the 1x gap (the
+    # LoRA comparison, not counted twice), DART cased and lower-cased
+    assert "over all 7 comparisons" in text
+    assert "| 1,200 | 60.00 ± 1.00 | 59.00 ± 0.90 | +1.00 ± 0.06 (n=3) |" in text
+    assert "| 4,800 | 62.00 ± 1.00 | 61.60 ± 0.95 | +0.40 ± 0.06 (n=3) |" in text
+    assert "| gap change (4,800 − 1,200) | | | -0.60 ± 0.06 (n=3) |" in text
+    # GSM8K: accuracy of 500 problems with Wilson's interval, the base model from the LoRA run, said to be
+    # near the floor
+    wilson = scipy_stats.binomtest(15, 500).proportion_ci(method="wilson")
+    assert (
+        f"| LoRA-drop (T = 0.9) | 3.0 | {100 * wilson.low:.1f}-{100 * wilson.high:.1f} | 15 of 500 |" in text
+    )
+    assert "| base model (no training) | 1.2 | " in text and "| 6 of 500 |" in text
+    assert "- **GSM8K** (one seed, 500 held-out training problems): base model (no training) 1.2 %" in text
+    assert "near the floor on grade-school arithmetic: this row cannot tell the methods apart" in text
+    # provenance: the earlier run and its rerun, each with its commit
+    assert "| e2e/lora | 55.00 (aaaaaaaa) | 55.50 (bbbbbbbb) | +0.50 |" in text
+    # the findings: one paragraph per table worded by p (Holm), then every comparison
+    assert "- LoRA-drop at Sparse Adapter's budget − Sparse Adapter: -0.67 BLEU over 3 seed(s)" in text
+    assert "LoRA − LoRA-drop +1.00 ± 0.06 BLEU (n = 3, p (Holm) " in text
+    assert "the paper's parity is not reproduced here" in text  # significant at p (Holm) 0.023
+    assert "significant after Holm's correction: LoRA − LoRA-drop (positive, significant)" in text
+    assert "LoRA gains significantly more" not in text and "LoRA-drop gains significantly more" in text
+    assert "the copy-the-triples template scores 19.47: both trained methods are above it" in text
+    assert text.index("## Findings") < text.index("## Learning rates")
     assert "Sparse Adapter (SNIP, sparsity 0.5) | 230,400 | 58.03 ± 0.15" in text
     assert "| LoRA-drop − LoRA, lower-cased BLEU | +0.00 ± 0.00 (n=3) | 1.000 |" in text
     # rescored from the committed predictions: "Pub" vs "pub" counts only when cased
@@ -226,9 +259,9 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     assert "- LoRA − LoRA-drop: +1.00 BLEU over 3 seed(s)" in text
     # what is left is said: the headline cells' seeds 4-5, cells never run, nothing that has finished
     status = next(line for line in text.splitlines() if line.startswith("**Status: "))
-    assert status.startswith("**Status: 18 of 45 runs finished.** Still to run: e2e/lora seed 4, 5;")
-    assert "e2e/vera seed 1, 2, 3;" in status and "gsm8k/loradrop seed 1." in status
-    assert "e2e/sparse_lora" not in status and "dart/lora" not in status
+    assert status.startswith("**Status: 26 of 45 runs finished.** Still to run: e2e/lora seed 4, 5;")
+    assert "e2e/vera seed 1, 2, 3;" in status and "e2e/full seed 1, 2, 3;" in status
+    assert not any(cell in status for cell in ("e2e/sparse_lora", "dart/lora", "e2e4x/", "gsm8k/"))
     # the earlier study's report, linked from wherever this one is written
     paper = os.path.relpath(os.path.join(REPO_ROOT, "repro", "PAPER_GRID.md"), tmp_path)
     assert f"[repro/PAPER_GRID.md]({paper})" in status and os.path.isfile(tmp_path / paper)
