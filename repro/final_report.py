@@ -104,7 +104,7 @@ def params_plot(points: list[tuple[str, list[float], list[float]]], path: str) -
 def status_line(grid: Grid, runs: dict[str, list[dict]], paper_report: str = "repro/PAPER_GRID.md") -> str:
     """How much of the grid has finished (every table shows what has, n per row) and where the earlier
     one-rate study, with the paper's threshold and ablation tables, is."""
-    planned = {c.name: c.seeds or grid.seeds for c in grid.cells if c.same_as is None}
+    planned = {c.name: grid.seeds_of(c) for c in grid.cells if c.same_as is None}
     missing = {
         name: [s for s in seeds if s not in {r["seed"] for r in runs.get(name, [])}]
         for name, seeds in planned.items()

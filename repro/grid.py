@@ -50,6 +50,11 @@ class Grid:
                 return cell
         raise KeyError(name)
 
+    def seeds_of(self, cell: Cell) -> tuple[int, ...]:
+        """The seeds ``cell`` runs: its own where it names them (the headline cells run more), else the
+        grid's."""
+        return cell.seeds or self.seeds
+
 
 # VeRA trains only scaling vectors and needs a larger step than LoRA (its paper and PEFT's docs); chosen by
 # a 30-step training-loss probe over 5e-4..2e-1 (repro/results/probes/vera_lr.json), not the evaluation set.

@@ -171,8 +171,7 @@ def ordered_runs(grid: Grid, only: list[str] | None, seeds: list[int] | None) ->
     tasks = list(dict.fromkeys(cell.task for cell in wanted))
 
     def cell_seeds(cell: Cell) -> tuple[int, ...]:
-        own = cell.seeds or grid.seeds
-        return tuple(s for s in own if seeds is None or s in seeds)
+        return tuple(s for s in grid.seeds_of(cell) if seeds is None or s in seeds)
 
     all_seeds = sorted({s for cell in wanted for s in cell_seeds(cell)})
     return [

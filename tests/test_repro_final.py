@@ -272,7 +272,7 @@ def test_the_final_reports_status_says_when_every_run_has_finished():
     from grid import final_grid
 
     grid = final_grid("no such file")
-    runs = {c.name: [{"seed": s} for s in c.seeds or grid.seeds] for c in grid.cells if c.same_as is None}
+    runs = {c.name: [{"seed": s} for s in grid.seeds_of(c)] for c in grid.cells if c.same_as is None}
     assert status_line(grid, runs).startswith("**Status: all 45 runs finished.** The earlier study")
 
 
