@@ -16,7 +16,7 @@ import os
 
 from findings import Facts, Indices, findings_section
 from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, REPO_ROOT, Grid, short_label
-from report import fmt, load_results
+from report import fmt, load_results, mean_std
 from scipy import stats as scipy_stats
 from stats import Family, p_text, paired, verdict
 
@@ -79,12 +79,11 @@ def params_plot(points: list[tuple[str, list[float], list[float]]], path: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(figsize=(9.5, 4.5))
     for label, params, bleu in points:
         if not bleu:
             continue
-        mean = sum(bleu) / len(bleu)
-        std = (sum((b - mean) ** 2 for b in bleu) / (len(bleu) - 1)) ** 0.5 if len(bleu) > 1 else 0.0
+        mean, std = mean_std(bleu)
         marker = "o" if label.startswith("LoRA-drop") else "s"
         axes.errorbar(
             sum(params) / len(params), mean, yerr=std, fmt=marker, capsize=4, label=f"{label} (n={len(bleu)})"
@@ -94,7 +93,7 @@ def params_plot(points: list[tuple[str, list[float], list[float]]], path: str) -
     axes.set_ylabel("E2E validation BLEU (mean ± std over seeds)")
     axes.set_title("Parameters vs BLEU, each method at its tuned learning rate (SmolLM2-135M)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, not on them
     figure.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     figure.savefig(path, dpi=120)
