@@ -14,7 +14,7 @@ import json
 import math
 import os
 
-from findings import Facts, Indices, findings_section
+from findings import Facts, Indices, Rerun, findings_section
 from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, REPO_ROOT, Grid, short_label
 from report import fmt, load_results, mean_std
 from scipy import stats as scipy_stats
@@ -180,6 +180,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
     adjusted = family.adjusted()
     dart_split = read_dart_split(os.path.join(results_root, grid.name, "dart_split.json"))
     gsm8k = gsm8k_rows(runs)
+    reruns_done = reruns(results_root)
     drop_parameters = parameters(runs["e2e/loradrop"])
     facts = Facts(
         loradrop_bleu=list(bleu["e2e/loradrop"].values()),
@@ -189,6 +190,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
         dart_bleu={m: list(bleu[f"dart/{m}"].values()) for m in ("lora", "loradrop")},
         dart_template_bleu=dart_split["template"]["bleu"] if dart_split else None,
         gsm8k=gsm8k,
+        reruns=reruns_done,
     )
     where = Indices(main=main_index, matched=match_index, scale=scale_index, dart=dart_index)
 
@@ -346,7 +348,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
 
     lines += dart_section(dart_split, runs, bleu, dart_lower, family, dart_index, adjusted)
     lines += gsm8k_section(gsm8k)
-    lines += provenance_section(results_root)
+    lines += provenance_section(reruns_done)
     hours = machine_hours(*(os.path.join(results_root, g) for g in ("tuning", grid.name, "rerun")))
     lines += [
         "",
@@ -466,33 +468,55 @@ def gsm8k_section(rows: list[tuple[str, float]]) -> list[str]:
     return lines
 
 
-def provenance_section(results_root: str) -> list[str]:
+def reruns(results_root: str) -> list[Rerun]:
+    """The earlier study's cells (seed by seed) beside their reruns on the final commit."""
+    rerun_dir = os.path.join(results_root, "rerun")
+    rerun = load_results(rerun_dir) if os.path.isdir(rerun_dir) else {}
+    paper = load_results(os.path.join(results_root, "paper")) if rerun else {}
+    rows = []
+    for cell, runs in rerun.items():
+        for new in runs:
+            old = next((r for r in paper.get(cell, []) if r["seed"] == new["seed"]), None)
+            if old is None:
+                continue
+            earlier = [r["eval_metrics"]["bleu"] for r in paper[cell]]
+            rows.append(
+                Rerun(
+                    cell=cell,
+                    earlier=old["eval_metrics"]["bleu"],
+                    earlier_commit=old.get("git_commit", ""),
+                    rerun=new["eval_metrics"]["bleu"],
+                    rerun_commit=new.get("git_commit", ""),
+                    seed_spread=mean_std(earlier)[1] if len(earlier) > 1 else None,
+                    seeds=len(earlier),
+                )
+            )
+    return rows
+
+
+def provenance_section(rows: list[Rerun]) -> list[str]:
     lines = [
         "",
         "## Provenance: the earliest cells rerun on the final commit",
         "",
         (
             "The earlier study's runs were made on 57 commits. Its first cells, rerun with the same "
-            "command on "
-            "the final code (seed 1); every new run also commits its predictions beside its result."
+            "command on the final code (seed 1); every new run also commits its predictions beside its "
+            "result. The last column is the earlier cell's standard deviation over its seeds: how far a "
+            "score moves with the seed alone."
         ),
         "",
-        "| cell | earlier BLEU (commit) | rerun BLEU (commit) | Δ |",
-        "|---|---:|---:|---:|",
     ]
-    paper = load_results(os.path.join(results_root, "paper"))
-    rerun_dir = os.path.join(results_root, "rerun")
-    rerun = load_results(rerun_dir) if os.path.isdir(rerun_dir) else {}
-    if not rerun:
-        return lines[:-2] + ["Not run yet."]
-    for cell, runs in rerun.items():
-        new = runs[0]
-        old = next((r for r in paper.get(cell, []) if r["seed"] == new["seed"]), None)
-        if old is None:
-            continue
-        delta = new["eval_metrics"]["bleu"] - old["eval_metrics"]["bleu"]
+    if not rows:
+        return lines + ["Not run yet."]
+    lines += [
+        "| cell | earlier BLEU (commit) | rerun BLEU (commit) | Δ | seed spread (std, n) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        spread = f"{row.seed_spread:.2f} (n={row.seeds})" if row.seed_spread is not None else "-"
         lines.append(
-            f"| {cell} | {old['eval_metrics']['bleu']:.2f} ({old.get('git_commit', '')[:8]}) | "
-            f"{new['eval_metrics']['bleu']:.2f} ({new.get('git_commit', '')[:8]}) | {delta:+.2f} |"
+            f"| {row.cell} | {row.earlier:.2f} ({row.earlier_commit[:8]}) | {row.rerun:.2f} "
+            f"({row.rerun_commit[:8]}) | {row.delta:+.2f} | {spread} |"
         )
     return lines

@@ -29,6 +29,23 @@ class Indices:
     dart: dict[str, int | None] = field(default_factory=dict)  # "cased", "lower"
 
 
+@dataclass(frozen=True)
+class Rerun:
+    """One of the earlier study's runs and its rerun on the final commit (same command, same seed)."""
+
+    cell: str
+    earlier: float
+    earlier_commit: str
+    rerun: float
+    rerun_commit: str
+    seed_spread: float | None  # the earlier cell's BLEU std over its seeds
+    seeds: int
+
+    @property
+    def delta(self) -> float:
+        return self.rerun - self.earlier
+
+
 @dataclass
 class Facts:
     """The numbers the sentences quote besides the comparisons."""
@@ -38,6 +55,7 @@ class Facts:
     dart_bleu: dict[str, list[float]]  # "lora" / "loradrop" -> BLEU per seed
     dart_template_bleu: float | None
     gsm8k: list[tuple[str, float]]  # (row, accuracy %)
+    reruns: list[Rerun] = field(default_factory=list)
 
 
 def reading(difference: float, adjusted_p: float) -> str:
@@ -170,6 +188,26 @@ def gsm8k_finding(facts: Facts) -> list[str]:
     return [f"- **GSM8K** (one seed, 500 held-out training problems): {listed}.{floor}"]
 
 
+def provenance_finding(facts: Facts) -> list[str]:
+    if not facts.reruns:
+        return []
+    moved = ", ".join(f"{r.cell} {r.delta:+.2f}" for r in facts.reruns)
+    spreads = [r.seed_spread for r in facts.reruns if r.seed_spread is not None]
+    largest = max(abs(r.delta) for r in facts.reruns)
+    within = (
+        f"; the largest move, {largest:.2f}, is {'within' if largest <= max(spreads) else 'beyond'} the "
+        f"cells' seed spreads ({', '.join(f'{s:.2f}' for s in spreads)})"
+        if spreads
+        else ""
+    )
+    return [
+        (
+            f"- **Provenance.** The earlier study's first cells rerun on the final commit moved by {moved} "
+            f"BLEU{within}."
+        )
+    ]
+
+
 def findings_section(family: Family, adjusted: list[float], where: Indices, facts: Facts) -> list[str]:
     """The findings: one paragraph per table, then every comparison of the family worded by its p (Holm)."""
     lines = ["", "## Findings", ""]
@@ -180,6 +218,7 @@ def findings_section(family: Family, adjusted: list[float], where: Indices, fact
     lines += scale_finding(family, adjusted, where)
     lines += dart_finding(family, adjusted, where, facts)
     lines += gsm8k_finding(facts)
+    lines += provenance_finding(facts)
     lines += ["", f"Every comparison, worded by p (Holm) over all {len(family.comparisons)}:", ""]
     for comparison, p in zip(family.comparisons, adjusted):
         lines.append(

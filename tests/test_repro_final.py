@@ -211,6 +211,7 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     _result(results, "gsm8k/loradrop", 1, 0.0, 291840, eval_metrics={"accuracy": 3.0})
     # the earlier study's cell and its rerun on the final commit
     _result(results, "e2e/lora", 1, 55.0, 460800, grid="paper", git_commit="a" * 40)
+    _result(results, "e2e/lora", 2, 57.0, 460800, grid="paper", git_commit="a" * 40)
     _result(results, "e2e/lora", 1, 55.5, 460800, grid="rerun", git_commit="b" * 40)
     from dart_split import write_split
 
@@ -243,7 +244,9 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     assert "- **GSM8K** (one seed, 500 held-out training problems): base model (no training) 1.2 %" in text
     assert "near the floor on grade-school arithmetic: this row cannot tell the methods apart" in text
     # provenance: the earlier run and its rerun, each with its commit
-    assert "| e2e/lora | 55.00 (aaaaaaaa) | 55.50 (bbbbbbbb) | +0.50 |" in text
+    assert "| e2e/lora | 55.00 (aaaaaaaa) | 55.50 (bbbbbbbb) | +0.50 | 1.41 (n=2) |" in text
+    moved = "moved by e2e/lora +0.50 BLEU; the largest move, 0.50, is within the cells' seed spreads (1.41)"
+    assert moved in text
     # the findings: one paragraph per table worded by p (Holm), then every comparison
     assert "- LoRA-drop at Sparse Adapter's budget − Sparse Adapter: -0.67 BLEU over 3 seed(s)" in text
     assert "LoRA − LoRA-drop +1.00 ± 0.06 BLEU (n = 3, p (Holm) " in text
