@@ -96,6 +96,7 @@ def e2e_finding(family: Family, adjusted: list[float], where: Indices, facts: Fa
     above = [m for m, i in others.items() if family.comparisons[i].mean > 0]
     listed = ", ".join(f"{short_label(m)} {family.comparisons[i].mean:+.2f}" for m, i in others.items())
     gap = family.comparisons[lora].mean
+    low, high = family.comparisons[lora].interval()
     paper_gap = PAPER_E2E["lora"] - PAPER_E2E["loradrop"]
     lora_reading = verdict(gap, adjusted[lora])
     if lora_reading == "higher":
@@ -103,9 +104,12 @@ def e2e_finding(family: Family, adjusted: list[float], where: Indices, facts: Fa
     elif lora_reading == "lower":
         paper = "LoRA-drop does better here than the paper reports"
     else:
-        paper = (
-            f"with {family.comparisons[lora].n} seeds the data neither show nor rule out the paper's parity"
-        )
+        seeds = family.comparisons[lora].n
+        paper = f"with {seeds} seeds the data neither show nor rule out the paper's parity"
+    if not math.isnan(low):
+        inside = "inside" if low <= paper_gap <= high else "outside"
+        paper += f" (the paper's gap is {inside} the 95 % interval of the gap here, {low:+.2f} to "
+        paper += f"{high:+.2f})"
     return [
         (
             f"- **E2E, 1,200 rows, each method at its tuned rate.** LoRA-drop (T = 0.9) {share}scores "

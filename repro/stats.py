@@ -36,6 +36,13 @@ class PairedComparison:
     def standard_error(self) -> float:
         return statistics.stdev(self.differences) / math.sqrt(self.n) if self.n > 1 else float("nan")
 
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """The t interval of the mean difference (nan below 2 seeds)."""
+        if self.n < 2:
+            return float("nan"), float("nan")
+        half = stats.t.ppf(0.5 + confidence / 2, self.n - 1) * self.standard_error
+        return self.mean - half, self.mean + half
+
     @property
     def p_value(self) -> float:
         """Two-sided paired t-test (a one-sample t-test of the differences, which is ``ttest_rel``); nan
