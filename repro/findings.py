@@ -115,7 +115,7 @@ def e2e_finding(family: Family, adjusted: list[float], where: Indices, facts: Fa
             f"- **E2E, 1,200 rows, each method at its tuned rate.** LoRA-drop (T = 0.9) {share}scores "
             f"{fmt(facts.loradrop_bleu)} BLEU (n = {len(facts.loradrop_bleu)}); LoRA − LoRA-drop "
             f"{cite(family, adjusted, lora)}. {len(above)} of the {len(others)} other methods score above "
-            f"LoRA-drop on average (method − LoRA-drop: {listed}); "
+            f"LoRA-drop on average over the seeds both ran (method − LoRA-drop: {listed}); "
             f"{significance(family, adjusted, list(others.values()))}. The paper reports LoRA-drop "
             f"{paper_gap:.2f} BLEU below LoRA at half the parameters on Llama-2-7b "
             f"({PAPER_E2E['loradrop']:.2f} vs {PAPER_E2E['lora']:.2f}); the gap here is {gap:.2f}: {paper}."
