@@ -46,6 +46,19 @@ class Rerun:
         return self.rerun - self.earlier
 
 
+@dataclass(frozen=True)
+class GSM8KRow:
+    """One GSM8K row: accuracy (%) on ``problems`` held-out problems."""
+
+    label: str
+    accuracy: float
+    problems: int
+
+    @property
+    def correct(self) -> int:
+        return round(self.accuracy * self.problems / 100)
+
+
 @dataclass
 class Facts:
     """The numbers the sentences quote besides the comparisons."""
@@ -54,21 +67,14 @@ class Facts:
     loradrop_share: float | None  # LoRA-drop's trainable parameters, % of LoRA's
     dart_bleu: dict[str, list[float]]  # "lora" / "loradrop" -> BLEU per seed
     dart_template_bleu: float | None
-    gsm8k: list[tuple[str, float]]  # (row, accuracy %)
+    gsm8k: list[GSM8KRow]
     reruns: list[Rerun] = field(default_factory=list)
-
-
-def reading(difference: float, adjusted_p: float) -> str:
-    """A difference's reading: its sign only where significant."""
-    words = verdict(difference, adjusted_p)
-    return {"higher": "positive, significant", "lower": "negative, significant"}.get(words, words)
 
 
 def cite(family: Family, adjusted: list[float], index: int) -> str:
     """``+2.92 ± 1.84 BLEU (n = 4, p (Holm) 1.000)``."""
     c = family.comparisons[index]
-    se = "" if math.isnan(c.standard_error) else f" ± {c.standard_error:.2f}"
-    return f"{c.mean:+.2f}{se} BLEU (n = {c.n}, p (Holm) {p_text(adjusted[index])})"
+    return f"{c.difference_text()} BLEU (n = {c.n}, p (Holm) {p_text(adjusted[index])})"
 
 
 def significance(family: Family, adjusted: list[float], indices: list[int]) -> str:
@@ -81,7 +87,7 @@ def significance(family: Family, adjusted: list[float], indices: list[int]) -> s
             else "none of these differences is significant after Holm's correction"
         )
     named = "; ".join(
-        f"{family.comparisons[i].label} ({reading(family.comparisons[i].mean, adjusted[i])})"
+        f"{family.comparisons[i].label} ({verdict(family.comparisons[i].mean, adjusted[i])})"
         for i in significant
     )
     return f"significant after Holm's correction: {named}"
@@ -96,20 +102,22 @@ def e2e_finding(family: Family, adjusted: list[float], where: Indices, facts: Fa
     above = [m for m, i in others.items() if family.comparisons[i].mean > 0]
     listed = ", ".join(f"{short_label(m)} {family.comparisons[i].mean:+.2f}" for m, i in others.items())
     gap = family.comparisons[lora].mean
-    low, high = family.comparisons[lora].interval()
     paper_gap = PAPER_E2E["lora"] - PAPER_E2E["loradrop"]
-    lora_reading = verdict(gap, adjusted[lora])
-    if lora_reading == "higher":
-        paper = "the paper's parity is not reproduced here"
-    elif lora_reading == "lower":
-        paper = "LoRA-drop does better here than the paper reports"
+    low, high = family.comparisons[lora].interval()
+    if math.isnan(low):
+        paper = f"the gap here is {gap:.2f} (one seed: no interval)"
     else:
-        seeds = family.comparisons[lora].n
-        paper = f"with {seeds} seeds the data neither show nor rule out the paper's parity"
-    if not math.isnan(low):
-        inside = "inside" if low <= paper_gap <= high else "outside"
-        paper += f" (the paper's gap is {inside} the 95 % interval of the gap here, {low:+.2f} to "
-        paper += f"{high:+.2f})"
+        # Against the paper's gap, not against zero: whether these runs can tell the two gaps apart.
+        inside = low <= paper_gap <= high
+        paper = (
+            f"the gap here is {gap:.2f}, and its 95 % interval (uncorrected), {low:+.2f} to {high:+.2f}, "
+            + (
+                f"holds the paper's{' (and zero)' if low <= 0 <= high else ''}: these runs cannot tell the "
+                "gap here from the paper's"
+                if inside
+                else "leaves the paper's out: the gap here differs from the paper's"
+            )
+        )
     return [
         (
             f"- **E2E, 1,200 rows, each method at its tuned rate.** LoRA-drop (T = 0.9) {share}scores "
@@ -118,12 +126,12 @@ def e2e_finding(family: Family, adjusted: list[float], where: Indices, facts: Fa
             f"LoRA-drop on average over the seeds both ran (method − LoRA-drop: {listed}); "
             f"{significance(family, adjusted, list(others.values()))}. The paper reports LoRA-drop "
             f"{paper_gap:.2f} BLEU below LoRA at half the parameters on Llama-2-7b "
-            f"({PAPER_E2E['loradrop']:.2f} vs {PAPER_E2E['lora']:.2f}); the gap here is {gap:.2f}: {paper}."
+            f"({PAPER_E2E['loradrop']:.2f} vs {PAPER_E2E['lora']:.2f}); {paper}."
         )
     ]
 
 
-def matched_finding(family: Family, adjusted: list[float], where: Indices, facts: Facts) -> list[str]:
+def matched_finding(family: Family, adjusted: list[float], where: Indices) -> list[str]:
     matched = {b: i for b, i in where.matched.items() if i is not None}
     if not matched:
         return []
@@ -181,33 +189,33 @@ def dart_finding(family: Family, adjusted: list[float], where: Indices, facts: F
 def gsm8k_finding(facts: Facts) -> list[str]:
     if not facts.gsm8k:
         return []
-    listed = ", ".join(f"{label} {accuracy:.1f} %" for label, accuracy in facts.gsm8k)
-    best = max(accuracy for _, accuracy in facts.gsm8k)
+    listed = ", ".join(f"{row.label} {row.accuracy:.1f} %" for row in facts.gsm8k)
+    problems = sorted({row.problems for row in facts.gsm8k})
     floor = (
         " The 135M model is near the floor on grade-school arithmetic: this row cannot tell the methods "
         "apart."
-        if best < 10
+        if max(row.accuracy for row in facts.gsm8k) < 10
         else ""
     )
-    return [f"- **GSM8K** (one seed, 500 held-out training problems): {listed}.{floor}"]
+    counted = " / ".join(f"{n:,}" for n in problems)
+    return [f"- **GSM8K** (one seed, {counted} held-out training problems): {listed}.{floor}"]
 
 
 def provenance_finding(facts: Facts) -> list[str]:
     if not facts.reruns:
         return []
     moved = ", ".join(f"{r.cell} {r.delta:+.2f}" for r in facts.reruns)
-    spreads = [r.seed_spread for r in facts.reruns if r.seed_spread is not None]
-    largest = max(abs(r.delta) for r in facts.reruns)
-    within = (
-        f"; the largest move, {largest:.2f}, is {'within' if largest <= max(spreads) else 'beyond'} the "
-        f"cells' seed spreads ({', '.join(f'{s:.2f}' for s in spreads)})"
-        if spreads
+    judged = [r for r in facts.reruns if r.seed_spread is not None]
+    within = [r for r in judged if abs(r.delta) <= r.seed_spread]
+    spread = (
+        f"; {len(within)} of {len(judged)} moved by no more than their cell's seed spread (std over seeds)"
+        if judged
         else ""
     )
     return [
         (
             f"- **Provenance.** The earlier study's first cells rerun on the final commit moved by {moved} "
-            f"BLEU{within}."
+            f"BLEU{spread}."
         )
     ]
 
@@ -218,15 +226,22 @@ def findings_section(family: Family, adjusted: list[float], where: Indices, fact
     if not family.comparisons:
         return lines + ["No comparison has two finished cells yet."]
     lines += e2e_finding(family, adjusted, where, facts)
-    lines += matched_finding(family, adjusted, where, facts)
+    lines += matched_finding(family, adjusted, where)
     lines += scale_finding(family, adjusted, where)
     lines += dart_finding(family, adjusted, where, facts)
     lines += gsm8k_finding(facts)
     lines += provenance_finding(facts)
-    lines += ["", f"Every comparison, worded by p (Holm) over all {len(family.comparisons)}:", ""]
+    lines += [
+        "",
+        (
+            f"Every comparison A − B, worded by p (Holm) over all {family.tested} (higher: A significantly "
+            "above B; lower: below):"
+        ),
+        "",
+    ]
     for comparison, p in zip(family.comparisons, adjusted):
         lines.append(
             f"- {comparison.label}: {comparison.mean:+.2f} BLEU over {comparison.n} seed(s), p (Holm) "
-            f"{p_text(p)}: {reading(comparison.mean, p)}."
+            f"{p_text(p)}: {verdict(comparison.mean, p)}."
         )
     return lines

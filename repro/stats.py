@@ -2,9 +2,9 @@
 
 Two cells run with the same seed see the same data order and (for LoRA-drop cells) the same stage-1
 sample, so a comparison is made seed by seed: the mean of the per-seed differences, its standard error,
-and a two-sided paired t-test over the seeds both cells finished. The p-values of a table's comparisons
-are corrected together with Holm's step-down method (it controls the family-wise error rate without
-assuming independence); the findings' wording follows the corrected values.
+and a two-sided paired t-test over the seeds both cells finished. The p-values of all of a report's
+comparisons (a ``Family``) are corrected together with Holm's step-down method (it controls the
+family-wise error rate without assuming independence); the findings' wording follows the corrected values.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class PairedComparison:
     @property
     def standard_error(self) -> float:
         return statistics.stdev(self.differences) / math.sqrt(self.n) if self.n > 1 else float("nan")
+
+    def difference_text(self) -> str:
+        """``+1.79 ± 1.82``: the mean difference ± its standard error (no error below 2 seeds)."""
+        se = "" if math.isnan(self.standard_error) else f" ± {self.standard_error:.2f}"
+        return f"{self.mean:+.2f}{se}"
 
     def interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """The t interval of the mean difference (nan below 2 seeds)."""
@@ -102,3 +107,8 @@ class Family:
 
     def adjusted(self) -> list[float]:
         return holm([c.p_value for c in self.comparisons])
+
+    @property
+    def tested(self) -> int:
+        """How many comparisons the correction counts: those with a p-value (2 seeds or more)."""
+        return sum(not math.isnan(c.p_value) for c in self.comparisons)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -173,7 +174,7 @@ def test_the_final_grid_runs_each_method_at_its_tuned_rate_and_skips_untuned_one
     assert "skipped e2e/full seed 1: its method's learning rate is not tuned yet" in log
 
 
-def _result(results, cell, seed, bleu, params, grid="final", **extra):
+def _result(results, cell, seed, bleu, params, grid="final", inputs=1, **extra):
     path = os.path.join(results, grid, cell, f"seed{seed}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     run = {"cell": cell, "seed": seed, "trainable_parameters": params, "wall_seconds_launch": 600.0,
@@ -181,7 +182,7 @@ def _result(results, cell, seed, bleu, params, grid="final", **extra):
            "rescored_metrics": {"bleu_lowercase": 100.0}, **extra}  # fmt: skip
     with open(path, "w") as handle:
         json.dump(run, handle)
-    rows = [{"id": "dart-validation-0", "prediction": "The Eagle is a Pub."}]  # no dataset rows
+    rows = [{"id": f"dart-validation-{i}", "prediction": "The Eagle is a Pub."} for i in range(inputs)]
     with gzip.open(path[: -len(".json")] + ".predictions.jsonl.gz", "wt") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
 
@@ -202,17 +203,20 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
         _result(results, "e2e/loradrop_match_sparse_lora", seed, matched, 230400, plan={"threshold": 0.79})
         _result(results, "dart/lora", seed, 30.0 + seed, 460800)
         _result(results, "dart/loradrop", seed, 29.0 + seed, 291840)
-    # 4x the rows: the gap (LoRA-drop − LoRA) -0.5, -0.4, -0.3 against -1.0, -1.1, -0.9 at 1x
+    # 4x the rows: the gap (LoRA − LoRA-drop) +0.5, +0.4, +0.3 against +1.0, +1.1, +0.9 at 1x
     for seed, (lora, drop) in enumerate([(62.0, 61.5), (63.0, 62.6), (61.0, 60.7)], start=1):
         _result(results, "e2e4x/lora", seed, lora, 460800)
         _result(results, "e2e4x/loradrop", seed, drop, 291840)
     base = {"base_eval_metrics": {"accuracy": 1.2}}
-    _result(results, "gsm8k/lora", 1, 0.0, 460800, eval_metrics={"accuracy": 2.4}, **base)
-    _result(results, "gsm8k/loradrop", 1, 0.0, 291840, eval_metrics={"accuracy": 3.0})
-    # the earlier study's cell and its rerun on the final commit
-    _result(results, "e2e/lora", 1, 55.0, 460800, grid="paper", git_commit="a" * 40)
-    _result(results, "e2e/lora", 2, 57.0, 460800, grid="paper", git_commit="a" * 40)
-    _result(results, "e2e/lora", 1, 55.5, 460800, grid="rerun", git_commit="b" * 40)
+    gsm8k = {"inputs": 500}  # the problems scored: the lines of the committed predictions
+    _result(results, "gsm8k/lora", 1, 0.0, 460800, eval_metrics={"accuracy": 2.4}, **base, **gsm8k)
+    _result(results, "gsm8k/loradrop", 1, 0.0, 291840, eval_metrics={"accuracy": 3.0}, **gsm8k)
+    # the earlier study's cells and their reruns on the final commit: LoRA moves by less than its cell's
+    # seed spread (1.41), LoRA-drop by more than its own (0.14) though less than LoRA's
+    for cell, earlier, rerun in (("e2e/lora", (55.0, 57.0), 55.5), ("e2e/loradrop", (54.0, 54.2), 54.9)):
+        for seed, bleu in enumerate(earlier, start=1):
+            _result(results, cell, seed, bleu, 460800, grid="paper", git_commit="a" * 40)
+        _result(results, cell, 1, rerun, 460800, grid="rerun", git_commit="b" * 40)
     from dart_split import write_split
 
     write_split(
@@ -245,20 +249,23 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     assert "near the floor on grade-school arithmetic: this row cannot tell the methods apart" in text
     # provenance: the earlier run and its rerun, each with its commit
     assert "| e2e/lora | 55.00 (aaaaaaaa) | 55.50 (bbbbbbbb) | +0.50 | 1.41 (n=2) |" in text
-    moved = "moved by e2e/lora +0.50 BLEU; the largest move, 0.50, is within the cells' seed spreads (1.41)"
+    assert "| e2e/loradrop | 54.00 (aaaaaaaa) | 54.90 (bbbbbbbb) | +0.90 | 0.14 (n=2) |" in text
+    moved = "moved by e2e/lora +0.50, e2e/loradrop +0.90 BLEU; 1 of 2 moved by no more than their cell's seed"
     assert moved in text
     # the findings: one paragraph per table worded by p (Holm), then every comparison
     assert "- LoRA-drop at Sparse Adapter's budget − Sparse Adapter: -0.67 BLEU over 3 seed(s)" in text
     assert "LoRA − LoRA-drop +1.00 ± 0.06 BLEU (n = 3, p (Holm) " in text
-    # significant at p (Holm) 0.023; the t interval of +1.00 ± 0.06 (n = 3) leaves out the paper's 0.21
-    assert "the paper's parity is not reproduced here (the paper's gap is outside the 95 % interval" in text
+    # the t interval of +1.00 ± 0.06 (n = 3) leaves out the paper's 0.21
     low, high = scipy_stats.t.interval(0.95, 2, loc=1.0, scale=scipy_stats.sem([1.0, 1.1, 0.9]))
-    assert f"{low:+.2f} to {high:+.2f})" in text
-    assert "significant after Holm's correction: LoRA − LoRA-drop (positive, significant)" in text
+    interval = f"its 95 % interval (uncorrected), {low:+.2f} to {high:+.2f}, leaves the paper's out"
+    assert interval in text and "the gap here differs from the paper's" in text
+    assert "significant after Holm's correction: LoRA − LoRA-drop (higher)" in text
+    assert "1 of the 2 other methods score above LoRA-drop" in text
     assert "LoRA gains significantly more" not in text and "LoRA-drop gains significantly more" in text
     assert "the copy-the-triples template scores 19.47: both trained methods are above it" in text
     assert text.index("## Findings") < text.index("## Learning rates")
     assert "Sparse Adapter (SNIP, sparsity 0.5) | 230,400 | 58.03 ± 0.15" in text
+    assert "- Sparse Adapter − LoRA-drop: -0.97 BLEU over 3 seed(s)" in text
     assert "| LoRA-drop − LoRA, lower-cased BLEU | +0.00 ± 0.00 (n=3) | 1.000 |" in text
     # rescored from the committed predictions: "Pub" vs "pub" counts only when cased
     assert "| LoRA | 3 | 32.00 ± 1.00 | 100.00 ± 0.00 |" in text
@@ -271,6 +278,55 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     # the earlier study's report, linked from wherever this one is written
     paper = os.path.relpath(os.path.join(REPO_ROOT, "repro", "PAPER_GRID.md"), tmp_path)
     assert f"[repro/PAPER_GRID.md]({paper})" in status and os.path.isfile(tmp_path / paper)
+
+
+def test_the_findings_say_what_the_data_cannot_tell_and_leave_out_one_seed_comparisons(tmp_path):
+    """The other branches of the findings: a significant gap whose interval holds the paper's, one-seed
+    comparisons (no p-value: shown, not counted in the correction), a method under the DART floor, GSM8K
+    above the floor."""
+    from final_report import write_final_report
+    from grid import final_grid
+
+    results = str(tmp_path / "results")
+    choices = os.path.join(results, "tuning", "chosen_rates.json")
+    _write_choices(choices, lora=("1e-2", 66.0), loradrop=("5e-3", 65.0))
+    # LoRA − LoRA-drop, seed by seed: significant, and its interval holds the paper's 0.21 but not 0 (a
+    # reading against zero would say the gaps differ)
+    gaps = [0.25, 0.20, 0.22]
+    for seed, gap in enumerate(gaps, start=1):
+        _result(results, "e2e/lora", seed, 60.0 + gap, 460800)
+        _result(results, "e2e/loradrop", seed, 60.0, 230400)
+    _result(results, "dart/lora", 1, 30.0, 460800)
+    _result(results, "dart/loradrop", 1, 15.0, 230400)  # below the template's 19.47
+    _result(results, "gsm8k/lora", 1, 0.0, 460800, eval_metrics={"accuracy": 30.0}, inputs=500)
+    from dart_split import write_split
+
+    write_split(
+        DART_DEV, str(tmp_path / "dart"), 500, 1200, os.path.join(results, "final", "dart_split.json")
+    )
+    text = write_final_report(final_grid(choices), results, str(tmp_path / "R.md"), str(tmp_path / "f"))
+    # one comparison with a p-value (LoRA − LoRA-drop); DART's two have one seed each
+    assert "over all 1 comparisons of this report" in text and "worded by p (Holm) over all 1 " in text
+    assert "- DART: LoRA-drop − LoRA: -15.00 BLEU over 1 seed(s), p (Holm) -: not tested (one seed)." in text
+    low, high = scipy_stats.t.interval(0.95, 2, loc=sum(gaps) / 3, scale=scipy_stats.sem(gaps))
+    assert 0 < low < 0.21 < high
+    assert f"{low:+.2f} to {high:+.2f}, holds the paper's: these runs cannot tell the gap here" in text
+    significant = "significant after Holm's correction: LoRA − LoRA-drop (higher)"
+    assert f"(method − LoRA-drop: LoRA +0.22); {significant}" in text
+    assert "the copy-the-triples template scores 19.47: not above it: LoRA-drop." in text
+    assert "- **GSM8K** (one seed, 500 held-out training problems): LoRA 30.0 %." in text
+    assert "near the floor" not in text
+
+
+def test_a_paired_comparisons_interval_is_the_t_interval_of_its_differences():
+    from stats import paired
+
+    comparison = paired("A − B", {1: 3.0, 2: 1.0, 3: 2.5, 4: 0.0}, {1: 1.0, 2: 1.5, 3: 0.5, 4: 0.5})
+    differences = [2.0, -0.5, 2.0, -0.5]
+    low, high = scipy_stats.t.interval(0.95, 3, loc=0.75, scale=scipy_stats.sem(differences))
+    assert comparison.interval() == pytest.approx((low, high))
+    assert comparison.difference_text() == "+0.75 ± 0.72"
+    assert all(math.isnan(x) for x in paired("A − B", {1: 1.0}, {1: 0.0}).interval())  # below 2 seeds
 
 
 def test_the_final_reports_status_says_when_every_run_has_finished():
