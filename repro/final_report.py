@@ -397,8 +397,8 @@ def dart_section(split, runs, bleu, dart_lower, family, dart_index, adjusted) ->
             f"{overlap['shared_triples']}, shared subjects {overlap['shared_subjects']} (checked). "
             f"{split['num_withheld_inputs']} sets of evaluated components beyond their source's quota are "
             "withheld. "
-            "Lower-cased BLEU is what DART's official script reports; it is recomputed from the committed "
-            "predictions."
+            "Lower-cased BLEU is what DART's official script reports; each run scores it when it finishes, "
+            "from the predictions committed beside its result."
         ),
         "",
         "| row | n | BLEU | BLEU (lower-cased) | ROUGE-L |",

@@ -79,11 +79,14 @@ def cite(family: Family, adjusted: list[float], index: int) -> str:
 
 def significance(family: Family, adjusted: list[float], indices: list[int]) -> str:
     """Which of ``indices`` are significant after the correction, in words."""
-    significant = [i for i in indices if adjusted[i] < ALPHA]
+    tested = [i for i in indices if not math.isnan(adjusted[i])]
+    if not tested:
+        return "with one seed this is not tested yet"
+    significant = [i for i in tested if adjusted[i] < ALPHA]
     if not significant:
         return (
             "this difference is not significant after Holm's correction"
-            if len(indices) == 1
+            if len(tested) == 1
             else "none of these differences is significant after Holm's correction"
         )
     named = "; ".join(

@@ -314,6 +314,7 @@ def test_the_findings_say_what_the_data_cannot_tell_and_leave_out_one_seed_compa
     significant = "significant after Holm's correction: LoRA − LoRA-drop (higher)"
     assert f"(method − LoRA-drop: LoRA +0.22); {significant}" in text
     assert "the copy-the-triples template scores 19.47: not above it: LoRA-drop." in text
+    assert "(n = 1, p (Holm) -); with one seed this is not tested yet." in text
     assert "- **GSM8K** (one seed, 500 held-out training problems): LoRA 30.0 %." in text
     assert "near the floor" not in text
 
