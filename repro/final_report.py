@@ -355,8 +355,9 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
         "",
         (
             f"{hours:.1f} hours of launches for this report's runs (tuning, final and rerun grids, 2 CPU "
-            "cores); "
-            "the earlier study took 871 minutes."
+            "cores), a lower bound: a run resumed after the session that started it ended counts its last "
+            "launch only, and a stage 1 rerun for a matched-budget cell is not counted. The earlier study "
+            "took 871 minutes."
         ),
     ]
     text = "\n".join(lines) + "\n"
