@@ -319,6 +319,13 @@ def test_the_findings_say_what_the_data_cannot_tell_and_leave_out_one_seed_compa
     assert "near the floor" not in text
 
 
+def test_a_share_of_loras_parameters_reads_as_a_percentage_or_a_multiple():
+    from final_report import share_of_lora, share_text
+
+    assert share_text(share_of_lora([240_000.0, 240_460.0])) == "52.1 %"
+    assert share_text(share_of_lora([134_515_008.0])) == "292x"
+
+
 def test_a_paired_comparisons_interval_is_the_t_interval_of_its_differences():
     from stats import paired
 
