@@ -336,17 +336,22 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
             "comparison); the last row compares the two gaps seed by seed."
         ),
         "",
-        "| rows | LoRA BLEU | LoRA-drop BLEU | Δ (LoRA − LoRA-drop) | p | p (Holm) | reading |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        (
+            "| rows | LoRA BLEU | LoRA-drop BLEU | LoRA-drop parameters (% of LoRA) | Δ (LoRA − LoRA-drop) "
+            "| p | p (Holm) | reading |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, rows, prefix in (("1x", "1,200", "e2e"), ("4x", "4,800", "e2e4x")):
+        kept = parameters(runs[f"{prefix}/loradrop"])
         lines.append(
             f"| {rows} | {fmt(list(bleu[f'{prefix}/lora'].values()))} | "
             f"{fmt(list(bleu[f'{prefix}/loradrop'].values()))} | "
+            f"{f'{count_text(kept)} ({share_text(share_of_lora(kept))})' if kept else '-'} | "
             f"{comparison_cells(family, scale_index[key], adjusted)} |"
         )
     lines.append(
-        "| gap change (4,800 − 1,200) | | | "
+        "| gap change (4,800 − 1,200) | | | | "
         f"{comparison_cells(family, scale_index.get('change'), adjusted)} |"
     )
 

@@ -164,7 +164,8 @@ def scale_finding(family: Family, adjusted: list[float], where: Indices) -> list
         meaning = {
             "higher": "LoRA gains significantly more from the extra data than LoRA-drop",
             "lower": "LoRA-drop gains significantly more from the extra data than LoRA",
-        }.get(words, "no significant change of the gap with 4x the data")
+            "no significant difference": "no significant change of the gap with 4x the data",
+        }.get(words, "with one seed this is not tested yet")
         sentence += f" The gap's change, seed by seed: {cite(family, adjusted, change)}: {meaning}."
     return [sentence]
 
