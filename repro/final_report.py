@@ -43,6 +43,11 @@ def share_text(percent: float) -> str:
     return f"{percent:.1f} %" if percent < 1000 else f"{percent / 100:,.0f}x"
 
 
+def parameters_text(counts: list[float]) -> str:
+    """``240,230 (215,040-258,048) (52.1 %)``: a cell's parameter counts and their share of LoRA's."""
+    return f"{count_text(counts)} ({share_text(share_of_lora(counts))})" if counts else "-"
+
+
 def count_text(values: list[float]) -> str:
     """``230,400`` when every seed has the same count, else ``mean (min-max)``."""
     if not values:
@@ -264,7 +269,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
         r = runs[cell]
         rate = (choices.get(method) or {}).get("learning_rate", "-")
         params = parameters(r)
-        share = f"{count_text(params)} ({share_text(share_of_lora(params))})" if params else "-"
+        share = parameters_text(params)
         rouge = list(seed_metric(r, "rouge_l").values())
         compared = (
             "- | - | - | (reference)"
@@ -347,7 +352,7 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
         lines.append(
             f"| {rows} | {fmt(list(bleu[f'{prefix}/lora'].values()))} | "
             f"{fmt(list(bleu[f'{prefix}/loradrop'].values()))} | "
-            f"{f'{count_text(kept)} ({share_text(share_of_lora(kept))})' if kept else '-'} | "
+            f"{parameters_text(kept)} | "
             f"{comparison_cells(family, scale_index[key], adjusted)} |"
         )
     lines.append(
