@@ -249,7 +249,7 @@ def run_one(
     else:
         result = collect_result(out, grid, cell, seed, command, seconds)
         rows = prediction_rows(out)
-        result["rescored_metrics"] = rescored_metrics(rows)
+        result["rescored_metrics"] = rescored_metrics(rows, result["eval_metrics"])
         # The predictions first: a result file is the mark of a finished run.
         written = [copy_predictions(rows, predictions_path(path)), write_result(path, result)]
         scores = ", ".join(
@@ -290,11 +290,12 @@ def copy_predictions(rows: list[dict], target: str) -> str:
     return target
 
 
-def rescored_metrics(rows: list[dict]) -> dict:
-    """Scores of a run's prediction rows besides its own: BLEU lower-cased (DART's official script)."""
+def rescored_metrics(rows: list[dict], eval_metrics: dict) -> dict:
+    """Scores of a run's prediction rows besides its own: BLEU lower-cased (DART's official script), for
+    a run scored by BLEU (not GSM8K's accuracy, whose references are worked solutions)."""
     from ds_loradrop.eval.metrics import corpus_bleu
 
-    if not rows or any(not row.get("references") for row in rows):
+    if "bleu" not in eval_metrics or not rows or any(not row.get("references") for row in rows):
         return {}
     predictions, references = [row["prediction"] for row in rows], [row["references"] for row in rows]
     return {"bleu_lowercase": corpus_bleu(predictions, references, lowercase=True)}

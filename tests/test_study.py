@@ -136,6 +136,19 @@ def test_plan_cells_are_compared_with_lora_drop_seed_by_seed():
 
 
 @pytest.mark.unit
+def test_lower_cased_bleu_is_rescored_only_for_a_run_scored_by_bleu():
+    sys.path.insert(0, os.path.join(REPO_ROOT, "repro"))
+    from study import rescored_metrics
+
+    rows = [{"id": "a", "prediction": "The Eagle is cheap.", "references": ["the eagle is cheap."]}]
+    lowered = rescored_metrics(rows, {"bleu": 0.0})["bleu_lowercase"]
+    assert lowered == pytest.approx(100.0)
+    # GSM8K is scored by accuracy; a BLEU of its worked solutions would be a number with no meaning
+    assert rescored_metrics(rows, {"accuracy": 2.2}) == {}
+    assert rescored_metrics([{"id": "a", "prediction": "x", "references": []}], {"bleu": 1.0}) == {}
+
+
+@pytest.mark.unit
 def test_a_diverged_run_is_recorded_without_metrics_and_the_grid_goes_on(tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(REPO_ROOT, "repro"))
     import study
