@@ -15,7 +15,7 @@ import json
 import os
 
 from findings import Facts, GSM8KRow, Indices, Rerun, findings_section
-from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, REPO_ROOT, Grid, short_label
+from grid import BASELINE_PARAMETERS, BASELINES, METHOD_LABELS, REPO_ROOT, RERUN, Grid, short_label
 from report import fmt, load_results, mean_std
 from scipy import stats as scipy_stats
 from stats import Family, p_text, paired, verdict
@@ -114,21 +114,28 @@ def params_plot(points: list[tuple[str, list[float], list[float]]], path: str) -
     plt.close(figure)
 
 
-def status_line(grid: Grid, runs: dict[str, list[dict]], paper_report: str = "repro/PAPER_GRID.md") -> str:
-    """How much of the grid has finished (every table shows what has, n per row) and where the earlier
-    one-rate study, with the paper's threshold and ablation tables, is."""
-    planned = {c.name: grid.seeds_of(c) for c in grid.cells if c.same_as is None}
-    missing = {
-        name: [s for s in seeds if s not in {r["seed"] for r in runs.get(name, [])}]
-        for name, seeds in planned.items()
-    }
-    total = sum(len(seeds) for seeds in planned.values())
-    left = sum(len(seeds) for seeds in missing.values())
+def status_line(
+    grids: list[tuple[Grid, dict[str, list[dict]]]], paper_report: str = "repro/PAPER_GRID.md"
+) -> str:
+    """How much of the grids (the final one first, then the rerun) has finished (every table shows what
+    has, n per row) and where the earlier one-rate study, with the paper's threshold and ablation tables,
+    is."""
+    missing, total, left_count = [], 0, 0
+    for position, (grid, runs) in enumerate(grids):
+        for cell in (c for c in grid.cells if c.same_as is None):
+            seeds = grid.seeds_of(cell)
+            total += len(seeds)
+            done = {r["seed"] for r in runs.get(cell.name, [])}
+            left = [s for s in seeds if s not in done]
+            left_count += len(left)
+            if left:
+                name = cell.name if position == 0 else f"{grid.name} {cell.name}"
+                missing.append(f"{name} seed {', '.join(map(str, left))}")
     state = (
-        f"**Status: {total - left} of {total} runs finished.** Still to run: "
-        + "; ".join(f"{name} seed {', '.join(map(str, seeds))}" for name, seeds in missing.items() if seeds)
+        f"**Status: {total - left_count} of {total} runs finished.** Still to run: "
+        + "; ".join(missing)
         + ". Every table shows the runs that have finished (n per row)."
-        if left
+        if missing
         else f"**Status: all {total} runs finished.**"
     )
     return (
@@ -195,6 +202,8 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
     dart_split = read_dart_split(os.path.join(results_root, grid.name, "dart_split.json"))
     gsm8k = gsm8k_rows(runs, results_dir)
     reruns_done = reruns(results_root)
+    rerun_dir = os.path.join(results_root, RERUN.name)
+    rerun_runs = load_results(rerun_dir) if os.path.isdir(rerun_dir) else {}
     facts = Facts(
         loradrop_bleu=list(bleu["e2e/loradrop"].values()),
         loradrop_share=share_of_lora(parameters(runs["e2e/loradrop"])),
@@ -228,7 +237,10 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
             "only where p (Holm) < 0.05."
         ),
         "",
-        status_line(grid, runs, os.path.relpath(PAPER_REPORT, os.path.dirname(os.path.abspath(output)))),
+        status_line(
+            [(grid, runs), (RERUN, rerun_runs)],
+            os.path.relpath(PAPER_REPORT, os.path.dirname(os.path.abspath(output))),
+        ),
         *findings_section(family, adjusted, where, facts),
         "",
         "## Learning rates",

@@ -272,7 +272,8 @@ def test_the_final_report_pairs_by_seed_corrects_for_every_comparison_and_plots(
     assert "- LoRA − LoRA-drop: +1.00 BLEU over 3 seed(s)" in text
     # what is left is said: the headline cells' seeds 4-5, cells never run, nothing that has finished
     status = next(line for line in text.splitlines() if line.startswith("**Status: "))
-    assert status.startswith("**Status: 26 of 45 runs finished.** Still to run: e2e/lora seed 4, 5;")
+    assert status.startswith("**Status: 28 of 48 runs finished.** Still to run: e2e/lora seed 4, 5;")
+    assert "; rerun e2e/vera seed 1. " in status  # the two reruns written above are finished
     assert "e2e/vera seed 1, 2, 3;" in status and "e2e/full seed 1, 2, 3;" in status
     assert not any(cell in status for cell in ("e2e/sparse_lora", "dart/lora", "e2e4x/", "gsm8k/"))
     # the earlier study's report, linked from wherever this one is written
@@ -348,11 +349,19 @@ def test_a_paired_comparisons_interval_is_the_t_interval_of_its_differences():
 
 def test_the_final_reports_status_says_when_every_run_has_finished():
     from final_report import status_line
-    from grid import final_grid
+    from grid import RERUN, final_grid
 
     grid = final_grid("no such file")
     runs = {c.name: [{"seed": s} for s in grid.seeds_of(c)] for c in grid.cells if c.same_as is None}
-    assert status_line(grid, runs).startswith("**Status: all 45 runs finished.** The earlier study")
+    assert status_line([(grid, runs)]).startswith("**Status: all 45 runs finished.** The earlier study")
+    # the provenance rerun counts too: the final grid done is not the study done
+    reruns = {"e2e/lora": [{"seed": 1}]}
+    line = status_line([(grid, runs), (RERUN, reruns)])
+    assert line.startswith("**Status: 46 of 48 runs finished.** Still to run: rerun e2e/loradrop seed 1; ")
+    assert "rerun e2e/vera seed 1." in line
+    del runs["e2e/lora"][1:]
+    line = status_line([(grid, runs), (RERUN, reruns)])
+    assert "Still to run: e2e/lora seed 2, 3, 4, 5; rerun e2e/loradrop seed 1" in line
 
 
 def test_the_budget_threshold_reads_a_runs_plan_and_stage1_adapter(tmp_path):
