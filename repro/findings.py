@@ -208,6 +208,14 @@ def gsm8k_finding(facts: Facts) -> list[str]:
 def provenance_finding(facts: Facts) -> list[str]:
     if not facts.reruns:
         return []
+    if all(r.rerun == r.earlier for r in facts.reruns):
+        cells = ", ".join(f"{r.cell} {r.rerun:.2f}" for r in facts.reruns)
+        return [
+            (
+                f"- **Provenance.** The earlier study's first cells rerun on the final commit scored the "
+                f"same BLEU to the last digit ({cells}): the commits since changed none of these results."
+            )
+        ]
     moved = ", ".join(f"{r.cell} {r.delta:+.2f}" for r in facts.reruns)
     judged = [r for r in facts.reruns if r.seed_spread is not None]
     within = [r for r in judged if abs(r.delta) <= r.seed_spread]

@@ -396,3 +396,20 @@ def test_the_one_rate_reports_says_it_is_superseded_and_links_the_tuned_rate_rep
     superseded = next(line for line in text.splitlines() if line.startswith("**Superseded** by"))
     link = superseded.split("[REPRODUCTION.md](", 1)[1].split(")", 1)[0]
     assert os.path.normpath(os.path.join(output.parent, link)) == os.path.join(REPO_ROOT, "REPRODUCTION.md")
+
+
+def test_reruns_that_score_exactly_as_before_are_said_to_be_unchanged():
+    from findings import Facts, Rerun, provenance_finding
+
+    def facts(*pairs):
+        reruns = [
+            Rerun(f"e2e/m{i}", old, "a" * 40, new, "b" * 40, 1.0, 3) for i, (old, new) in enumerate(pairs)
+        ]
+        return Facts([], None, {}, None, [], reruns)
+
+    (same,) = provenance_finding(facts((57.356, 57.356), (55.882, 55.882)))
+    assert "the same BLEU to the last digit (e2e/m0 57.36, e2e/m1 55.88)" in same
+    # one run off by a hair is a move, quoted with the seed spread, not "the same"
+    (moved,) = provenance_finding(facts((57.356, 57.356), (55.882, 55.883)))
+    assert "moved by e2e/m0 +0.00, e2e/m1 +0.00 BLEU; 2 of 2 moved by no more than" in moved
+    assert provenance_finding(facts()) == []
