@@ -501,7 +501,7 @@ def gsm8k_section(rows: list[GSM8KRow]) -> list[str]:
 
 
 def reruns(results_root: str) -> list[Rerun]:
-    """The earlier study's cells (seed by seed) beside their reruns on the final commit."""
+    """The earlier study's cells (seed by seed) beside their reruns on the study's final code."""
     rerun_dir = os.path.join(results_root, "rerun")
     rerun = load_results(rerun_dir) if os.path.isdir(rerun_dir) else {}
     paper = load_results(os.path.join(results_root, "paper")) if rerun else {}
@@ -529,7 +529,7 @@ def reruns(results_root: str) -> list[Rerun]:
 def provenance_section(rows: list[Rerun]) -> list[str]:
     lines = [
         "",
-        "## Provenance: the earliest cells rerun on the final commit",
+        "## Provenance: the earliest cells rerun on the study's final code",
         "",
         (
             "The earlier study's runs were made on 57 commits. Its first cells, rerun with the same "

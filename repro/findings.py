@@ -31,7 +31,7 @@ class Indices:
 
 @dataclass(frozen=True)
 class Rerun:
-    """One of the earlier study's runs and its rerun on the final commit (same command, same seed)."""
+    """One of the earlier study's runs and its rerun on the study's final code (same command, same seed)."""
 
     cell: str
     earlier: float
@@ -212,8 +212,8 @@ def provenance_finding(facts: Facts) -> list[str]:
         cells = ", ".join(f"{r.cell} {r.rerun:.2f}" for r in facts.reruns)
         return [
             (
-                f"- **Provenance.** The earlier study's first cells rerun on the final commit scored the "
-                f"same BLEU to the last digit ({cells}): the commits since changed none of these results."
+                f"- **Provenance.** The earlier study's first cells rerun on the study's final code scored "
+                f"the same BLEU to the last digit ({cells}): the commits since changed none of these results."
             )
         ]
     moved = ", ".join(f"{r.cell} {r.delta:+.2f}" for r in facts.reruns)
@@ -226,8 +226,8 @@ def provenance_finding(facts: Facts) -> list[str]:
     )
     return [
         (
-            f"- **Provenance.** The earlier study's first cells rerun on the final commit moved by {moved} "
-            f"BLEU{spread}."
+            f"- **Provenance.** The earlier study's first cells rerun on the study's final code moved by "
+            f"{moved} BLEU{spread}."
         )
     ]
 

@@ -436,7 +436,7 @@ def final_grid(path: str = CHOSEN_RATES_FILE) -> Grid:
     )
 
 
-# Issue 28, step 7: the earliest cells of the paper grid again, on the final commit, to show how far the
+# Issue 28, step 7: the earliest cells of the paper grid again, on the study's final code, to show how far the
 # numbers moved across the 57 commits the first study ran on.
 RERUN = Grid(
     name="rerun",
