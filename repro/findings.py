@@ -205,6 +205,11 @@ def gsm8k_finding(facts: Facts) -> list[str]:
     return [f"- **GSM8K** (one seed, {counted} held-out training problems): {listed}.{floor}"]
 
 
+def move_text(delta: float) -> str:
+    """A rerun's move in BLEU: two decimals, three where a move that is not zero would read "+0.00"."""
+    return f"{delta:+.3f}" if delta != 0 and round(delta, 2) == 0 else f"{delta:+.2f}"
+
+
 def provenance_finding(facts: Facts) -> list[str]:
     if not facts.reruns:
         return []
@@ -216,7 +221,7 @@ def provenance_finding(facts: Facts) -> list[str]:
                 f"the same BLEU to the last digit ({cells}): the commits since changed none of these results."
             )
         ]
-    moved = ", ".join(f"{r.cell} {r.delta:+.2f}" for r in facts.reruns)
+    moved = ", ".join(f"{r.cell} {move_text(r.delta)}" for r in facts.reruns)
     judged = [r for r in facts.reruns if r.seed_spread is not None]
     within = [r for r in judged if abs(r.delta) <= r.seed_spread]
     spread = (

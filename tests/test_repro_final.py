@@ -412,5 +412,5 @@ def test_reruns_that_score_exactly_as_before_are_said_to_be_unchanged():
     assert "the same BLEU to the last digit (e2e/m0 57.36, e2e/m1 55.88)" in same
     # one run off by a hair is a move, quoted with the seed spread, not "the same"
     (moved,) = provenance_finding(facts((57.356, 57.356), (55.882, 55.883)))
-    assert "moved by e2e/m0 +0.00, e2e/m1 +0.00 BLEU; 2 of 2 moved by no more than" in moved
+    assert "moved by e2e/m0 +0.00, e2e/m1 +0.001 BLEU; 2 of 2 moved by no more than" in moved
     assert provenance_finding(facts()) == []
