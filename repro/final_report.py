@@ -201,9 +201,9 @@ def write_final_report(grid: Grid, results_root: str, output: str, figures_dir: 
     adjusted = family.adjusted()
     dart_split = read_dart_split(os.path.join(results_root, grid.name, "dart_split.json"))
     gsm8k = gsm8k_rows(runs, results_dir)
-    reruns_done = reruns(results_root)
     rerun_dir = os.path.join(results_root, RERUN.name)
     rerun_runs = load_results(rerun_dir) if os.path.isdir(rerun_dir) else {}
+    reruns_done = reruns(rerun_runs, results_root)
     facts = Facts(
         loradrop_bleu=list(bleu["e2e/loradrop"].values()),
         loradrop_share=share_of_lora(parameters(runs["e2e/loradrop"])),
@@ -500,10 +500,9 @@ def gsm8k_section(rows: list[GSM8KRow]) -> list[str]:
     return lines
 
 
-def reruns(results_root: str) -> list[Rerun]:
-    """The earlier study's cells (seed by seed) beside their reruns on the study's final code."""
-    rerun_dir = os.path.join(results_root, "rerun")
-    rerun = load_results(rerun_dir) if os.path.isdir(rerun_dir) else {}
+def reruns(rerun: dict[str, list[dict]], results_root: str) -> list[Rerun]:
+    """The earlier study's cells (seed by seed, from ``results_root``) beside their reruns on the study's
+    final code (``rerun``: the rerun grid's results by cell)."""
     paper = load_results(os.path.join(results_root, "paper")) if rerun else {}
     rows = []
     for cell, runs in rerun.items():
